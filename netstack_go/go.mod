@@ -1,0 +1,3 @@
+module corral.dev/netstack
+
+go 1.22
