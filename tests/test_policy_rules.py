@@ -74,7 +74,7 @@ def test_parse_accepts(text, fields, canonical, kind):
         ("203.0.113.256", "not a valid IP"),
         ("203.0.113", "neither a valid IP address nor a domain"),
         ("1.2.3.4.5", "neither a valid IP address nor a domain"),
-        ("203.0.113.7/24", "host bits set; did you mean 203.0.113.0/24"),
+        ("203.0.113.7/24", "host bits set (the network is 203.0.113.0/24)"),
         ("203.0.113.0/33", "not a valid IP network"),
         ("2001:db8::1/32", "host bits set"),
         ("[2001:db8::1", "missing ']'"),

@@ -21,8 +21,9 @@ IPv6 spellings of the IPv4 ranges are denied too: IPv4-mapped ``::ffff:a.b.c.d``
 NAT64 ``64:ff9b::a.b.c.d`` and 6to4 ``2002:AABB:CCDD::``.
 
 "Named explicitly" means: an *allow* rule that is an address or network rule whose
-range lies entirely inside the always-denied range the destination falls in, and that
-contains the destination as written. ``--allow 169.254.169.254`` opens the metadata
+range lies entirely inside the (most specific) always-denied range the destination
+falls in, and that contains the destination as written: ``--allow 169.254.0.0/16``
+opens link-local addresses but not the metadata address 169.254.169.254 inside it. ``--allow 169.254.169.254`` opens the metadata
 address; ``--allow 0.0.0.0/0``, ``--allow ::/0`` and domain rules never open anything
 (a DNS answer pointing at 127.0.0.1 stays denied). The embedded forms are opened only
 by naming the IPv6 form itself. ``--allow-host-port PORT`` is the way to reach a port

@@ -76,7 +76,7 @@ def _parse_network(host: str) -> IPNetwork:
     except ValueError as e:
         if "has host bits set" in str(e):
             fixed = ipaddress.ip_network(host, strict=False)
-            raise _Bad(f"{host} has host bits set; did you mean {fixed}?") from None
+            raise _Bad(f"{host} has host bits set (the network is {fixed})") from None
         raise _Bad(f"{host!r} is not a valid IP network ({e})") from None
     if net.version == 6 and net.prefixlen >= 96 and net.subnet_of(_MAPPED):
         # ::ffff:203.0.113.0/120 is 203.0.113.0/24: match the way flows are normalized.
