@@ -1,0 +1,59 @@
+"""Event sinks. A sink is any object with ``write(event)`` and optionally ``close()``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import IO, Protocol
+
+from corral.errors import ConfigError
+
+from ._types import Event
+
+__all__ = ["JsonlSink", "ListSink", "Sink"]
+
+
+class Sink(Protocol):
+    def write(self, event: Event) -> None: ...
+
+
+class JsonlSink:
+    """JSON lines: one ``event.to_dict()`` per line, flushed after every line so that
+    ``tail -f`` and a crashed supervisor both see every event written so far."""
+
+    def __init__(self, file: IO[str], *, owned: bool = False) -> None:
+        self._file = file
+        self._owned = owned
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> JsonlSink:
+        """``--events FILE``: ``-`` is stderr; otherwise the file is created or truncated."""
+        if os.fspath(path) == "-":
+            return cls(sys.stderr)
+        try:
+            file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - owned by the sink
+        except OSError as e:
+            raise ConfigError(f"cannot open events file {os.fspath(path)!r}: {e.strerror}") from None
+        return cls(file, owned=True)
+
+    def write(self, event: Event) -> None:
+        self._file.write(json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._owned:
+            self._file.close()
+
+    def __repr__(self) -> str:
+        return f"<JsonlSink {getattr(self._file, 'name', '?')}>"
+
+
+class ListSink:
+    """Keeps every event in ``events`` (``corral.run(...).events``)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def write(self, event: Event) -> None:
+        self.events.append(event)
