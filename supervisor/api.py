@@ -1,0 +1,352 @@
+"""The public Python API: :func:`run`, :func:`open_sandbox`, :func:`enter`.
+
+``open_sandbox`` is the trio-native core; ``run`` drives it (or, for sandboxes
+without a userspace network and without captured output, the lighter
+:func:`corral.launch.run_blocking`); ``enter`` turns the calling process into
+a sandboxed one.
+"""
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+
+import attrs
+import trio
+
+from . import launch as _launch
+from .config import Config
+from .errors import ConfigError, SandboxError
+from .launch import Result
+from .spawn import stage1
+
+log = logging.getLogger("corral.api")
+
+
+def _config(config, options):
+    if config is None:
+        return Config(**options)
+    if options:
+        return attrs.evolve(config, **options)
+    return config
+
+
+# ---------------------------------------------------------------- run
+
+
+def run(argv, *, config=None, capture_output=False, input=None, on_connect=None, on_dns=None,
+        on_packet=None, **options):
+    """Run ``argv`` in a sandbox, wait, and return a :class:`Result`.
+
+    Options are :class:`Config` fields (``allow=[...]``, ``rw=[...]``,
+    ``net="none"``…) or a ready ``config``.  ``capture_output=True`` fills
+    ``Result.stdout``/``stderr``; ``input`` (bytes) is fed to stdin.
+    """
+    config = _config(config, options)
+    callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+    if config.net != "filtered" and not capture_output and input is None and not any(callbacks.values()):
+        return _launch.run_blocking(config, argv)
+    return trio.run(_run_async, config, argv, capture_output, input, callbacks)
+
+
+def run_config(config, argv, *, on_warning=None, on_timeout=None):
+    """What ``corral run`` calls for sandboxes with a userspace network."""
+    return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout)
+
+
+async def _run_async(config, argv, capture_output, input, callbacks, on_warning=None,
+                     on_timeout=None):
+    pipe = subprocess.PIPE if capture_output else None
+    async with open_sandbox(config, **callbacks) as box:
+        box._on_warning = on_warning
+        box._on_timeout = on_timeout
+        proc = await box.start(argv, stdin=subprocess.PIPE if input is not None else None,
+                               stdout=pipe, stderr=pipe)
+        out, err = await proc.communicate(input)
+        await proc.wait()
+    return attrs.evolve(proc.result, stdout=out, stderr=err, events=tuple(box.recorded_events))
+
+
+# ---------------------------------------------------------------- open_sandbox
+
+
+@contextlib.asynccontextmanager
+async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, **options):
+    """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
+    tasks live in this context; leaving it kills whatever still runs inside."""
+    config = _config(config, options)
+    async with trio.open_nursery() as nursery:
+        box = Sandbox(config, nursery, callbacks=dict(on_connect=on_connect, on_dns=on_dns,
+                                                      on_packet=on_packet))
+        try:
+            yield box
+        finally:
+            with trio.CancelScope(shield=True):
+                await box.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@attrs.define(eq=False)
+class Sandbox:
+    """One sandbox: its namespaces, its network and the process inside."""
+
+    config: Config
+    _nursery: trio.Nursery = attrs.field(repr=False)
+    callbacks: dict = attrs.field(factory=dict, repr=False)
+    process: "Process | None" = None
+    network: object = None
+    recorded_events: list = attrs.field(factory=list, repr=False)
+    _on_warning: object = None
+    _on_timeout: object = None
+
+    def __repr__(self):
+        state = "new" if self.process is None else repr(self.process)
+        return "<Sandbox net=%s %s>" % (self.config.net, state)
+
+    async def start(self, argv, *, stdin=None, stdout=None, stderr=None):
+        """Start ``argv`` inside; return its :class:`Process` once it runs."""
+        if self.process is not None:
+            raise ConfigError("this sandbox already runs a command; open another sandbox")
+        prepared = _launch.prepare(self.config, argv)
+        for warning in prepared.warnings:
+            if self._on_warning:
+                self._on_warning(warning)
+            else:
+                log.warning("%s", warning)
+        self.process = proc = Process(self, prepared)
+        proc._spawn(stdin, stdout, stderr)
+        await self._nursery.start(proc._supervise)
+        return proc
+
+    async def events(self):
+        """Every event of this sandbox; ends when the sandbox ends."""
+        if self.network is None:
+            return
+        async for event in self.network.events():
+            yield event
+
+    async def aclose(self):
+        if self.process is not None:
+            await self.process._teardown()
+        if self.network is not None:
+            await self.network.aclose()
+
+
+class Process:
+    """The command running in a :class:`Sandbox`."""
+
+    def __init__(self, box, prepared):
+        self._box = box
+        self._launch = prepared
+        self._popen = None
+        self._ctl = None
+        self.d_pid = None
+        self.pid = None  # the command's pid as seen from the supervisor
+        self.result = None
+        self._error = None
+        self._exit = None
+        self._done = trio.Event()
+        self._timed_out = None
+        self.stdin = self.stdout = self.stderr = None
+        self._status = _launch.StatusWriter(box.config.json_status_fd)
+
+    def __repr__(self):
+        if self.result is not None:
+            return "<Process pid=%s exited %d>" % (self.pid, self.result.exit_code)
+        return "<Process pid=%s running>" % self.pid
+
+    @property
+    def returncode(self):
+        return None if self.result is None else self.result.exit_code
+
+    def _spawn(self, stdin, stdout, stderr):
+        # Popen runs here, in the main thread: PR_SET_PDEATHSIG fires when the
+        # *thread* that forked the child exits, so a trio worker thread would
+        # kill the sandbox when the thread cache retires it.
+        self._popen, self._ctl = _launch.exec_stage1(self._launch, (stdin, stdout, stderr))
+        for name in ("stdin", "stdout", "stderr"):
+            stream = getattr(self._popen, name)
+            if stream is not None:
+                fd = os.dup(stream.fileno())
+                stream.close()
+                setattr(self, name, trio.lowlevel.FdStream(fd))
+        self._ctl.setblocking(False)
+
+    async def _supervise(self, task_status=trio.TASK_STATUS_IGNORED):
+        started = False
+        config = self._box.config
+        deadline = trio.current_time() + config.timeout if config.timeout else math.inf
+        kill_at = math.inf
+        try:
+            while True:
+                with trio.move_on_at(min(deadline, kill_at)):
+                    await trio.lowlevel.wait_readable(self._ctl)
+                now = trio.current_time()
+                if now >= kill_at:
+                    self._timed_out, kill_at = "kill", math.inf
+                    _launch._kill(self.d_pid, signal.SIGKILL)
+                    continue
+                if now >= deadline and self._timed_out is None and self.d_pid:
+                    self._timed_out, deadline = "term", math.inf
+                    kill_at = now + config.kill_grace
+                    if self._box._on_timeout:
+                        self._box._on_timeout(config.timeout)
+                    _launch._kill(self.d_pid, signal.SIGTERM)
+                    continue
+                try:
+                    message, fds = stage1.recv(self._ctl)
+                except BlockingIOError:
+                    continue
+                if message is None:
+                    break
+                if "d_pid" in message:
+                    self.d_pid = message["d_pid"]
+                elif "tap" in message:
+                    await self._start_network(fds[0])
+                    fds = fds[1:]
+                elif "ready" in message:
+                    if self._launch.spec.get("wait_go"):
+                        stage1.send(self._ctl, {"go": True})
+                elif "child" in message:
+                    self.pid = _launch.child_host_pid(self.d_pid)
+                    self._status.write(**{"child-pid": self.pid})
+                    started = True
+                    task_status.started()
+                elif "exit" in message:
+                    self._exit = message
+                elif "error" in message:
+                    self._error = message["error"]
+                for fd in fds:
+                    os.close(fd)
+            await self._wait_stage1()
+        finally:
+            self._ctl.close()
+            self._finish()
+            self._done.set()
+            if not started:
+                task_status.started()
+
+    async def _start_network(self, tap_fd):
+        from .net import service
+
+        self._box.network = await service.start(
+            self._box._nursery, self._box.config, tap_fd, self._box.callbacks,
+            self._box.recorded_events,
+        )
+
+    async def _wait_stage1(self):
+        pidfd = os.pidfd_open(self._popen.pid)
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        self._popen.wait()
+
+    def _finish(self):
+        if self._exit is None and self._error is not None:
+            exc = _launch.error_from(self._error)
+            self._status.write(**{"exit-code": exc.exit_code})
+            self.result = Result(exit_code=exc.exit_code, scratch=self._launch.scratch)
+            self._error_exc = exc
+        else:
+            self._error_exc = None
+            status = self._popen.returncode if self._popen.returncode is not None else 1
+            self.result = _launch._result(
+                self._exit, _exit_status(status), self._timed_out, self._launch, self._status
+            )
+        _launch._cleanup_scratch(self._box.config, self._launch.scratch)
+
+    async def wait(self):
+        """Wait for the command; return its exit code (128+N for signal N).
+        Raises SandboxError when the sandbox could not be set up."""
+        await self._done.wait()
+        if self._error_exc is not None and self._error_exc.exit_code not in (126, 127):
+            raise self._error_exc
+        return self.result.exit_code
+
+    def send_signal(self, sig):
+        """Signal the command (through pid 1, which forwards it)."""
+        if self.d_pid is not None and self.result is None:
+            _launch._kill(self.d_pid, sig)
+
+    def terminate(self):
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self):
+        """Kill everything in the sandbox."""
+        self.send_signal(signal.SIGKILL)
+
+    async def communicate(self, input=None):
+        """Feed ``input`` to stdin, read stdout/stderr to the end."""
+        results = {}
+
+        async def drain(name):
+            stream = getattr(self, name)
+            chunks = []
+            while True:
+                data = await stream.receive_some(65536)
+                if not data:
+                    break
+                chunks.append(data)
+            await stream.aclose()
+            results[name] = b"".join(chunks)
+
+        async with trio.open_nursery() as nursery:
+            if self.stdin is not None:
+                async def feed():
+                    if input:
+                        await self.stdin.send_all(input)
+                    await self.stdin.aclose()
+
+                nursery.start_soon(feed)
+            for name in ("stdout", "stderr"):
+                if getattr(self, name) is not None:
+                    nursery.start_soon(drain, name)
+        return results.get("stdout"), results.get("stderr")
+
+    async def _teardown(self):
+        if self.result is None and self.d_pid is not None:
+            _launch._kill(self.d_pid, signal.SIGKILL)
+        with trio.move_on_after(5):
+            await self._done.wait()
+
+
+def _exit_status(returncode):
+    """Popen.returncode back to a wait status for launch._result."""
+    if returncode < 0:
+        return -returncode
+    return returncode << 8
+
+
+# ---------------------------------------------------------------- enter
+
+
+def enter(config=None, **options):
+    """Library mode: from here on this process runs inside a sandbox.
+
+    The calling process forks before anything heavy is loaded: the original
+    becomes the supervisor and exits with the sandboxed code's status (it never
+    returns); this function returns in the sandboxed copy.
+    """
+    config = _config(config, options)
+    if not _launch.can_fork():
+        raise ConfigError(
+            "corral.enter() must be called before this process starts threads or loads the "
+            "netstack (it forks). Fix: call it first thing, or use corral.open_sandbox()"
+        )
+    if config.net == "filtered":
+        raise ConfigError("corral.enter() supports net='none' and 'host' so far. Fix: use "
+                          "corral.open_sandbox() for a filtered network")
+    prepared = _launch.prepare(config, [sys.executable])
+    prepared.spec["argv"] = None
+    try:
+        pid, ctl = _launch.fork_stage1(prepared)
+    except stage1.Entered:
+        return  # we are E now
+    result = _launch.supervise_blocking(config, prepared, pid, ctl)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(result.exit_code)

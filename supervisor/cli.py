@@ -1,0 +1,160 @@
+"""`corral` command line.  Every option is a Config field of the same name.
+
+The CLI is the only place that prints.  Bad input is one line on stderr and
+exit status 2; a sandbox that cannot be set up is one line and 125; otherwise
+the exit status is the command's (128+N when killed by signal N).
+"""
+
+import argparse
+import os
+import sys
+
+EXIT_USAGE = 2
+EXIT_SETUP = 125
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise UsageError("%s. Fix: see `%s --help`" % (message, self.prog))
+
+
+class _PathOption(argparse.Action):
+    """--rw/--ro/--overlay/--tmpfs/--hide: keep the order across all five."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        action = self.dest
+        getattr(namespace, action).append(value)
+        namespace.path_order.append((action, value))
+
+
+def _add_sandbox_options(p):
+    fs = p.add_argument_group("filesystem")
+    fs.add_argument("--mode", choices=("default", "readonly", "hermetic"), default="default",
+                    help="default: host visible, writes go to an overlay; readonly: nothing "
+                    "writable but cwd and /tmp; hermetic: empty root, only what you mount")
+    for name, text in (
+        ("rw", "make PATH writable (changes reach the host)"),
+        ("ro", "make PATH visible read-only"),
+        ("overlay", "make PATH writable inside, changes discarded"),
+        ("tmpfs", "mount an empty tmpfs on PATH"),
+        ("hide", "make PATH empty/unreadable inside"),
+    ):
+        fs.add_argument("--" + name, action=_PathOption, default=[], metavar="PATH",
+                        help=text + " (repeatable; later options win)")
+    fs.add_argument("--no-hide-secrets", dest="hide_secrets", action="store_false",
+                    help="show ~/.ssh, ~/.aws, … (hidden by default)")
+    fs.add_argument("--cwd", help="working directory inside (default: the current one)")
+    fs.add_argument("--scratch", metavar="DIR", help="where overlay changes live while running")
+    fs.add_argument("--keep-changes", metavar="DIR", help="keep the overlay changes in DIR")
+    proc = p.add_argument_group("process")
+    proc.add_argument("--root", action="store_true", help="map your uid to 0 inside")
+    proc.add_argument("--hostname", default="corral")
+    proc.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
+                      help="keep a scrubbed variable, or set one (repeatable)")
+    proc.add_argument("--timeout", type=float, metavar="SECONDS",
+                      help="SIGTERM the command after SECONDS, SIGKILL after a grace period")
+    proc.add_argument("--kill-grace", type=float, default=2.0, metavar="SECONDS")
+    proc.add_argument("--json-status-fd", type=int, metavar="FD",
+                      help='write {"child-pid": N} and {"exit-code": N} lines to FD')
+    net = p.add_argument_group("network")
+    net.add_argument("--net", choices=("filtered", "none", "host"), default="none")
+    net.add_argument("--allow", action="append", default=[], metavar="RULE")
+    net.add_argument("--deny", action="append", default=[], metavar="RULE")
+    net.add_argument("--allow-file", action="append", default=[], metavar="FILE")
+    net.add_argument("--allow-host-port", action="append", default=[], metavar="PORT")
+    net.add_argument("--publish", action="append", default=[],
+                     metavar="[HOSTIP:]HOSTPORT:SANDBOXPORT[/udp]")
+    net.add_argument("--dns-upstream", metavar="IP[:PORT]")
+    net.add_argument("--policy", metavar="FILE.py", help="load on_connect/on_dns/on_packet")
+    net.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS")
+    net.add_argument("--data-path", choices=("direct", "pump"))
+    net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
+
+
+def build_parser():
+    parser = _Parser(prog="corral", description="Run untrusted commands in a rootless "
+                     "sandbox and see and decide what they do on the network.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
+    for name, text in (("run", "run CMD in a sandbox (network denied by default)"),
+                       ("audit", "run CMD with the network open and report what it did")):
+        p = sub.add_parser(name, help=text, description=text)
+        _add_sandbox_options(p)
+        p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+        p.set_defaults(path_order=[])
+    sub.add_parser("doctor", help="check that this machine can run sandboxes")
+    return parser
+
+
+def parse(argv):
+    """Return (command, Config | None, argv)."""
+    from .config import Config
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        raise UsageError("no command given. Fix: corral run [OPTIONS] -- CMD, or corral --help")
+    if args.command == "doctor":
+        return "doctor", None, []
+    if not args.argv or args.argv[0] != "--":
+        raise UsageError(
+            "missing '--' before the command. Fix: corral %s [OPTIONS] -- CMD [ARGS...]"
+            % args.command
+        )
+    command_argv = args.argv[1:]
+    if not command_argv:
+        raise UsageError("no command after '--'. Fix: corral %s [OPTIONS] -- CMD [ARGS...]"
+                         % args.command)
+    fields = vars(args).copy()
+    for key in ("command", "argv"):
+        fields.pop(key)
+    fields["path_order"] = tuple(fields["path_order"])
+    fields["audit"] = args.command == "audit"
+    return args.command, Config(**fields), command_argv
+
+
+def _say(text):
+    sys.stderr.write("corral: %s\n" % text)
+
+
+def main(argv=None):
+    from .errors import ConfigError, CorralError
+
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        command, config, command_argv = parse(argv)
+    except (UsageError, ConfigError) as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    if command == "doctor":
+        from . import doctor
+
+        return doctor.main()
+    try:
+        if config.net == "filtered":
+            from . import api
+
+            result = api.run_config(config, command_argv, on_warning=_say, on_timeout=_timed_out)
+        else:
+            from . import launch
+
+            result = launch.run_blocking(config, command_argv, on_warning=_say,
+                                         on_timeout=_timed_out)
+    except ConfigError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    except CorralError as exc:
+        _say(str(exc))
+        return getattr(exc, "exit_code", EXIT_SETUP)
+    except KeyboardInterrupt:
+        return 130
+    if result.timed_out == "kill":
+        _say("the command did not stop within %gs of SIGTERM; sent SIGKILL" % config.kill_grace)
+    return result.exit_code
+
+
+def _timed_out(seconds):
+    _say("timed out after %gs; sent SIGTERM" % seconds)

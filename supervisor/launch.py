@@ -1,0 +1,404 @@
+"""The supervisor's side of starting a sandbox (P in DESIGN §2).
+
+:func:`prepare` turns a :class:`~corral.config.Config` and an argv into the spec
+stage-1 needs (mount plan, environment, namespaces) and a scratch directory;
+:func:`start_stage1` starts stage-1 (a fork when this process runs no threads
+and no Go, else a fresh interpreter); :func:`run_blocking` is the whole
+supervisor for sandboxes without a userspace network: no trio, nothing heavy
+imported, so ``corral run --net none`` starts fast.
+"""
+
+import errno
+import json
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import stat
+import sys
+import tempfile
+import threading
+import time
+
+import attrs
+
+from .errors import ConfigError, SandboxError
+from .spawn import stage1
+
+log = logging.getLogger("corral.launch")
+
+TAP = {"name": "tap0", "mtu": 65520, "ipv4": "10.0.2.100/24", "gateway4": "10.0.2.2",
+       "ipv6": "fd00::100/64", "gateway6": "fd00::2", "txqueuelen": 10000}
+SANDBOX_RESOLV_CONF = "nameserver 10.0.2.3\noptions edns0 trust-ad\n"
+SETUP_FAILED = 125  # corral itself failed before the command ran (like docker run)
+KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH)
+
+
+@attrs.frozen(kw_only=True)
+class Result:
+    """How a sandboxed command ended."""
+
+    exit_code: int
+    signal: int | None = None
+    timed_out: str | None = None  # None, "term" (ended after SIGTERM) or "kill"
+    stdout: bytes | None = None
+    stderr: bytes | None = None
+    events: tuple = ()
+    scratch: str | None = None
+
+
+@attrs.frozen(kw_only=True)
+class Launch:
+    """A sandbox ready to start: the spec for stage-1 and where it keeps state."""
+
+    spec: dict
+    scratch: str
+    warnings: tuple = ()
+
+
+def default_scratch_root():
+    return os.path.join(tempfile.gettempdir(), "corral-%d" % os.getuid())
+
+
+def _private_dir(path, explicit):
+    """Create (or check) a directory only we can enter; refuse one that
+    someone else could have planted."""
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+    except OSError as exc:
+        raise ConfigError(
+            "scratch directory %s cannot be created (%s). Fix: pass --scratch DIR "
+            "naming a writable directory" % (path, exc.strerror)
+        ) from None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise ConfigError(
+            "scratch directory %s is not a directory owned by you. Fix: remove it or pass "
+            "--scratch DIR" % path
+        )
+    if not explicit and stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(
+            "scratch directory %s is not writable. Fix: pass --scratch DIR naming a "
+            "writable directory" % path
+        )
+
+
+def _hidden_sockets(environ):
+    found = []
+    sock = environ.get("SSH_AUTH_SOCK")
+    if sock and os.path.exists(sock):
+        found.append(sock)
+    bus = environ.get("DBUS_SESSION_BUS_ADDRESS", "")
+    for part in bus.split(";"):
+        if part.startswith("unix:"):
+            for kv in part[5:].split(","):
+                if kv.startswith("path=") and os.path.exists(kv[5:]):
+                    found.append(kv[5:])
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    for name in ("bus", "gnupg", "keyring", "ssh-agent.socket", "gcr", "pulse", "docker.sock"):
+        if runtime and os.path.exists(os.path.join(runtime, name)):
+            found.append(os.path.join(runtime, name))
+    return tuple(dict.fromkeys(found))
+
+
+def prepare(config, argv, *, environ=None, stdin_is_tty=None):
+    """Validate and plan; create the per-sandbox scratch directory."""
+    from .fs import plan as fsplan
+
+    argv = [os.fspath(a) for a in argv]
+    if not argv:
+        raise ConfigError("no command given. Fix: corral run [OPTIONS] -- CMD [ARGS...]")
+    environ = os.environ if environ is None else environ
+    cwd = os.path.realpath(config.cwd or os.getcwd())
+    if not os.path.isdir(cwd):
+        raise ConfigError("--cwd %s: no such directory" % cwd)
+    scratch_root = config.scratch or default_scratch_root()
+    _private_dir(scratch_root, explicit=bool(config.scratch))
+    try:
+        scratch = tempfile.mkdtemp(prefix="sb-", dir=scratch_root)
+    except OSError as exc:
+        raise ConfigError(
+            "scratch directory %s is not writable (%s). Fix: pass --scratch DIR naming a "
+            "writable directory" % (scratch_root, exc.strerror)
+        ) from None
+    try:
+        fs_spec = fsplan.FsSpec(
+            mode=config.mode,
+            cwd=cwd,
+            home=os.path.expanduser("~"),
+            paths=config.path_actions(),
+            hide_secrets=config.hide_secrets,
+            hidden_extra=_hidden_sockets(environ),
+            scratch=scratch,
+            resolv_conf=SANDBOX_RESOLV_CONF if config.net == "filtered" else None,
+        )
+        plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if stdin_is_tty is None:
+        stdin_is_tty = os.isatty(0)
+    spec = {
+        "argv": argv,
+        "env": config.sandbox_env(environ),
+        "cwd": cwd,
+        "hostname": config.hostname,
+        "root": config.root,
+        "net": config.net,
+        "plan": plan.to_json(),
+        "tty": stdin_is_tty,
+        "wait_go": config.net == "filtered",
+        "tap": TAP,
+    }
+    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings))
+
+
+def _read(path):
+    with open(path) as f:
+        return f.read()
+
+
+def can_fork():
+    """Forking is safe only while this process runs a single thread and has
+    not loaded the Go runtime (DESIGN §2)."""
+    return threading.active_count() == 1 and "corral.bindings._netstack" not in sys.modules
+
+
+def fork_stage1(launch):
+    """Start C as a fork of this process (only while :func:`can_fork`).
+    Return (pid, ctl socket).  In library mode the child comes back out of
+    this call as E, raising :class:`corral.spawn.stage1.Entered`."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        ours.close()
+        stage1.stage1(theirs, launch.spec, parent)  # never returns, but in E
+    theirs.close()
+    return pid, ours
+
+
+def exec_stage1(launch, stdio=(None, None, None)):
+    """Start C as a fresh interpreter (safe from any process, threads and Go
+    included).  ``stdio`` are Popen's stdin/stdout/stderr.  Return (Popen, ctl)."""
+    import subprocess
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    fd = theirs.fileno()
+    argv = [sys.executable, "-I", "-m", "corral.spawn.stage1", str(fd), str(os.getpid())]
+    stdin, stdout, stderr = stdio
+    try:
+        proc = subprocess.Popen(argv, pass_fds=(fd,), stdin=stdin, stdout=stdout, stderr=stderr)
+    finally:
+        theirs.close()
+    stage1.send(ours, launch.spec)
+    return proc, ours
+
+
+def child_host_pid(d_pid):
+    """E's pid as seen from the supervisor (D has exactly one child: E)."""
+    try:
+        text = _read("/proc/%d/task/%d/children" % (d_pid, d_pid))
+    except OSError:
+        return None
+    pids = text.split()
+    return int(pids[0]) if pids else None
+
+
+def error_from(report):
+    code = report.get("exit_code")
+    if code in (126, 127):  # like a shell: "CMD: command not found"
+        return SandboxError(
+            "exec", report.get("errno"), exit_code=code,
+            message="%s: %s" % (report.get("detail"),
+                                "command not found" if code == 127 else "permission denied"),
+        )
+    return SandboxError(
+        report.get("step", "set-up"), report.get("errno"), report.get("fix"), report.get("detail"),
+        exit_code=code if code in (126, 127) else SETUP_FAILED,
+    )
+
+
+def in_terminal_foreground():
+    """True when keyboard signals (Ctrl-C…) reach the sandboxed command
+    directly because it shares our foreground process group."""
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+class StatusWriter:
+    """--json-status-fd: bubblewrap-style JSON lines about the command."""
+
+    def __init__(self, fd):
+        self._fd = fd
+
+    def write(self, **fields):
+        if self._fd is None:
+            return
+        try:
+            os.write(self._fd, (json.dumps(fields) + "\n").encode())
+        except OSError as exc:
+            log.warning("cannot write to --json-status-fd %d: %s", self._fd, exc)
+
+
+def run_blocking(config, argv, *, on_warning=None, on_timeout=None):
+    """Run ``argv`` in a sandbox without a userspace network (``net`` none or
+    host) and return its :class:`Result`."""
+    if config.net == "filtered":
+        raise ConfigError("run_blocking() has no network stack; use corral.run() for net='filtered'")
+    launch = prepare(config, argv)
+    for warning in launch.warnings:
+        if on_warning:
+            on_warning(warning)
+    if can_fork():
+        pid, ctl = fork_stage1(launch)
+    else:
+        popen, ctl = exec_stage1(launch)
+        pid = popen.pid
+    return supervise_blocking(config, launch, pid, ctl, on_timeout=on_timeout)
+
+
+def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None):
+    """Supervise a started stage-1 without trio: forward SIGTERM, SIGHUP,
+    SIGUSR1, SIGUSR2 (and keyboard signals when they cannot reach the command
+    by themselves), enforce ``timeout``, return the :class:`Result`."""
+    status = StatusWriter(config.json_status_fd)
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in stage1.FORWARDED}
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    try:
+        return _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout)
+    finally:
+        ctl.close()
+        signal.set_wakeup_fd(old_wakeup)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        os.close(wake_r)
+        os.close(wake_w)
+        _cleanup_scratch(config, launch.scratch)
+
+
+def _cleanup_scratch(config, scratch):
+    """Keep the overlay record where --keep-changes asks, then remove scratch."""
+    if config.keep_changes:
+        keep = os.path.abspath(config.keep_changes)
+        try:
+            os.makedirs(os.path.dirname(keep) or ".", exist_ok=True)
+            os.rename(scratch, keep)
+            return
+        except OSError as exc:
+            log.warning("cannot keep changes in %s (%s); they are in %s", keep, exc.strerror, scratch)
+            return
+    remove_tree(scratch)
+
+
+def remove_tree(path):
+    """rmtree that also copes with overlayfs work dirs (mode 000)."""
+
+    def retry(func, failed, _exc):
+        parent = os.path.dirname(failed)
+        try:
+            os.chmod(parent, 0o700)
+            if os.path.isdir(failed) and not os.path.islink(failed):
+                os.chmod(failed, 0o700)
+                shutil.rmtree(failed, ignore_errors=True)
+            else:
+                func(failed)
+        except OSError:
+            pass
+
+    shutil.rmtree(path, onexc=retry) if sys.version_info >= (3, 12) else shutil.rmtree(path, onerror=retry)
+
+
+def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout):
+    d_pid = None
+    exit_report = error = None
+    timed_out = None
+    deadline = time.monotonic() + config.timeout if config.timeout else None
+    kill_at = None
+    keyboard_direct = in_terminal_foreground()
+    while True:
+        timeout = None
+        now = time.monotonic()
+        if kill_at is not None:
+            timeout = max(0.0, kill_at - now)
+        elif deadline is not None:
+            timeout = max(0.0, deadline - now)
+        try:
+            ready, _, _ = select.select([ctl, wake_r], [], [], timeout)
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            for sig in os.read(wake_r, 64):
+                if sig in KEYBOARD_SIGNALS and keyboard_direct:
+                    continue
+                if d_pid is not None:
+                    _kill(d_pid, sig)
+        if ctl in ready:
+            message, fds = stage1.recv(ctl)
+            for fd in fds:
+                os.close(fd)
+            if message is None:
+                break
+            if "d_pid" in message:
+                d_pid = message["d_pid"]
+            elif "child" in message:
+                status.write(**{"child-pid": child_host_pid(d_pid) if d_pid else None})
+            elif "exit" in message:
+                exit_report = message
+            elif "error" in message:
+                error = message["error"]
+        now = time.monotonic()
+        if deadline is not None and timed_out is None and now >= deadline and d_pid:
+            timed_out = "term"
+            if on_timeout:
+                on_timeout(config.timeout)
+            _kill(d_pid, signal.SIGTERM)
+            kill_at = now + config.kill_grace
+        elif kill_at is not None and now >= kill_at:
+            timed_out = "kill"
+            kill_at = None
+            _kill(d_pid, signal.SIGKILL)
+    _, wait_status = os.waitpid(pid, 0)
+    if error is not None and exit_report is None:
+        exc = error_from(error)
+        status.write(**{"exit-code": exc.exit_code})
+        raise exc
+    return _result(exit_report, wait_status, timed_out, launch, status)
+
+
+def _result(exit_report, wait_status, timed_out, launch, status):
+    if timed_out == "kill":
+        code, sig = 128 + signal.SIGKILL, signal.SIGKILL
+    elif timed_out == "term":
+        code, sig = 124, (exit_report or {}).get("signal")
+    elif exit_report is not None:
+        code, sig = exit_report["exit"], exit_report.get("signal")
+    else:
+        # D vanished without a report: killed from outside.
+        code = os.waitstatus_to_exitcode(wait_status)
+        code, sig = (128 - code, -code) if code < 0 else (code, None)
+    status.write(**{"exit-code": code})
+    return Result(exit_code=code, signal=sig, timed_out=timed_out, scratch=launch.scratch)
+
+
+def _kill(pid, sig):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+    except OSError as exc:
+        if exc.errno != errno.ESRCH:
+            raise

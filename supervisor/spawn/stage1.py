@@ -1,0 +1,357 @@
+"""Stage-1 (C) and pid 1 (D) of a sandbox — DESIGN §2.  Standard library only.
+
+    P  supervisor ──ctl socket (SOCK_SEQPACKET, JSON + SCM_RIGHTS)──┐
+    └─ C  stage-1: unshare(USER|NS|PID|UTS|IPC|CGROUP[|NET]), uid/gid maps
+         └─ D  pid 1: hostname, network, mounts + pivot_root, then forks E,
+              reaps, forwards signals, reports E's exit and exits with it
+              └─ E  the user's command (exec)
+
+C is either a fork of P (when P runs no threads and no Go) or a fresh
+``python -I -m corral.spawn.stage1 CTL_FD PARENT_PID`` reading its spec from the
+ctl socket.  C and D die with their parent (PR_SET_PDEATHSIG), and D is pid 1
+of the sandbox's pid namespace, so the supervisor's death — even SIGKILL —
+kills everything inside.
+
+Messages to P (one JSON object per datagram):
+  {"d_pid": N}                       C: D's pid in P's pid namespace
+  {"tap": "tap0"} + SCM_RIGHTS fd    D: the TAP device (net=filtered)
+  {"ready": true}                    D: namespaces, network and mounts done
+  {"child": N}                       D: E's pid inside the sandbox
+  {"exit": code, "signal": N|null}   D: E ended
+  {"error": {...}}                   C or D: a step failed; nothing was run
+P may answer {"go": true} after "ready" (required when ``spec["wait_go"]``).
+"""
+
+import errno
+import fcntl
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+
+from . import libc
+
+SI_KERNEL = 0x80
+# Signals pid 1 passes on to the command (issue 2: SIGINT SIGTERM SIGHUP
+# SIGQUIT SIGUSR1 SIGUSR2 SIGWINCH).
+FORWARDED = (
+    signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+    signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
+)
+MAX_MESSAGE = 1 << 20
+
+FIXES = {
+    "unshare": "check `corral doctor`: unprivileged user namespaces must be enabled "
+    "(sysctl kernel.unprivileged_userns_clone=1, user.max_user_namespaces>0, and on "
+    "Ubuntu 24.04+ kernel.apparmor_restrict_unprivileged_userns=0 or an AppArmor profile)",
+    "uid_map": "the kernel refused the uid map; run `corral doctor`",
+    "gid_map": "the kernel refused the gid map; run `corral doctor`",
+    "setgroups": "the kernel refused setgroups=deny; run `corral doctor`",
+    "tap": "the sandbox needs /dev/net/tun readable and writable: "
+    "`sudo chmod 666 /dev/net/tun` (most desktops ship it 0666), or use --net none",
+}
+
+
+class StepError(Exception):
+    """A set-up step failed in C or D; reported to P, which raises SandboxError."""
+
+    def __init__(self, step, err=None, detail=None, fix=None, exit_code=1):
+        super().__init__(step)
+        self.step = step
+        self.exit_code = exit_code
+        self.errno = err
+        self.detail = detail
+        self.fix = fix if fix is not None else FIXES.get(step.split()[0])
+
+    def to_dict(self):
+        return {"step": self.step, "errno": self.errno, "detail": self.detail, "fix": self.fix,
+                "exit_code": self.exit_code}
+
+
+def send(ctl, message, fds=()):
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(ctl, [data], list(fds))
+    else:
+        ctl.send(data)
+
+
+def recv(ctl):
+    data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_MESSAGE, 4)
+    if not data:
+        return None, fds
+    return json.loads(data), fds
+
+
+def _report(ctl, exc):
+    try:
+        send(ctl, {"error": exc.to_dict()})
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------- stage-1 (C)
+
+
+class Entered(BaseException):
+    """Raised in E when the spec has no argv (library mode, ``corral.enter``):
+    the calling Python code goes on inside the sandbox."""
+
+
+def stage1(ctl, spec, parent_pid):
+    """Run as C; never returns (except in E, by raising :class:`Entered`)."""
+    try:
+        code = _stage1(ctl, spec, parent_pid)
+    except Entered:
+        raise
+    except StepError as exc:
+        _report(ctl, exc)
+        code = exc.exit_code
+    except BaseException as exc:  # never let a traceback replace the report
+        _report(ctl, StepError("stage-1", getattr(exc, "errno", None), repr(exc)))
+        code = 1
+    os._exit(code)
+
+
+def _stage1(ctl, spec, parent_pid):
+    libc.set_pdeathsig(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # P died before PDEATHSIG was armed
+        return 1
+    # Keyboard signals reach the whole foreground process group; C must
+    # outlive them (D decides what happens), and dies only with P.
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    _enter_namespaces(spec)
+    lifeline_r, lifeline_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(lifeline_w)
+        pid1(ctl, spec, lifeline_r)  # never returns, but in E
+    os.close(lifeline_r)
+    send(ctl, {"d_pid": pid})
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return 1
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def _enter_namespaces(spec):
+    flags = (libc.CLONE_NEWUSER | libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWUTS
+             | libc.CLONE_NEWIPC | libc.CLONE_NEWCGROUP)
+    if spec["net"] != "host":
+        flags |= libc.CLONE_NEWNET
+    uid, gid = os.getuid(), os.getgid()
+    try:
+        libc.unshare(flags)
+    except OSError as exc:
+        raise StepError("unshare", exc.errno, "creating user, mount, pid and other namespaces") from None
+    inner_uid, inner_gid = (0, 0) if spec["root"] else (uid, gid)
+    for step, path, text in (
+        ("setgroups", "/proc/self/setgroups", "deny"),
+        ("uid_map", "/proc/self/uid_map", "%d %d 1" % (inner_uid, uid)),
+        ("gid_map", "/proc/self/gid_map", "%d %d 1" % (inner_gid, gid)),
+    ):
+        try:
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StepError(step, exc.errno, "writing %r to %s" % (text, path)) from None
+
+
+# ---------------------------------------------------------------- pid 1 (D)
+
+
+def pid1(ctl, spec, lifeline):
+    """Run as D, pid 1 of the sandbox; never returns (except in E)."""
+    try:
+        code = _pid1(ctl, spec, lifeline)
+    except Entered:
+        raise
+    except StepError as exc:
+        _report(ctl, exc)
+        code = exc.exit_code
+    except BaseException as exc:
+        _report(ctl, StepError("pid 1", getattr(exc, "errno", None), repr(exc)))
+        code = 1
+    os._exit(code)
+
+
+def _pid1(ctl, spec, lifeline):
+    libc.set_pdeathsig(signal.SIGKILL)
+    if select.select([lifeline], [], [], 0)[0]:  # C died before we armed it
+        return 1
+    mask = set(FORWARDED) | {signal.SIGCHLD}
+    signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    try:
+        libc.sethostname(spec["hostname"])
+    except OSError as exc:
+        raise StepError("sethostname", exc.errno, spec["hostname"]) from None
+    _setup_network(ctl, spec)
+    _setup_root(spec)
+    send(ctl, {"ready": True})
+    if spec.get("wait_go"):
+        message, _ = recv(ctl)
+        if not message or not message.get("go"):
+            return 1  # P went away or refused: run nothing
+    child = _spawn_command(ctl, spec, lifeline)
+    send(ctl, {"child": child})
+    code, sig = _supervise(child, mask)
+    send(ctl, {"exit": code, "signal": sig})
+    return code
+
+
+def _setup_network(ctl, spec):
+    if spec["net"] == "host":
+        return
+    try:
+        libc.set_link_up("lo")
+    except OSError as exc:
+        raise StepError("loopback", exc.errno, "bringing lo up") from None
+    if spec["net"] == "filtered":
+        from . import tap  # pyroute2 is only paid for when there is a network
+
+        try:
+            fd = tap.create(spec["tap"])
+        except OSError as exc:
+            raise StepError("tap", exc.errno, "creating %s" % spec["tap"]["name"]) from None
+        send(ctl, {"tap": spec["tap"]["name"]}, [fd])
+        os.close(fd)
+
+
+def _setup_root(spec):
+    from . import mounts
+
+    try:
+        mounts.setup_root(spec["plan"])
+    except mounts.MountError as exc:
+        raise StepError(
+            "mount %s (%s)" % (exc.path, exc.step), exc.errno, str(exc), getattr(exc, "fix", None)
+        ) from None
+
+
+def _spawn_command(ctl, spec, lifeline):
+    argv, env = spec["argv"], spec["env"]
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        if argv is None:  # library mode: this process goes on as E
+            os.close(err_r)
+            os.close(err_w)
+            os.close(lifeline)
+            ctl.close()
+            _become_command(spec)
+            # ...but as the Python program it was, not as a fresh exec.
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            os.environ.clear()
+            os.environ.update(env)
+            raise Entered()
+        try:
+            os.close(err_r)
+            _exec_command(spec, argv, env)
+        except OSError as exc:
+            os.write(err_w, struct.pack("i", exc.errno or errno.EIO))
+        finally:
+            os._exit(127)
+    os.close(err_w)
+    data = os.read(err_r, 4)
+    os.close(err_r)
+    if data:
+        (err,) = struct.unpack("i", data)
+        os.waitpid(pid, 0)
+        raise StepError(
+            "exec", err, argv[0], exit_code=127 if err == errno.ENOENT else 126,
+            fix="check the command name, and that it exists and is executable inside "
+            "the sandbox's view",
+        )
+    return pid
+
+
+def _exec_command(spec, argv, env):
+    _become_command(spec)
+    os.execve(_which(argv[0], env.get("PATH", os.defpath)), argv, env)
+
+
+def _which(name, path):
+    """Find ``name`` like a shell does: the first executable file on PATH;
+    ENOENT when there is none (exit 127), EACCES when only non-executable
+    ones exist (exit 126)."""
+    if "/" in name:
+        return name
+    denied = None
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate):
+            if os.access(candidate, os.X_OK):
+                return candidate
+            denied = candidate
+    if denied:
+        return denied  # execve reports EACCES
+    raise FileNotFoundError(errno.ENOENT, "command not found", name)
+
+
+def _become_command(spec):
+    if not spec.get("tty"):
+        os.setsid()  # no controlling terminal to push input into
+    libc.set_no_new_privs()
+    # Python ignores SIGPIPE and SIGXFSZ at start-up; the command must not
+    # inherit that, nor D's blocked mask.
+    for sig in FORWARDED + (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD, signal.SIGTSTP,
+                            signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    os.chdir(spec["cwd"])
+
+
+def _supervise(child, mask):
+    """Reap everything, forward signals to the command; return its status."""
+    while True:
+        info = signal.sigwaitinfo(mask)
+        if info.si_signo == signal.SIGCHLD:
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return 1, None
+                if pid == 0:
+                    break
+                if pid == child:
+                    if os.WIFSIGNALED(status):
+                        sig = os.WTERMSIG(status)
+                        return 128 + sig, sig
+                    return os.WEXITSTATUS(status), None
+        elif info.si_code != SI_KERNEL:
+            # A signal the terminal generated reached the command directly
+            # (same process group); only forward what someone sent to us.
+            try:
+                os.kill(child, info.si_signo)
+            except ProcessLookupError:
+                pass
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ctl_fd, parent_pid = int(argv[0]), int(argv[1])
+    ctl = socket.socket(fileno=ctl_fd)
+    flags = fcntl.fcntl(ctl_fd, fcntl.F_GETFD)
+    fcntl.fcntl(ctl_fd, fcntl.F_SETFD, flags | fcntl.FD_CLOEXEC)
+    spec, _ = recv(ctl)
+    if spec is None:
+        os._exit(1)
+    stage1(ctl, spec, parent_pid)
+
+
+if __name__ == "__main__":
+    main()
