@@ -4,7 +4,21 @@
  * Rules (DESIGN §5): Python holds opaque integer handles, never Go pointers.
  * Every call returns an int status: 0 or a positive count on success, one of
  * the negative CORRAL_E* codes on failure.  Results come back in caller-owned
- * buffers.  Go never calls into Python.
+ * buffers.  Go never calls into Python and never logs: a failed call leaves
+ * its text in corral_last_error().
+ *
+ * Life of a stack
+ *   h = corral_stack_new(&cfg)             handle > 0
+ *   fd = corral_stack_eventfd(h)           readable when events or frames wait
+ *   loop: wait for fd readable, read 8 bytes from it (it is non-blocking), then
+ *         corral_stack_poll_events(h, ...) until it returns < cap, and (pump
+ *         mode) corral_stack_read_frames(h, ...) likewise; answer NEW_FLOW with
+ *         corral_stack_set_verdicts and DNS_QUERY with corral_stack_dns_reply.
+ *   corral_stack_close(h)                  idempotent; the handle is then dead
+ *
+ * Addresses: family 4 or 6; IPv4 uses the first 4 bytes of the 16-byte array.
+ * Pointer arguments are only read unless documented as output (no `const`:
+ * cgo's exported prototypes cannot carry it).
  */
 #ifndef CORRAL_NETSTACK_H
 #define CORRAL_NETSTACK_H
@@ -12,7 +26,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a signature or a struct below changes. */
-#define CORRAL_NET_ABI_VERSION 1
+#define CORRAL_NET_ABI_VERSION 2
 
 /* Status codes. */
 #define CORRAL_OK 0
@@ -20,8 +34,144 @@
 #define CORRAL_EBADHANDLE -2 /* unknown or closed handle */
 #define CORRAL_ENOSPC -3     /* caller's buffer too small */
 #define CORRAL_EINTERNAL -4  /* stack failure; see corral_last_error */
+#define CORRAL_EUNKNOWN -5   /* no such flow / query (already decided, timed out) */
+#define CORRAL_ENOTSUP -6    /* not available in this mode */
+
+/* Link modes (corral_config.mode). */
+#define CORRAL_MODE_DIRECT 0 /* Go reads and writes the TAP fd itself */
+#define CORRAL_MODE_PUMP 1   /* the caller moves frames: inject / read_frames */
+
+/* Protocols. */
+#define CORRAL_PROTO_TCP 6
+#define CORRAL_PROTO_UDP 17
+#define CORRAL_PROTO_ICMP 1 /* ICMP echo (v4) and ICMPv6 echo */
+
+/* Event kinds. */
+#define CORRAL_EV_NEW_FLOW 1    /* needs a verdict unless CORRAL_FLAG_DECIDED */
+#define CORRAL_EV_FLOW_CLOSED 2 /* exactly one per NEW_FLOW, same id */
+#define CORRAL_EV_DNS_QUERY 3   /* payload = one DNS message; answer with dns_reply */
+
+/* Event flags. */
+#define CORRAL_FLAG_DECIDED 1 /* NEW_FLOW that needs no verdict (see reason) */
+#define CORRAL_FLAG_INBOUND 2 /* flow into the sandbox through a publish */
+
+/* Close reasons (also the reason of a DECIDED NEW_FLOW). */
+#define CORRAL_REASON_NONE 0
+#define CORRAL_REASON_EOF 1            /* both sides closed cleanly */
+#define CORRAL_REASON_RESET 2          /* a side reset or failed mid-flow */
+#define CORRAL_REASON_DENIED 3         /* verdict deny */
+#define CORRAL_REASON_REFUSED 4        /* upstream refused: client got RST */
+#define CORRAL_REASON_UNREACHABLE 5    /* upstream unreachable: client got ICMP */
+#define CORRAL_REASON_POLICY_TIMEOUT 6 /* no verdict within policy_timeout: deny */
+#define CORRAL_REASON_IDLE 7           /* UDP/ICMP flow idle timeout */
+#define CORRAL_REASON_OVERLOAD 8       /* too many pending decisions: deny */
+#define CORRAL_REASON_SHUTDOWN 9       /* stack closed while the flow was open */
+#define CORRAL_REASON_ERROR 10         /* other local error (see corral_last_error) */
+#define CORRAL_REASON_DIAL_TIMEOUT 11  /* upstream did not answer: client got ICMP */
+
+/* Verdict actions. */
+#define CORRAL_VERDICT_DENY 0
+#define CORRAL_VERDICT_ALLOW 1
+
+/* Transport of a DNS_QUERY (in corral_event.proto). */
+/* CORRAL_PROTO_UDP or CORRAL_PROTO_TCP */
+
+typedef struct corral_config {
+    int32_t mode;                 /* CORRAL_MODE_* */
+    int32_t tap_fd;               /* direct: Go dups it; pump: ignored (use -1) */
+    uint32_t mtu;                 /* 0 = 65520 */
+    uint32_t policy_timeout_ms;   /* 0 = 2000; no verdict by then = deny */
+    uint32_t max_pending;         /* 0 = 256 decisions in flight; more = deny */
+    uint32_t udp_idle_timeout_ms; /* 0 = 60000 (UDP and ICMP flows) */
+    uint32_t dial_timeout_ms;     /* 0 = 10000; upstream connect timeout */
+    uint32_t flags;               /* reserved, 0 */
+} corral_config;
+
+typedef struct corral_event {
+    uint64_t id;          /* flow id (NEW_FLOW/FLOW_CLOSED) or query id (DNS_QUERY) */
+    int32_t kind;         /* CORRAL_EV_* */
+    int32_t proto;        /* CORRAL_PROTO_* (DNS: the transport) */
+    uint32_t flags;       /* CORRAL_FLAG_* */
+    int32_t reason;       /* CORRAL_REASON_* (FLOW_CLOSED, DECIDED NEW_FLOW) */
+    uint8_t family;       /* 4 or 6 */
+    uint8_t pad[3];
+    uint16_t src_port;    /* sandbox side for outbound flows */
+    uint16_t dst_port;
+    uint8_t src_ip[16];
+    uint8_t dst_ip[16];
+    uint64_t bytes_out;   /* sandbox -> world payload bytes */
+    uint64_t bytes_in;    /* world -> sandbox payload bytes */
+    uint64_t duration_ns; /* FLOW_CLOSED: since NEW_FLOW */
+    uint32_t payload_off; /* DNS_QUERY: message at payload[off:off+len] */
+    uint32_t payload_len;
+} corral_event;
+
+typedef struct corral_verdict {
+    uint64_t id;          /* flow id from NEW_FLOW */
+    int32_t action;       /* CORRAL_VERDICT_* */
+    uint16_t dial_port;   /* allow: 0 = the original port */
+    uint8_t dial_family;  /* allow: 0 = dial the original address, else 4/6 */
+    uint8_t pad;
+    uint8_t dial_ip[16];  /* allow with dial_family != 0: dial this instead */
+} corral_verdict;
+
+typedef struct corral_stats {
+    uint64_t flows_total;   /* flows seen (NEW_FLOW events) */
+    uint64_t flows_open;    /* NEW_FLOW without FLOW_CLOSED yet */
+    uint64_t pending;       /* decisions waiting for a verdict */
+    uint64_t dns_queries;   /* DNS messages delivered */
+    uint64_t frames_in;     /* frames sandbox -> stack */
+    uint64_t frames_out;    /* frames stack -> sandbox */
+    uint64_t drops;         /* frames dropped (queue full, malformed, stack drops) */
+    uint64_t events_queued; /* events waiting for poll_events */
+    uint64_t goroutines;    /* runtime.NumGoroutine() (whole library) */
+} corral_stats;
 
 /* ABI version the library was compiled with. */
 int corral_abi_version(void);
+
+/* Create a stack; returns a handle > 0. */
+int corral_stack_new(corral_config *cfg);
+
+/* Cancel flows, close the stack, wait for its goroutines, close the eventfd.
+ * Idempotent: closing a closed or unknown handle returns CORRAL_OK. */
+int corral_stack_close(int h);
+
+/* The stack's eventfd (non-blocking; owned by the stack, do not close). */
+int corral_stack_eventfd(int h);
+
+/* Move up to cap events into evs; DNS payloads are packed into payload
+ * (payload_cap bytes).  Returns the number of events (< cap = drained). */
+int corral_stack_poll_events(int h, corral_event *evs, int cap,
+                             uint8_t *payload, uint32_t payload_cap);
+
+/* Apply n verdicts.  Returns how many matched a pending flow; ids that
+ * already timed out are skipped silently (their FLOW_CLOSED says so). */
+int corral_stack_set_verdicts(int h, corral_verdict *v, int n);
+
+/* Answer DNS query qid with one DNS message (len 0 = drop the query).
+ * CORRAL_EUNKNOWN if the query expired or was answered. */
+int corral_stack_dns_reply(int h, uint64_t qid, uint8_t *buf, uint32_t len);
+
+/* Pump mode: inject n ethernet frames packed back to back in buf, lens[i]
+ * bytes each.  Returns the number injected. */
+int corral_stack_inject(int h, uint8_t *buf, uint32_t *lens, int n);
+
+/* Pump mode: move up to max outbound frames, packed into buf (cap bytes),
+ * lengths in lens.  Returns the count; CORRAL_ENOSPC if the next frame does
+ * not fit an empty buf (give it mtu + 14 bytes at least). */
+int corral_stack_read_frames(int h, uint8_t *buf, uint32_t cap, uint32_t *lens, int max);
+
+/* Listen on host_ip:host_port (a literal IP; port 0 = pick one) in the
+ * caller's network namespace and forward each connection (TCP) or each
+ * client address (UDP) to the sandbox's port.  Returns the bound host port. */
+int corral_stack_publish(int h, int proto, char *host_ip, int host_port, int sandbox_port);
+
+/* Counters, see corral_stats. */
+int corral_stack_stats(int h, corral_stats *out);
+
+/* Text of the last error on this handle (h = 0: errors of corral_stack_new),
+ * NUL-terminated, truncated to cap.  Returns the full length. */
+int corral_last_error(int h, char *buf, int cap);
 
 #endif

@@ -1,0 +1,149 @@
+package main
+
+import (
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Event kinds, flags, protocols and reasons: the values of netstack.h
+// (capi.go checks at compile time that they agree).
+const (
+	EvNewFlow    = 1
+	EvFlowClosed = 2
+	EvDNSQuery   = 3
+
+	FlagDecided = 1
+	FlagInbound = 2
+
+	ProtoICMP = 1
+	ProtoTCP  = 6
+	ProtoUDP  = 17
+
+	ReasonNone          = 0
+	ReasonEOF           = 1
+	ReasonReset         = 2
+	ReasonDenied        = 3
+	ReasonRefused       = 4
+	ReasonUnreachable   = 5
+	ReasonPolicyTimeout = 6
+	ReasonIdle          = 7
+	ReasonOverload      = 8
+	ReasonShutdown      = 9
+	ReasonError         = 10
+	ReasonDialTimeout   = 11
+)
+
+// Event is one record for Python.
+type Event struct {
+	ID       uint64
+	Kind     int32
+	Proto    int32
+	Flags    uint32
+	Reason   int32
+	Src, Dst netip.AddrPort
+	BytesOut uint64
+	BytesIn  uint64
+	Duration time.Duration
+	Payload  []byte
+}
+
+// eventQueue is unbounded: events are never dropped.  Its size is bounded
+// in practice by the flow limits (one NEW_FLOW per pending decision) and
+// is reported in the stats.
+type eventQueue struct {
+	notify func()
+	mu     sync.Mutex // guards q
+	q      []Event
+}
+
+func (q *eventQueue) push(ev Event) {
+	q.mu.Lock()
+	wasEmpty := len(q.q) == 0
+	q.q = append(q.q, ev)
+	q.mu.Unlock()
+	if wasEmpty {
+		// The reader drains to empty after reading the eventfd, so only the
+		// empty -> non-empty transition needs a wake-up.
+		q.notify()
+	}
+}
+
+// take removes up to n events for which fits returns true, in order.
+func (q *eventQueue) take(n int, fits func(*Event) bool) []Event {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	i := 0
+	for i < n && i < len(q.q) && fits(&q.q[i]) {
+		i++
+	}
+	out := make([]Event, i)
+	copy(out, q.q[:i])
+	clear(q.q[:i])
+	q.q = q.q[i:]
+	if len(q.q) == 0 {
+		q.q = nil // let the backing array go after a burst
+	}
+	return out
+}
+
+func (q *eventQueue) Len() int {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return len(q.q)
+}
+
+// flow is one sandbox connection (TCP), 4-tuple (UDP) or echo id (ICMP).
+type flow struct {
+	id       uint64
+	proto    int32
+	flags    uint32
+	src, dst netip.AddrPort
+	start    time.Time
+	bytesOut atomic.Uint64 // sandbox -> world
+	bytesIn  atomic.Uint64 // world -> sandbox
+	opened   atomic.Bool
+	closed   atomic.Bool
+}
+
+func (st *Stack) newFlow(proto int32, src, dst netip.AddrPort) *flow {
+	return &flow{id: st.nextID.Add(1), proto: proto, src: src, dst: dst, start: time.Now()}
+}
+
+func (f *flow) event(kind int32) Event {
+	return Event{ID: f.id, Kind: kind, Proto: f.proto, Flags: f.flags, Src: f.src, Dst: f.dst}
+}
+
+// open queues NEW_FLOW, asking for a verdict.
+func (f *flow) open(st *Stack) {
+	f.opened.Store(true)
+	st.flowsTotal.Add(1)
+	st.flowsOpen.Add(1)
+	st.events.push(f.event(EvNewFlow))
+}
+
+// openDecided queues a NEW_FLOW that needs no verdict (reason says why).
+func (f *flow) openDecided(st *Stack, reason int32) {
+	f.flags |= FlagDecided
+	ev := f.event(EvNewFlow)
+	ev.Reason = reason
+	f.opened.Store(true)
+	st.flowsTotal.Add(1)
+	st.flowsOpen.Add(1)
+	st.events.push(ev)
+}
+
+// finish queues the one FLOW_CLOSED of f; later calls do nothing.
+func (f *flow) finish(st *Stack, reason int32) {
+	if !f.opened.Load() || !f.closed.CompareAndSwap(false, true) {
+		return
+	}
+	ev := f.event(EvFlowClosed)
+	ev.Reason = reason
+	ev.BytesOut = f.bytesOut.Load()
+	ev.BytesIn = f.bytesIn.Load()
+	ev.Duration = time.Since(f.start)
+	st.flowsOpen.Add(-1)
+	st.events.push(ev)
+}

@@ -1,0 +1,217 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"syscall"
+
+	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
+	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/stack"
+	"gvisor.dev/gvisor/pkg/tcpip/transport/tcp"
+	"gvisor.dev/gvisor/pkg/waiter"
+)
+
+// maxTCPInFlight bounds handshakes the gVisor forwarder tracks (deciding +
+// dialing).  Decisions are bounded more tightly by Config.MaxPending, which
+// answers with a deny; beyond this one, SYNs are ignored and retransmitted.
+const maxTCPInFlight = 4096
+
+// copyBufSize is the splice buffer per direction.  64 KiB matches one
+// MTU-65520 segment, so one read moves a whole segment; a larger buffer
+// measured no faster and costs RSS (two per open connection, held while a
+// read blocks).
+const copyBufSize = 64 << 10
+
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
+
+func (st *Stack) installTCP() {
+	fwd := tcp.NewForwarder(st.s, 0, maxTCPInFlight, st.handleTCP)
+	st.s.SetTransportProtocolHandler(tcp.ProtocolNumber, func(id stack.TransportEndpointID, pkt *stack.PacketBuffer) bool {
+		if h := header.TCP(pkt.TransportHeader().Slice()); len(h) >= header.TCPMinimumSize &&
+			h.Flags()&(header.TCPFlagSyn|header.TCPFlagAck) == header.TCPFlagSyn {
+			st.rememberSyn(id, pkt)
+		}
+		return fwd.HandlePacket(id, pkt)
+	})
+}
+
+// rememberSyn keeps the SYN's IP header and first 8 transport bytes: an ICMP
+// error must quote them (the client's kernel matches ports and sequence).
+func (st *Stack) rememberSyn(id stack.TransportEndpointID, pkt *stack.PacketBuffer) {
+	nh := pkt.NetworkHeader().Slice()
+	th := pkt.TransportHeader().Slice()
+	q := make([]byte, 0, len(nh)+8)
+	q = append(q, nh...)
+	q = append(q, th[:8]...)
+	st.synMu.Lock()
+	st.synHdrs[id] = q
+	st.synMu.Unlock()
+}
+
+func (st *Stack) takeSyn(id stack.TransportEndpointID) []byte {
+	st.synMu.Lock()
+	defer st.synMu.Unlock()
+	q := st.synHdrs[id]
+	delete(st.synHdrs, id)
+	return q
+}
+
+// enter registers a goroutine of st; false once st is closing.
+func (st *Stack) enter() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if st.closed {
+		return false
+	}
+	st.wg.Add(1)
+	return true
+}
+
+func endpointAddrs(id stack.TransportEndpointID) (src, dst netip.AddrPort) {
+	src = netip.AddrPortFrom(netipAddr(id.RemoteAddress), id.RemotePort)
+	dst = netip.AddrPortFrom(netipAddr(id.LocalAddress), id.LocalPort)
+	return src, dst
+}
+
+// handleTCP runs in its own goroutine per SYN (started by the forwarder).
+// Order: verdict, then dial, then handshake: the sandbox's connect()
+// succeeds only when the real destination accepted.
+func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
+	id := r.ID()
+	defer st.takeSyn(id)
+	if !st.enter() {
+		r.Complete(true)
+		return
+	}
+	defer st.wg.Done()
+	src, dst := endpointAddrs(id)
+	if isDNSAddr(dst.Addr()) && dst.Port() == 53 {
+		st.serveDNSTCP(r, src, dst)
+		return
+	}
+	f := st.newFlow(ProtoTCP, src, dst)
+	v, err := st.decide(f)
+	if err != nil {
+		r.Complete(true)
+		f.finish(st, reasonFor(err))
+		return
+	}
+	target := v.target(dst)
+	d := net.Dialer{Timeout: st.cfg.DialTimeout}
+	hc, err := d.DialContext(st.ctx, "tcp", target.String())
+	if err != nil {
+		reason := classifyDialError(err)
+		switch reason {
+		case ReasonUnreachable, ReasonDialTimeout:
+			st.sendUnreachable(st.takeSyn(id), icmpHostUnreachable)
+			r.Complete(false)
+		default:
+			r.Complete(true)
+		}
+		if reason == ReasonError {
+			st.setError(err)
+		}
+		f.finish(st, reason)
+		return
+	}
+	var wq waiter.Queue
+	ep, terr := r.CreateEndpoint(&wq)
+	if terr != nil {
+		// The client gave up (RST, timeout) while we were dialing.
+		r.Complete(true)
+		hc.Close()
+		f.finish(st, ReasonReset)
+		return
+	}
+	r.Complete(false)
+	st.splice(f, ep.Abort, gonet.NewTCPConn(&wq, ep), hc.(*net.TCPConn))
+}
+
+func classifyDialError(err error) int32 {
+	var ne net.Error
+	switch {
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return ReasonRefused
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH),
+		errors.Is(err, syscall.EADDRNOTAVAIL):
+		return ReasonUnreachable
+	case errors.Is(err, context.Canceled):
+		return ReasonShutdown
+	case errors.As(err, &ne) && ne.Timeout():
+		return ReasonDialTimeout
+	}
+	return ReasonError
+}
+
+// splice copies both ways until both halves are closed.  A FIN on one side
+// becomes a FIN (CloseWrite) on the other; a reset or error on either side
+// aborts both (RST to each peer).
+func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net.TCPConn) {
+	var once sync.Once
+	abort := func() {
+		once.Do(func() {
+			_ = hc.SetLinger(0) // close with RST
+			hc.Close()
+			abortSandbox()
+		})
+	}
+	stop := context.AfterFunc(st.ctx, abort)
+	defer stop()
+
+	upErr := make(chan error, 1)
+	go func() {
+		err := copyHalf(hc, sb, &f.bytesOut)
+		if err == nil {
+			err = hc.CloseWrite()
+		}
+		if err != nil {
+			abort()
+		}
+		upErr <- err
+	}()
+	downErr := copyHalf(sb, hc, &f.bytesIn)
+	if downErr == nil {
+		downErr = sb.CloseWrite()
+	}
+	if downErr != nil {
+		abort()
+	}
+	uErr := <-upErr
+	sb.Close()
+	hc.Close()
+	reason := int32(ReasonEOF)
+	switch {
+	case st.ctx.Err() != nil:
+		reason = ReasonShutdown
+	case uErr != nil || downErr != nil:
+		reason = ReasonReset
+	}
+	f.finish(st, reason)
+}
+
+// copyHalf moves src to dst until EOF (nil) or an error.
+func copyHalf(dst io.Writer, src io.Reader, count interface{ Add(uint64) uint64 }) error {
+	bp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bp)
+	buf := *bp
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				return werr
+			}
+			count.Add(uint64(n))
+		}
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
