@@ -1,0 +1,252 @@
+"""corral's resolver at 10.0.2.3 / fd00::3: policy, then forward to the host's resolver.
+
+``DnsService.handle`` takes one query from the sandbox (UDP datagram or TCP message
+without its length prefix) and returns the bytes to send back. The I/O is ``forward``:
+one query to one upstream over UDP (retried over TCP when the answer is truncated) or
+TCP. Everything else is the sans-io ``dnsmsg`` and ``policy``.
+
+Upstreams come from the host's ``/etc/resolv.conf`` (``nameserver`` lines) unless
+``--dns-upstream IP[:PORT]`` is given. A loopback nameserver (systemd-resolved's
+127.0.0.53, dnsmasq's 127.0.0.1) is used as is: forwarding happens in the supervisor,
+in the host's network namespace, where the stub is reachable; it is reported in the log
+because the stub's own upstream is then what answers.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+from typing import Awaitable, Callable
+
+import attrs
+import trio
+
+from corral.errors import ConfigError
+from corral.events import DnsEvent, Event, PolicyErrorEvent
+from corral.policy import (
+    DnsQuery,
+    NameTable,
+    Policy,
+    Verdict,
+    decide_dns,
+    from_callback,
+    from_callback_error,
+)
+
+from . import dnsmsg
+
+__all__ = ["DnsService", "forward", "host_upstreams", "parse_dns_upstream", "parse_resolv_conf"]
+
+log = logging.getLogger("corral.dns")
+
+Upstream = tuple[str, int]
+_MAX_STRAY = 64  # datagrams with the wrong id tolerated per query before giving up
+
+
+def _fmt(upstream: Upstream) -> str:
+    ip, port = upstream
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def parse_dns_upstream(text: str) -> Upstream:
+    """``--dns-upstream``: ``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT`` (port 53 by default)."""
+    s = text.strip()
+    port = 53
+    try:
+        if s.startswith("["):
+            host, bracket, rest = s[1:].partition("]")
+            if not bracket:
+                raise ValueError
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError
+                port = int(rest[1:])
+        elif s.count(":") == 1:
+            host, port_text = s.split(":")
+            port = int(port_text)
+        else:
+            host = s
+        ip = ipaddress.ip_address(host)
+        if not 1 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"invalid --dns-upstream {text!r}: expected an IP address with an optional port, "
+            "e.g. 192.0.2.53, 192.0.2.53:5353, 2001:db8::53 or [2001:db8::53]:5353"
+        ) from None
+    return str(ip), port
+
+
+def parse_resolv_conf(text: str) -> list[Upstream]:
+    """The ``nameserver`` addresses of a resolv.conf, in order, port 53. Bad lines are skipped."""
+    out = []
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split(";", 1)[0].split()
+        if len(fields) >= 2 and fields[0] == "nameserver":
+            try:
+                ip = ipaddress.ip_address(fields[1].split("%", 1)[0])
+            except ValueError:
+                log.warning("resolv.conf: ignoring nameserver %r (not an IP address)", fields[1])
+                continue
+            addr = fields[1] if "%" in fields[1] else str(ip)
+            if (addr, 53) not in out:
+                out.append((addr, 53))
+    return out
+
+
+def host_upstreams(dns_upstream: str | list[str] | None = None, resolv_conf: str = "/etc/resolv.conf") -> list[Upstream]:
+    """The resolvers to forward to: ``--dns-upstream`` if given, else the host's resolv.conf."""
+    if dns_upstream:
+        items = [dns_upstream] if isinstance(dns_upstream, str) else list(dns_upstream)
+        return [parse_dns_upstream(u) for u in items]
+    try:
+        with open(resolv_conf, encoding="utf-8", errors="replace") as f:
+            upstreams = parse_resolv_conf(f.read())
+    except OSError as e:
+        raise ConfigError(
+            f"cannot read {resolv_conf} to find the host's DNS resolver: {e.strerror}. "
+            "Fix: pass --dns-upstream IP[:PORT]"
+        ) from None
+    if not upstreams:
+        raise ConfigError(f"no nameserver in {resolv_conf}. Fix: pass --dns-upstream IP[:PORT]")
+    for ip, _ in upstreams:
+        if ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback:
+            log.info("host DNS resolver %s is a local stub; corral forwards to it from the host namespace", ip)
+    return upstreams
+
+
+def _family(ip: str) -> int:
+    return trio.socket.AF_INET6 if ":" in ip else trio.socket.AF_INET
+
+
+async def _udp(query: bytes, upstream: Upstream) -> bytes:
+    with trio.socket.socket(_family(upstream[0]), trio.socket.SOCK_DGRAM) as sock:
+        await sock.connect(upstream)  # connected: datagrams from anyone else are dropped by the kernel
+        await sock.send(query)
+        for _ in range(_MAX_STRAY):
+            data = await sock.recv(65535)
+            if len(data) >= 12 and data[:2] == query[:2] and data[2] & 0x80:
+                return data
+        raise OSError(f"DNS upstream {_fmt(upstream)} sent {_MAX_STRAY} unrelated datagrams")
+
+
+async def _tcp(query: bytes, upstream: Upstream) -> bytes:
+    stream = await trio.open_tcp_stream(*upstream)
+    async with stream:
+        await stream.send_all(struct.pack("!H", len(query)) + query)
+        buf = bytearray()
+        need = 2
+        while len(buf) < need:
+            chunk = await stream.receive_some(65537)
+            if not chunk:
+                raise OSError(f"DNS upstream {_fmt(upstream)} closed the TCP connection mid-answer")
+            buf += chunk
+            if need == 2 and len(buf) >= 2:
+                need = 2 + struct.unpack_from("!H", buf)[0]
+        return bytes(buf[2:need])
+
+
+async def forward(
+    query: bytes, upstream: Upstream, timeout: float, *, tcp: bool = False, max_udp: int = 65535
+) -> bytes:
+    """Send *query* to *upstream*, return its answer exactly as received.
+
+    Over UDP unless *tcp*; a truncated UDP answer is retried over TCP and the full
+    answer returned if it fits in *max_udp* (the client's advertised UDP size), else
+    the truncated one is returned so the client retries over TCP itself.
+    Raises TimeoutError after *timeout* seconds per attempt, OSError on network errors.
+    """
+    with trio.move_on_after(timeout) as scope:
+        answer = await (_tcp if tcp else _udp)(query, upstream)
+    if scope.cancelled_caught:
+        raise TimeoutError(f"DNS upstream {_fmt(upstream)} did not answer within {timeout:g} s")
+    if tcp or not dnsmsg.is_truncated(answer):
+        return answer
+    try:
+        full = await forward(query, upstream, timeout, tcp=True)
+    except OSError as e:  # TimeoutError is an OSError
+        log.debug("TCP retry to %s failed (%s); returning the truncated answer", _fmt(upstream), e)
+        return answer
+    return full if len(full) <= max_udp else answer
+
+
+OnDns = Callable[[DnsQuery], Awaitable[Verdict]]
+
+
+@attrs.define
+class DnsService:
+    """Policy + forwarding for the sandbox's DNS queries. Owns no sockets.
+
+    ``emit`` receives one DnsEvent per query (plus a PolicyErrorEvent when ``on_dns``
+    fails). ``on_dns`` is consulted only when no rule decided (``Decision.by_default``).
+    ``policy`` may be replaced at any time. ``clock`` feeds the name table.
+    """
+
+    policy: Policy
+    names: NameTable
+    upstreams: list[Upstream]
+    emit: Callable[[Event], None]
+    on_dns: OnDns | None = None
+    policy_timeout: float = 2.0
+    upstream_timeout: float = 2.0
+    deny_rcode: str = attrs.field(default="REFUSED", validator=attrs.validators.in_(("REFUSED", "NXDOMAIN")))
+    clock: Callable[[], float] = trio.current_time
+
+    def __repr__(self) -> str:
+        return f"<DnsService upstreams={[_fmt(u) for u in self.upstreams]} {self.policy.mode}>"
+
+    async def handle(self, wire: bytes, *, transport: str = "udp", src_ip=None, src_port=None) -> bytes | None:
+        """Answer one query from the sandbox. None: send nothing (not even a header to reply to)."""
+        try:
+            q = dnsmsg.parse_query(wire)
+        except dnsmsg.MalformedDnsMessage as e:
+            log.debug("malformed DNS query from %s: %s", src_ip, e)
+            return dnsmsg.formerr_for(wire)
+        if q.opcode != "QUERY":
+            return dnsmsg.build_response(q, "NOTIMP")
+        query = DnsQuery(id=q.id, qname=q.qname, qtype=q.qtype, transport=transport, src_ip=src_ip, src_port=src_port)
+        decision = decide_dns(self.policy, query)
+        if decision.by_default and self.on_dns is not None:
+            decision = await self._ask(query)
+        if not decision.allowed:
+            self.emit(DnsEvent.from_decision(query, decision, rcode=self.deny_rcode))
+            return dnsmsg.build_response(q, self.deny_rcode)
+        for upstream in self.upstreams:
+            try:
+                answer = await forward(
+                    wire, upstream, self.upstream_timeout, tcp=transport == "tcp", max_udp=q.udp_payload
+                )
+            except OSError as e:
+                log.warning("DNS upstream %s failed for %s %s: %s", _fmt(upstream), q.qname, q.qtype, e)
+                continue
+            try:
+                resp = dnsmsg.parse_response(answer, q)
+            except dnsmsg.MalformedDnsMessage as e:
+                log.warning("DNS upstream %s sent an unusable answer for %s: %s", _fmt(upstream), q.qname, e)
+                continue
+            self.names.learn(q.qname, resp.answers, self.clock())
+            self.emit(DnsEvent.from_decision(query, decision, rcode=resp.rcode, answers=resp.answers,
+                                             upstream=_fmt(upstream)))
+            return answer
+        self.emit(DnsEvent.from_decision(query, decision, rcode="SERVFAIL"))
+        return dnsmsg.servfail(q)
+
+    async def _ask(self, query: DnsQuery):
+        error = None
+        timed_out = False
+        with trio.move_on_after(self.policy_timeout) as scope:
+            try:
+                verdict = await self.on_dns(query)
+            except Exception as e:  # a user callback: any failure is a deny and an event
+                error = repr(e)
+        if scope.cancelled_caught:
+            timed_out = True
+            error = f"on_dns did not return within {self.policy_timeout:g} s"
+        if error is None:
+            decision = from_callback(verdict)
+            if decision.allowed or decision.rule == "callback":
+                return decision
+            error = decision.verdict.reason
+        self.emit(PolicyErrorEvent(callback="on_dns", subject=query.qname, error=error, timed_out=timed_out))
+        return from_callback_error(f"on_dns failed: {error}")
