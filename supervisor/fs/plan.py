@@ -1,0 +1,476 @@
+"""The sandbox's filesystem view as a list of mount operations (DESIGN §3).
+
+Pure: :func:`build_plan` reads nothing but what it is given — the text of
+``/proc/self/mountinfo`` and a small filesystem probe (:class:`HostFs` by
+default; tests pass a fake).  The result, a :class:`Plan`, is a JSON-able list
+of operations that :func:`corral.spawn.mounts.setup_root` carries out inside
+the sandbox's mount namespace.
+
+Modes
+-----
+``default``
+    The host is visible and nothing outside the working directory can be
+    changed.  Every directory of the host is shown through overlayfs (host =
+    lower layer, upper layer in the scratch directory) or, where overlayfs
+    cannot stack (nfs, cifs, fuse — or the mount fails), as a read-only bind.
+    Overlayfs refuses a lower directory with mounts below it inside a user
+    namespace (they are "locked"), so a directory holding mount points is
+    recreated as a plain directory on the sandbox's root tmpfs and each of its
+    entries is planned on its own: directories become overlays (or are split
+    again), symlinks are copied, files are bound read-only, sockets, fifos and
+    devices are left out.
+``readonly``
+    The whole host, bound recursively and read-only.
+``hermetic``
+    An empty root: only the working directory and what ``--rw``/``--ro``/
+    ``--overlay``/``--tmpfs`` name (plus ``/proc``, ``/dev``, ``/tmp``).  The
+    symlinks on the way to those paths (``/bin -> usr/bin``...) are recreated.
+
+In every mode ``/proc`` is fresh (the sandbox's pid namespace), ``/dev`` is
+minimal, ``/tmp`` is an empty tmpfs and ``/sys`` is read-only (not in
+``hermetic``).
+
+Order
+-----
+Base view first, then the working directory, the hidden secrets and the user's
+options sorted by depth (a parent before its children, so ``--rw ~/p --ro
+~/p/.git`` works in either order).  On the same path the user's option wins
+over a hidden secret (``--ro ~/.ssh``), and the last option wins over earlier
+ones.  Paths are resolved on the host (symlinks followed) and mounted at their
+real location.
+"""
+
+import json
+import os
+import stat
+
+import attrs
+
+from ..errors import ConfigError
+from . import secrets
+
+MODES = ("default", "readonly", "hermetic")
+CWD_ACCESS = ("rw", "ro", "overlay")
+ACTIONS = ("rw", "ro", "overlay", "tmpfs", "hide")
+
+# Built fresh inside the sandbox: host mounts at or below them are not shown.
+FRESH = ("/proc", "/sys", "/dev", "/tmp")
+# Kernel pseudo filesystems: never overlaid nor bound.
+PSEUDO_FS = frozenset((
+    "proc", "sysfs", "cgroup", "cgroup2", "devpts", "mqueue", "debugfs", "tracefs",
+    "securityfs", "bpf", "fusectl", "binfmt_misc", "autofs", "configfs", "pstore",
+    "efivarfs", "hugetlbfs", "rpc_pipefs", "nsfs", "devtmpfs",
+))
+# Filesystems overlayfs does not stack on well: shown read-only instead.
+NO_OVERLAY = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "fuseblk", "9p", "ceph")
+
+HOME_WRITABLE = "the whole home directory is writable (secrets still hidden)"
+
+
+@attrs.frozen(kw_only=True)
+class FsSpec:
+    """What the filesystem view should be.  ``paths`` holds the user's
+    ``(action, path)`` options in command-line order."""
+
+    mode: str = attrs.field(default="default", validator=attrs.validators.in_(MODES))
+    cwd: str
+    cwd_access: str = attrs.field(default="rw", validator=attrs.validators.in_(CWD_ACCESS))
+    home: str
+    paths: tuple = attrs.field(default=(), converter=tuple)
+    hide_secrets: bool = True
+    hidden_extra: tuple = attrs.field(default=(), converter=tuple)
+    scratch: str
+    resolv_conf: str | None = None
+    runtime_dir: str | None = None  # $XDG_RUNTIME_DIR; None: /run/user/<uid> if it exists
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """Mount operations for :func:`corral.spawn.mounts.setup_root`, and what
+    the CLI should tell the user."""
+
+    ops: tuple
+    warnings: tuple = ()
+
+    def to_json(self):
+        """The operations as a JSON-able list of dicts."""
+        return [dict(op) for op in self.ops]
+
+    def dumps(self):
+        return json.dumps(self.to_json())
+
+
+@attrs.frozen
+class Stat:
+    kind: str  # "dir" | "file" | "symlink" | "other"
+    mode: int = 0o755
+
+
+class HostFs:
+    """The probe :func:`build_plan` uses on the real host."""
+
+    def lstat(self, path):
+        try:
+            st = os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        mode = st.st_mode
+        if stat.S_ISDIR(mode):
+            kind = "dir"
+        elif stat.S_ISLNK(mode):
+            kind = "symlink"
+        elif stat.S_ISREG(mode):
+            kind = "file"
+        else:
+            kind = "other"
+        return Stat(kind, stat.S_IMODE(mode))
+
+    def readlink(self, path):
+        return os.readlink(path)
+
+    def listdir(self, path):
+        try:
+            return sorted(os.listdir(path))
+        except OSError:
+            return []
+
+    def uid(self):
+        return os.getuid()
+
+
+@attrs.frozen
+class Mount:
+    id: int
+    parent: int
+    point: str
+    fstype: str
+
+
+def parse_mountinfo(text):
+    """The mounts of /proc/self/mountinfo, in file order."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 10 or "-" not in fields[6:]:
+            continue
+        sep = fields.index("-", 6)
+        mounts.append(Mount(int(fields[0]), int(fields[1]), _unescape(fields[4]), fields[sep + 1]))
+    return mounts
+
+
+def _unescape(field):
+    if "\\" not in field:
+        return field
+    out, i = [], 0
+    while i < len(field):
+        if field[i] == "\\" and field[i + 1:i + 4].isdigit():
+            out.append(chr(int(field[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(field[i])
+            i += 1
+    return "".join(out)
+
+
+def visible_mounts(mounts):
+    """The mounts one can reach by path: the top one on each mount point,
+    and none below a mount that another one covers."""
+    by_id = {m.id: m for m in mounts}
+    covered = {m.parent for m in mounts if m.parent in by_id and by_id[m.parent].point == m.point}
+
+    def reachable(m, depth=0):
+        parent = by_id.get(m.parent)
+        if parent is None or depth > len(mounts):
+            return True
+        if parent.point == m.point:
+            return reachable(parent, depth + 1)
+        return parent.id not in covered and reachable(parent, depth + 1)
+
+    return [m for m in mounts if m.id not in covered and reachable(m)]
+
+
+def _under(path, top):
+    """``path`` is ``top`` or below it."""
+    return path == top or top == "/" or path.startswith(top + "/")
+
+
+def _depth(path):
+    return 0 if path == "/" else path.count("/")
+
+
+class _Planner:
+    def __init__(self, spec, mountinfo, fs):
+        self.spec = spec
+        self.fs = fs
+        self.ops = []
+        self.warnings = []
+        self.overlays = 0
+        self.emit_later = []
+        mounts = visible_mounts(parse_mountinfo(mountinfo))
+        self.mount_types = {m.point: m.fstype for m in mounts}
+        # Every proper ancestor of a mount point: those directories cannot be
+        # an overlay's lower layer.
+        self.holds_mounts = set()
+        for m in mounts:
+            path = m.point
+            while path != "/":
+                path = os.path.dirname(path)
+                self.holds_mounts.add(path)
+        self.scratch = self.resolve(_absolute(spec.scratch, "scratch"))
+
+    # ---------------------------------------------------------------- paths
+
+    def resolve(self, path, links=None):
+        """The real path of ``path`` (missing components are kept as they
+        are); every symlink met on the way is appended to ``links``."""
+        todo = [c for c in reversed(path.split("/"))]
+        cur, hops = "/", 0
+        while todo:
+            comp = todo.pop()
+            if comp in ("", "."):
+                continue
+            if comp == "..":
+                cur = os.path.dirname(cur)
+                continue
+            nxt = os.path.join(cur, comp)
+            st = self.fs.lstat(nxt)
+            if st is not None and st.kind == "symlink":
+                hops += 1
+                if hops > 40:
+                    raise ConfigError("%s: too many levels of symbolic links. Fix: name the real path" % path)
+                target = self.fs.readlink(nxt)
+                if links is not None:
+                    links.append((nxt, target))
+                if target.startswith("/"):
+                    cur = "/"
+                todo.extend(reversed(target.split("/")))
+            else:
+                cur = nxt
+        return cur
+
+    def existing(self, path, what):
+        """Resolve a path the user named; it must exist."""
+        path = _absolute(path, what)
+        real = self.resolve(path)
+        st = self.fs.lstat(real)
+        if st is None:
+            raise ConfigError("%s %s: no such file or directory. Fix: create it or drop the option"
+                              % (what, path))
+        if _under(real, "/proc"):
+            raise ConfigError("%s %s: /proc is the sandbox's own. Fix: drop the option" % (what, path))
+        return real, st
+
+    # ---------------------------------------------------------------- base
+
+    def fstype_of(self, path):
+        while path not in self.mount_types and path != "/":
+            path = os.path.dirname(path)
+        return self.mount_types.get(path, "")
+
+    def emit(self, op, **fields):
+        self.ops.append({"op": op, **fields})
+
+    def overlay(self, path, create):
+        n = self.overlays
+        self.overlays += 1
+        scratch = self.spec.scratch
+        self.emit("overlay", path=path, upper="%s/upper/%d" % (scratch, n),
+                  work="%s/work/%d" % (scratch, n), create=create)
+
+    def overlay_tree(self, path, st, create):
+        """Show host ``path`` writable-but-not-to-the-host: an overlay, or a
+        read-only bind where overlayfs cannot stack, or — when mounts lie
+        below it — its entries one by one on a directory of the root tmpfs.
+        ``create``: the mount points are not there yet (a tmpfs)."""
+        if st.kind != "dir":
+            self.emit("bind", src=path, path=path, ro=True, dir=False, create=create)
+            return
+        if path in self.holds_mounts:
+            if path != "/":
+                self.emit("mkdir", path=path, mode=st.mode)
+            for name in self.fs.listdir(path):
+                self.entry(os.path.join(path, name), create)
+            return
+        if self.fstype_of(path).split(".")[0] in NO_OVERLAY:
+            self.emit("bind", src=path, path=path, ro=True, dir=True, create=create)
+        else:
+            self.overlay(path, create)
+
+    def entry(self, path, create):
+        if path in FRESH or _under(path, self.scratch):
+            return
+        st = self.fs.lstat(path)
+        if st is None:
+            return
+        if self.mount_types.get(path, "") in PSEUDO_FS:
+            if st.kind == "dir":
+                self.emit("mkdir", path=path, mode=st.mode)
+            return
+        if st.kind == "symlink":
+            self.emit("symlink", path=path, target=self.fs.readlink(path))
+        elif st.kind in ("dir", "file"):
+            self.overlay_tree(path, st, create)
+        # sockets, fifos and device nodes of the host are left out
+
+    def base(self):
+        mode = self.spec.mode
+        self.emit("root", scratch=self.spec.scratch, mode=mode)
+        if mode == "default":
+            self.overlay_tree("/", Stat("dir"), create=True)
+        self.emit("proc")
+        self.emit("dev")
+        if mode != "hermetic":
+            self.emit("sys")
+        self.emit("tmp")
+
+    # ---------------------------------------------------------------- layers
+
+    def layers(self):
+        """cwd, secrets and user options: ``(path, group, action, stat, links)``."""
+        spec = self.spec
+        hermetic = spec.mode == "hermetic"
+        items = []
+        links = [] if hermetic else None
+        cwd = _absolute(spec.cwd, "cwd")
+        cwd_real = self.resolve(cwd, links)
+        cwd_st = self.fs.lstat(cwd_real)
+        if cwd_st is None or cwd_st.kind != "dir":
+            raise ConfigError("working directory %s does not exist. Fix: cd to an existing "
+                              "directory or pass --cwd DIR" % cwd)
+        if cwd_real == "/" and spec.cwd_access == "rw":
+            raise ConfigError("the working directory is / and would make the whole host "
+                              "writable. Fix: cd to a project directory or pass --cwd DIR")
+        self.cwd = cwd_real
+        items.append((cwd_real, 1, spec.cwd_access, cwd_st))
+
+        if spec.hide_secrets:
+            runtime = spec.runtime_dir
+            if runtime is None:
+                runtime = "/run/user/%d" % self.fs.uid()
+            for path in secrets.secret_paths(spec.home, runtime) + tuple(spec.hidden_extra):
+                real = self.resolve(path)
+                st = self.fs.lstat(real)
+                if st is not None:
+                    items.append((real, 0, "hide", st))
+
+        latest = {}
+        for action, path in spec.paths:
+            if action not in ACTIONS:
+                raise ConfigError("unknown path action %r. Fix: use one of %s"
+                                  % (action, ", ".join(ACTIONS)))
+            option = "--" + action
+            if action == "tmpfs":
+                path = _absolute(path, option)
+                real = self.resolve(path, links)
+                st = self.fs.lstat(real)
+                if st is not None and st.kind != "dir":
+                    raise ConfigError("--tmpfs %s: not a directory. Fix: name a directory" % path)
+                st = st or Stat("missing")
+            else:
+                if hermetic:
+                    self.resolve(_absolute(path, option), links)
+                real, st = self.existing(path, option)
+            if real == "/":
+                raise ConfigError("%s /: the root cannot be %s. Fix: choose the mode with --mode, "
+                                  "or name a directory below /" % (option, action))
+            latest.pop(real, None)
+            latest[real] = (action, st)
+        for real, (action, st) in latest.items():
+            items.append((real, 2, action, st))
+        for path, target in links or ():
+            items.append((path, -1, "symlink", target))
+        # parents first; on one path: symlink, secret, cwd, then the user's option
+        items.sort(key=lambda item: (_depth(item[0]), item[1]))
+        return items
+
+    def exposes_host(self, path, done):
+        """Whether ``path`` shows host content after the layers in ``done``."""
+        for top, exposes in reversed(done):
+            if _under(path, top):
+                return exposes
+        mode = self.spec.mode
+        if mode == "hermetic" or any(_under(path, fresh) for fresh in FRESH if fresh != "/sys"):
+            return False
+        return True
+
+    def place(self):
+        items = self.layers()
+        spec = self.spec
+        done = []
+        if spec.mode != "hermetic" and not any(_under(self.scratch, f) for f in FRESH):
+            # the upper layers live there; the sandbox must not see them
+            self.emit("tmpfs", path=self.scratch, mode=0o700, ro=True, create=False)
+            done.append((self.scratch, False))
+        tmpfs_ops = {}
+        # keep only the last item per path (the later one wins), in order
+        final = {}
+        for item in items:
+            final.pop((item[0], item[2] == "symlink"), None)
+            final[(item[0], item[2] == "symlink")] = item
+        for path, group, action, extra in final.values():
+            if action == "symlink":
+                self.emit("symlink", path=path, target=extra)
+                continue
+            st = extra
+            is_dir = st.kind in ("dir", "missing")
+            create = st.kind == "missing" or not self.exposes_host(path, done)
+            if action == "hide":
+                if group == 0 and not self.exposes_host(path, done):
+                    continue
+                if is_dir:
+                    self.emit("tmpfs", path=path, mode=0o700, ro=True, create=create)
+                    tmpfs_ops[path] = self.ops[-1]
+                else:
+                    self.emit("hide_file", path=path, create=create)
+                done.append((path, False))
+            elif action == "tmpfs":
+                self.emit("tmpfs", path=path, mode=0o755, ro=False, create=create)
+                done.append((path, False))
+            elif action == "overlay":
+                self.overlay_tree(path, st, create)
+                done.append((path, True))
+            else:
+                self.emit("bind", src=path, path=path, ro=action == "ro", dir=is_dir, create=create)
+                done.append((path, True))
+            # a read-only tmpfs that gets mounts inside is sealed at the end
+            for top, op in list(tmpfs_ops.items()):
+                if path != top and _under(path, top):
+                    op["ro"] = False
+                    self.emit_later.append({"op": "remount_ro", "path": top})
+                    del tmpfs_ops[top]
+        home = self.resolve(_absolute(spec.home, "home"))
+        writable = [p for p, g, a, _ in final.values() if a == "rw"]
+        if any(_under(home, p) for p in writable):
+            self.warnings.append(HOME_WRITABLE)
+        for path, group, action, _ in final.values():
+            if group == 0 and action == "hide" and _under(self.cwd, path):
+                self.warnings.append("the working directory %s is inside %s, which corral "
+                                     "would hide; it is visible" % (self.cwd, path))
+
+    def build(self):
+        self.base()
+        self.place()
+        if self.spec.resolv_conf is not None:
+            if self.spec.mode == "hermetic":
+                target = "/etc/resolv.conf"
+            else:
+                target = self.resolve("/etc/resolv.conf")
+            self.emit("file", path=target, content=self.spec.resolv_conf)
+        self.ops.extend(self.emit_later)
+        self.emit("enter", cwd=self.cwd)
+        return Plan(ops=tuple(self.ops), warnings=tuple(self.warnings))
+
+
+def _absolute(path, what):
+    path = os.fspath(path)
+    if not path.startswith("/"):
+        raise ConfigError("%s %s: not an absolute path. Fix: give the full path (e.g. %s)"
+                          % (what, path, os.path.join("/path/to", path)))
+    return os.path.normpath(path)
+
+
+def build_plan(spec, mountinfo, fs=None):
+    """Turn ``spec`` into a :class:`Plan`; raise :class:`ConfigError` for bad
+    input.  ``mountinfo`` is the text of /proc/self/mountinfo; ``fs`` probes
+    the host (:class:`HostFs` when None)."""
+    return _Planner(spec, mountinfo, fs or HostFs()).build()

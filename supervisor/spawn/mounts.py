@@ -1,0 +1,314 @@
+"""Build the sandbox's root from a mount plan (DESIGN §3).  Standard library only.
+
+:func:`setup_root` runs in pid 1 of the sandbox, already inside its own user,
+mount and pid namespaces (uid/gid maps written, full capabilities there).  It
+carries out the operations of :class:`corral.fs.plan.Plan` on a fresh root
+under ``<scratch>/root``, then pivots into it and detaches the host's root.
+Any failure raises :class:`MountError` — the command never runs with less
+isolation than asked — except an overlay that cannot be mounted, which
+becomes a read-only bind (recorded in ``<scratch>/overlays.json`` with the
+upper directory of every overlay and the host path it records changes to).
+"""
+
+import errno as _errno
+import json
+import os
+
+from . import libc
+
+DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
+DEV_LINKS = (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+             ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"))
+MANIFEST = "overlays.json"
+
+_NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
+_FIXES = {
+    ("mount proc", _errno.EPERM): "the kernel allows a fresh /proc only where the host's /proc is "
+    "fully visible; inside docker/podman run the container with "
+    "--security-opt systempaths=unconfined, or run corral outside the container",
+    ("pivot_root", _errno.EINVAL): "the host root cannot be pivoted away (an initramfs root?); "
+    "run `corral doctor`",
+}
+_ERRNO_FIXES = {
+    _errno.EPERM: "the kernel refused a mount in the user namespace; run `corral doctor` "
+    "(unprivileged user namespaces, AppArmor/SELinux restrictions)",
+    _errno.EACCES: "a path on the way is not accessible to your user; check its permissions",
+    _errno.ENOENT: "the path is missing (it changed while the sandbox started?); check that it "
+    "exists, then retry",
+    _errno.EROFS: "the mount point is missing in a read-only part of the view; create it on the "
+    "host first, or mount its parent with --tmpfs or --rw",
+    _errno.ENOSPC: "the scratch directory's filesystem is full; free space or pass --scratch DIR",
+    _errno.ENOMEM: "out of memory or of mounts (sysctl fs.mount-max); close other sandboxes",
+}
+
+
+class MountError(Exception):
+    """A step of :func:`setup_root` failed: ``step``, ``path``, ``errno`` and a
+    ``fix`` for the user."""
+
+    def __init__(self, step, path, errno):
+        self.step = step
+        self.path = path
+        self.errno = errno
+        self.fix = _FIXES.get((step, errno)) or _ERRNO_FIXES.get(errno) or (
+            "run `corral doctor` and report this step and errno")
+        super().__init__("%s %s: %s (%s). Fix: %s" % (
+            step, path, os.strerror(errno), _errno.errorcode.get(errno, errno), self.fix))
+
+
+def setup_root(plan_ops):
+    """Carry out ``plan_ops`` (``Plan.to_json()``, or its JSON text)."""
+    if isinstance(plan_ops, str):
+        plan_ops = json.loads(plan_ops)
+    builder = _Builder()
+    for op in plan_ops:
+        method = getattr(builder, "op_" + op.get("op", ""), None)
+        if method is None:
+            raise MountError("plan", repr(op), _errno.EINVAL)
+        try:
+            method(op)
+        except OSError as exc:
+            raise MountError(op["op"], op.get("path", ""), exc.errno) from None
+
+
+def _unescape(field):
+    """Undo mountinfo's octal escapes (``\\040`` for a space...)."""
+    parts = field.split("\\")
+    out = [parts[0]]
+    for part in parts[1:]:
+        out.append(chr(int(part[:3], 8)) + part[3:])
+    return "".join(out)
+
+
+def _overlay_escape(path):
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+class _Builder:
+    def __init__(self):
+        self.root = None
+        self.scratch = None
+        self.mode = None
+        self.setattr_works = True
+        self.empty_file = None
+        self.files = 0
+        self.overlays = {}
+        self.fallbacks = {}
+
+    # ---------------------------------------------------------------- helpers
+
+    def at(self, path):
+        return self.root if path == "/" else self.root + path
+
+    def mount(self, step, shown, source, target, fstype=None, flags=0, data=None):
+        try:
+            libc.mount(source, target, fstype, flags, data)
+        except OSError as exc:
+            raise MountError(step, shown, exc.errno) from None
+
+    def mkdir(self, target, mode=0o755, parents=False):
+        try:
+            if parents:
+                os.makedirs(target, mode, exist_ok=True)
+            else:
+                os.mkdir(target, mode)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            if not os.path.isdir(target):
+                raise MountError("mkdir", target[len(self.root):] or "/", exc.errno) from None
+
+    def create(self, op, target):
+        """Make the mount point when the plan says it is not there yet."""
+        if not op.get("create"):
+            return
+        if op.get("dir", True):
+            self.mkdir(target, parents=True)
+            return
+        self.mkdir(os.path.dirname(target), parents=True)
+        try:
+            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o600))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise MountError("create mount point", op["path"], exc.errno) from None
+
+    def make_ro(self, target, shown, recursive):
+        if self.setattr_works:
+            try:
+                libc.mount_setattr(target, libc.MOUNT_ATTR_RDONLY, recursive=recursive)
+                return
+            except OSError as exc:
+                if exc.errno != _errno.ENOSYS:
+                    raise MountError("make read-only", shown, exc.errno) from None
+                self.setattr_works = False  # Linux < 5.12
+        try:
+            for point in self.mounts_under(target) if recursive else (target,):
+                libc.remount_bind_ro(point)
+        except OSError as exc:
+            raise MountError("make read-only", shown, exc.errno) from None
+
+    @staticmethod
+    def mounts_under(target):
+        with open("/proc/self/mountinfo") as f:
+            points = [_unescape(line.split()[4]) for line in f]
+        return [p for p in points if p == target or p.startswith(target + "/")]
+
+    def bind(self, step, op, src, target, ro, recursive=True):
+        self.mount(step, op["path"], src, target, None, libc.MS_BIND | (libc.MS_REC if recursive else 0))
+        if ro:
+            self.make_ro(target, op["path"], recursive)
+
+    # ---------------------------------------------------------------- ops
+
+    def op_root(self, op):
+        self.scratch = op["scratch"]
+        self.mode = op["mode"]
+        self.root = self.scratch + "/root"
+        self.mount("make / private", "/", None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+        try:
+            os.mkdir(self.root, 0o700)
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise MountError("mkdir", self.root, exc.errno) from None
+        if self.mode == "readonly":
+            self.mount("bind the host root", "/", "/", self.root, None, libc.MS_BIND | libc.MS_REC)
+            self.make_ro(self.root, "/", recursive=True)
+        else:
+            self.mount("mount the root tmpfs", "/", "tmpfs", self.root, "tmpfs", _NOSUID_NODEV, "mode=0755")
+
+    def op_mkdir(self, op):
+        self.mkdir(self.at(op["path"]), op.get("mode", 0o755))
+
+    def op_symlink(self, op):
+        target = self.at(op["path"])
+        try:
+            os.symlink(op["target"], target)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            self.mkdir(os.path.dirname(target), parents=True)
+            try:
+                os.symlink(op["target"], target)
+            except OSError as exc:
+                raise MountError("symlink", op["path"], exc.errno) from None
+        except OSError as exc:
+            raise MountError("symlink", op["path"], exc.errno) from None
+
+    def op_overlay(self, op):
+        path, upper, work = op["path"], op["upper"], op["work"]
+        target = self.at(path)
+        self.create(op, target)
+        data = "lowerdir=%s,upperdir=%s,workdir=%s,userxattr" % (
+            _overlay_escape(path), _overlay_escape(upper), _overlay_escape(work))
+        try:
+            self.mkdir(upper, 0o755, parents=True)
+            self.mkdir(work, 0o700, parents=True)
+            libc.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
+        except (OSError, MountError) as exc:
+            self.fallbacks[path] = _errno.errorcode.get(exc.errno, str(exc.errno))
+            self.bind("bind read-only (overlay refused)", op, path, target, ro=True)
+            return
+        self.overlays[upper] = path
+
+    def op_bind(self, op):
+        target = self.at(op["path"])
+        self.create(op, target)
+        self.bind("bind read-only" if op["ro"] else "bind", op, op["src"], target, op["ro"])
+
+    def op_tmpfs(self, op):
+        target = self.at(op["path"])
+        self.create(op, target)
+        flags = _NOSUID_NODEV | (libc.MS_RDONLY | libc.MS_NOEXEC if op.get("ro") else 0)
+        self.mount("tmpfs", op["path"], "tmpfs", target, "tmpfs", flags, "mode=%o" % op.get("mode", 0o755))
+
+    def op_hide_file(self, op):
+        if self.empty_file is None:
+            self.empty_file = self.scratch + "/empty"
+            try:
+                os.close(os.open(self.empty_file, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+            except OSError as exc:
+                raise MountError("create", self.empty_file, exc.errno) from None
+        target = self.at(op["path"])
+        self.create(dict(op, dir=False), target)
+        self.bind("hide", op, self.empty_file, target, ro=True, recursive=False)
+
+    def op_proc(self, op):
+        target = self.root + "/proc"
+        self.mkdir(target, 0o555)
+        self.mount("mount proc", "/proc", "proc", target, "proc", _NOSUID_NODEV | libc.MS_NOEXEC)
+
+    def op_dev(self, op):
+        dev = self.root + "/dev"
+        self.mkdir(dev)
+        self.mount("mount /dev", "/dev", "tmpfs", dev, "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, "mode=0755")
+        for name in DEV_NODES:
+            node = dev + "/" + name
+            os.close(os.open(node, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o666))
+            try:
+                libc.mount("/dev/" + name, node, None, libc.MS_BIND)
+            except OSError as exc:
+                if exc.errno != _errno.ENOENT:  # a node the host lacks is left out
+                    raise MountError("bind", "/dev/" + name, exc.errno) from None
+                os.unlink(node)
+        os.mkdir(dev + "/pts", 0o755)
+        os.mkdir(dev + "/shm", 0o1777)
+        self.mount("mount devpts", "/dev/pts", "devpts", dev + "/pts", "devpts",
+                   libc.MS_NOSUID | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
+        self.mount("mount /dev/shm", "/dev/shm", "tmpfs", dev + "/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
+        for name, target in DEV_LINKS:
+            os.symlink(target, dev + "/" + name)
+
+    def op_sys(self, op):
+        target = self.root + "/sys"
+        self.mkdir(target, 0o555)
+        self.bind("bind /sys", {"path": "/sys"}, "/sys", target, ro=True)
+
+    def op_tmp(self, op):
+        target = self.root + "/tmp"
+        self.mkdir(target, 0o1777)
+        self.mount("mount /tmp", "/tmp", "tmpfs", target, "tmpfs", _NOSUID_NODEV, "mode=1777")
+
+    def op_file(self, op):
+        self.files += 1
+        source = "%s/file-%d" % (self.scratch, self.files)
+        try:
+            fd = os.open(source, os.O_CREAT | os.O_TRUNC | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+            with open(fd, "w") as f:
+                f.write(op["content"])
+        except OSError as exc:
+            raise MountError("write", source, exc.errno) from None
+        target = self.at(op["path"])
+        if not os.path.lexists(target):
+            self.create(dict(op, create=True, dir=False), target)
+        self.bind("bind", op, source, target, ro=True, recursive=False)
+
+    def op_remount_ro(self, op):
+        self.make_ro(self.at(op["path"]), op["path"], recursive=False)
+
+    def op_enter(self, op):
+        if self.overlays or self.fallbacks:
+            try:
+                with open(self.scratch + "/" + MANIFEST, "w") as f:
+                    json.dump({"overlays": self.overlays, "fallbacks": self.fallbacks}, f)
+            except OSError as exc:
+                raise MountError("write", self.scratch + "/" + MANIFEST, exc.errno) from None
+        if self.mode != "readonly":
+            self.make_ro(self.root, "/", recursive=False)
+        try:
+            os.chdir(self.root)
+        except OSError as exc:
+            raise MountError("chdir", self.root, exc.errno) from None
+        try:
+            libc.pivot_root(".", ".")
+        except OSError as exc:
+            raise MountError("pivot_root", self.root, exc.errno) from None
+        try:
+            libc.umount2(".", libc.MNT_DETACH)
+        except OSError as exc:
+            raise MountError("detach the old root", "/", exc.errno) from None
+        try:
+            os.chdir(op["cwd"])
+        except OSError as exc:
+            raise MountError("chdir", op["cwd"], exc.errno) from None
