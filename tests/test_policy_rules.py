@@ -220,3 +220,16 @@ def test_no_address_like_text_crashes_the_parser(text):
         Rule.parse(text, "deny")
     except ConfigError:
         pass
+
+
+def test_policy_and_dnsmsg_are_sans_io():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, corral.policy, corral.net.dnsmsg; "
+        "bad = [m for m in ('trio', 'cffi', 'corral.bindings', 'pyroute2') if m in sys.modules]; "
+        "print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
