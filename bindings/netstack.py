@@ -1,0 +1,227 @@
+"""Thin wrappers over libcorralnet (bindings/netstack.h).
+
+Each function validates its arguments, calls the C function, turns a negative
+status into :class:`corral.errors.NetstackError` and copies results out of
+caller-owned buffers.  Buffers that are reused call after call (events,
+frames) live in small reader objects so that the hot paths allocate nothing
+on the C side.  Sizes come from the library (``ffi.sizeof``), not from
+constants copied by hand.
+"""
+
+from ._lib import load
+
+ffi, lib = load()
+
+_STATUS_NAMES = {
+    lib.CORRAL_EINVAL: "invalid argument",
+    lib.CORRAL_EBADHANDLE: "unknown or closed stack handle",
+    lib.CORRAL_ENOSPC: "buffer too small",
+    lib.CORRAL_EINTERNAL: "stack failure",
+    lib.CORRAL_EUNKNOWN: "no such flow or query",
+    lib.CORRAL_ENOTSUP: "not available in this mode",
+}
+
+MODES = {"direct": lib.CORRAL_MODE_DIRECT, "pump": lib.CORRAL_MODE_PUMP}
+PROTOS = {lib.CORRAL_PROTO_TCP: "tcp", lib.CORRAL_PROTO_UDP: "udp", lib.CORRAL_PROTO_ICMP: "icmp"}
+PROTO_NUMBERS = {name: number for number, name in PROTOS.items()}
+KINDS = {
+    lib.CORRAL_EV_NEW_FLOW: "new_flow",
+    lib.CORRAL_EV_FLOW_CLOSED: "flow_closed",
+    lib.CORRAL_EV_DNS_QUERY: "dns_query",
+}
+REASONS = {
+    getattr(lib, name): name[len("CORRAL_REASON_"):].lower().replace("_", "-")
+    for name in dir(lib)
+    if name.startswith("CORRAL_REASON_")
+}
+FLAG_DECIDED = lib.CORRAL_FLAG_DECIDED
+FLAG_INBOUND = lib.CORRAL_FLAG_INBOUND
+# Large enough for one frame at the maximum MTU plus its ethernet header.
+MAX_FRAME = 65520 + 14
+
+
+def _error():
+    from corral.errors import NetstackError
+
+    return NetstackError
+
+
+def last_error(h):
+    """The library's text for the last failure on handle ``h`` (0: stack_new)."""
+    buf = ffi.new("char[]", 512)
+    n = lib.corral_last_error(h, buf, len(buf))
+    if n < 0:
+        return ""
+    return ffi.string(buf).decode("utf-8", "replace")
+
+
+def check(rc, what, h=0):
+    """Return ``rc`` if it is a success, else raise NetstackError naming ``what``."""
+    if rc >= 0:
+        return rc
+    text = last_error(h) if rc in (lib.CORRAL_EINTERNAL, lib.CORRAL_EINVAL) else ""
+    msg = "netstack: %s failed: %s" % (what, _STATUS_NAMES.get(rc, "status %d" % rc))
+    if text:
+        msg += " (%s)" % text
+    err = _error()(msg)
+    err.status = rc
+    raise err
+
+
+def stack_new(*, mode, tap_fd=-1, mtu=0, policy_timeout_ms=0, max_pending=0,
+              udp_idle_timeout_ms=0, dial_timeout_ms=0):
+    """Create a stack; returns its handle.  Zero means "library default"."""
+    if mode not in MODES:
+        raise ValueError("mode must be 'direct' or 'pump', not %r" % (mode,))
+    if mode == "direct" and (not isinstance(tap_fd, int) or tap_fd < 0):
+        raise ValueError("direct mode needs the TAP fd, got %r" % (tap_fd,))
+    for name, value in (("mtu", mtu), ("policy_timeout_ms", policy_timeout_ms),
+                        ("max_pending", max_pending), ("udp_idle_timeout_ms", udp_idle_timeout_ms),
+                        ("dial_timeout_ms", dial_timeout_ms)):
+        if not isinstance(value, int) or not 0 <= value < 2**32:
+            raise ValueError("%s must be an integer in [0, 2**32), got %r" % (name, value))
+    cfg = ffi.new("corral_config *")
+    cfg.mode = MODES[mode]
+    cfg.tap_fd = tap_fd if mode == "direct" else -1
+    cfg.mtu = mtu
+    cfg.policy_timeout_ms = policy_timeout_ms
+    cfg.max_pending = max_pending
+    cfg.udp_idle_timeout_ms = udp_idle_timeout_ms
+    cfg.dial_timeout_ms = dial_timeout_ms
+    return check(lib.corral_stack_new(cfg), "creating the stack", 0)
+
+
+def stack_close(h):
+    """Close the stack (idempotent); waits for its goroutines."""
+    check(lib.corral_stack_close(h), "closing the stack", h)
+
+
+def stack_eventfd(h):
+    return check(lib.corral_stack_eventfd(h), "getting the eventfd", h)
+
+
+def _ip(family, raw):
+    return bytes(raw[0:4]) if family == 4 else bytes(raw[0:16])
+
+
+class EventReader:
+    """Drains events into reusable buffers.
+
+    ``read(h)`` returns a list of tuples
+    ``(id, kind, proto, flags, reason, family, src_ip, src_port, dst_ip,
+    dst_port, bytes_out, bytes_in, duration_ns, payload)`` with ``kind``,
+    ``proto`` and ``reason`` as ints (see KINDS, PROTOS, REASONS) and the IPs
+    as packed bytes (4 or 16).
+    """
+
+    def __init__(self, cap=256, payload_cap=1 << 20):
+        self.cap = cap
+        self._evs = ffi.new("corral_event[]", cap)
+        self._payload = ffi.new("uint8_t[]", payload_cap)
+        self._payload_cap = payload_cap
+
+    def read(self, h):
+        out = []
+        while True:
+            n = check(lib.corral_stack_poll_events(h, self._evs, self.cap, self._payload, self._payload_cap),
+                      "polling events", h)
+            buf = ffi.buffer(self._payload)
+            for i in range(n):
+                e = self._evs[i]
+                payload = bytes(buf[e.payload_off:e.payload_off + e.payload_len]) if e.payload_len else b""
+                out.append((e.id, e.kind, e.proto, e.flags, e.reason, e.family,
+                            _ip(e.family, e.src_ip), e.src_port, _ip(e.family, e.dst_ip), e.dst_port,
+                            e.bytes_out, e.bytes_in, e.duration_ns, payload))
+            if n < self.cap:
+                return out
+
+
+def set_verdicts(h, verdicts):
+    """Apply ``[(flow_id, allow, dial_ip_bytes_or_None, dial_port), ...]``.
+
+    Returns how many matched a pending flow (late ones are ignored: their
+    FLOW_CLOSED reports policy-timeout).
+    """
+    n = len(verdicts)
+    if n == 0:
+        return 0
+    arr = ffi.new("corral_verdict[]", n)
+    for i, (fid, allow, dial_ip, dial_port) in enumerate(verdicts):
+        v = arr[i]
+        v.id = fid
+        v.action = lib.CORRAL_VERDICT_ALLOW if allow else lib.CORRAL_VERDICT_DENY
+        if dial_port is not None:
+            if not 0 <= dial_port <= 65535:
+                raise ValueError("dial port out of range: %r" % (dial_port,))
+            v.dial_port = dial_port
+        if dial_ip is not None:
+            if len(dial_ip) not in (4, 16):
+                raise ValueError("dial address must be 4 or 16 packed bytes")
+            v.dial_family = 4 if len(dial_ip) == 4 else 6
+            ffi.memmove(v.dial_ip, dial_ip, len(dial_ip))
+    return check(lib.corral_stack_set_verdicts(h, arr, n), "setting verdicts", h)
+
+
+def dns_reply(h, qid, data):
+    """Answer DNS query ``qid`` (empty ``data`` drops it).  False if it expired."""
+    if len(data) > 0xFFFF:
+        raise ValueError("a DNS message is at most 65535 bytes, got %d" % len(data))
+    rc = lib.corral_stack_dns_reply(h, qid, ffi.from_buffer(data) if data else ffi.NULL, len(data))
+    if rc == lib.CORRAL_EUNKNOWN:
+        return False
+    check(rc, "answering DNS query %d" % qid, h)
+    return True
+
+
+def inject(h, frames):
+    """Pump mode: push ethernet frames (a list of bytes) into the stack."""
+    n = len(frames)
+    if n == 0:
+        return 0
+    lens = ffi.new("uint32_t[]", [len(f) for f in frames])
+    data = b"".join(frames)
+    return check(lib.corral_stack_inject(h, ffi.from_buffer(data), lens, n), "injecting frames", h)
+
+
+class FrameReader:
+    """Pump mode: drains outbound frames into a reusable buffer."""
+
+    def __init__(self, max_frames=64, buf_size=max(4 << 20, MAX_FRAME)):
+        self.max_frames = max_frames
+        self._buf = ffi.new("uint8_t[]", buf_size)
+        self._lens = ffi.new("uint32_t[]", max_frames)
+        self._size = buf_size
+
+    def read(self, h):
+        """Return up to ``max_frames`` frames; fewer means the queue is empty."""
+        n = check(lib.corral_stack_read_frames(h, self._buf, self._size, self._lens, self.max_frames),
+                  "reading frames", h)
+        buf = ffi.buffer(self._buf)
+        out = []
+        off = 0
+        for i in range(n):
+            ln = self._lens[i]
+            out.append(bytes(buf[off:off + ln]))
+            off += ln
+        return out
+
+
+def publish(h, proto, host_ip, host_port, sandbox_port):
+    """Forward host_ip:host_port (0 = any free port) to the sandbox's port."""
+    if proto not in PROTO_NUMBERS or proto == "icmp":
+        raise ValueError("publish protocol must be 'tcp' or 'udp', not %r" % (proto,))
+    if not 0 <= host_port <= 65535 or not 0 < sandbox_port <= 65535:
+        raise ValueError("publish ports out of range: %r -> %r" % (host_port, sandbox_port))
+    return check(lib.corral_stack_publish(h, PROTO_NUMBERS[proto], str(host_ip).encode(), host_port, sandbox_port),
+                 "publishing %s %s:%d" % (proto, host_ip, host_port), h)
+
+
+STATS_FIELDS = ("flows_total", "flows_open", "pending", "dns_queries", "frames_in", "frames_out",
+                "drops", "events_queued", "goroutines")
+
+
+def stats(h):
+    """Counters as a dict (see corral_stats in netstack.h)."""
+    out = ffi.new("corral_stats *")
+    check(lib.corral_stack_stats(h, out), "reading stats", h)
+    return {name: getattr(out, name) for name in STATS_FIELDS}
