@@ -118,11 +118,11 @@ def test_parse_response_extracts_a_aaaa_cname_with_ttls():
     q = parse_query(q_msg.to_wire())
     r = parse_response(make_upstream_response(q_msg).to_wire(), q)
     assert r.rcode == "NOERROR" and r.id == q.id and not r.truncated
-    assert r.answers == (
-        Answer(name="www.example.com", rtype="CNAME", value="edge.cdn.test", ttl=300),
+    assert r.answers[0] == Answer(name="www.example.com", rtype="CNAME", value="edge.cdn.test", ttl=300)
+    assert sorted(r.answers[1:], key=lambda a: a.value) == [  # record order inside an RRset is not kept
         Answer(name="edge.cdn.test", rtype="A", value="203.0.113.7", ttl=60),
         Answer(name="edge.cdn.test", rtype="A", value="203.0.113.8", ttl=60),
-    )
+    ]
 
 
 def test_parse_response_checks_it_answers_the_query():
