@@ -228,6 +228,7 @@ def scenario_main(mode):
         ns = Netstack.open(tap_fd, mode=mode, policy_timeout=POLICY_TIMEOUT, udp_idle_timeout=UDP_IDLE)
         stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent))
         buf = bytearray()
+        send_lock = trio.Lock()
 
         async def reader():
             nonlocal buf
@@ -244,9 +245,11 @@ def scenario_main(mode):
 
         async def call(code):
             next_id[0] += 1
+            call_id = next_id[0]
             send, recv = trio.open_memory_channel(1)
-            pending_calls[next_id[0]] = send
-            await stream.send_all(json.dumps({"id": next_id[0], "code": code}).encode() + b"\n")
+            pending_calls[call_id] = send
+            async with send_lock:
+                await stream.send_all(json.dumps({"id": call_id, "code": code}).encode() + b"\n")
             with trio.fail_after(20):
                 return await recv.receive()
 
