@@ -270,12 +270,12 @@ class _Planner:
     def emit(self, op, **fields):
         self.ops.append({"op": op, **fields})
 
-    def overlay(self, path, create):
+    def overlay(self, path, mode, create):
         n = self.overlays
         self.overlays += 1
         scratch = self.spec.scratch
         self.emit("overlay", path=path, upper="%s/upper/%d" % (scratch, n),
-                  work="%s/work/%d" % (scratch, n), create=create)
+                  work="%s/work/%d" % (scratch, n), mode=mode, create=create)
 
     def overlay_tree(self, path, st, create):
         """Show host ``path`` writable-but-not-to-the-host: an overlay, or a
@@ -294,7 +294,7 @@ class _Planner:
         if self.fstype_of(path).split(".")[0] in NO_OVERLAY:
             self.emit("bind", src=path, path=path, ro=True, dir=True, create=create)
         else:
-            self.overlay(path, create)
+            self.overlay(path, st.mode, create)
 
     def entry(self, path, create):
         if path in FRESH or _under(path, self.scratch):
@@ -342,6 +342,8 @@ class _Planner:
                               "writable. Fix: cd to a project directory or pass --cwd DIR")
         self.cwd = cwd_real
         items.append((cwd_real, 1, spec.cwd_access, cwd_st))
+        home = self.resolve(_absolute(spec.home, "home"))
+        home_st = self.fs.lstat(home)
 
         if spec.hide_secrets:
             runtime = spec.runtime_dir
@@ -377,6 +379,14 @@ class _Planner:
             latest[real] = (action, st)
         for real, (action, st) in latest.items():
             items.append((real, 2, action, st))
+        # Overlayfs in a user namespace cannot copy up a directory owned by an
+        # unmapped user (root): with /home as the only overlay, writing
+        # /data/users/me/.bashrc would fail (EOVERFLOW) on the copy-up of
+        # /data.  An overlay rooted at $HOME makes dotfile writes work
+        # wherever home is, unless something the user asked for covers it.
+        if (spec.mode == "default" and home_st is not None and home_st.kind == "dir"
+                and not any(_under(home, item[0]) for item in items if item[1] > 0)):
+            items.append((home, 1, "overlay", home_st))
         for path, target in links or ():
             items.append((path, -1, "symlink", target))
         # parents first; on one path: symlink, secret, cwd, then the user's option

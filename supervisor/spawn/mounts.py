@@ -61,14 +61,18 @@ def setup_root(plan_ops):
     if isinstance(plan_ops, str):
         plan_ops = json.loads(plan_ops)
     builder = _Builder()
-    for op in plan_ops:
-        method = getattr(builder, "op_" + op.get("op", ""), None)
-        if method is None:
-            raise MountError("plan", repr(op), _errno.EINVAL)
-        try:
-            method(op)
-        except OSError as exc:
-            raise MountError(op["op"], op.get("path", ""), exc.errno) from None
+    umask = os.umask(0)  # modes in the plan are exact
+    try:
+        for op in plan_ops:
+            method = getattr(builder, "op_" + op.get("op", ""), None)
+            if method is None:
+                raise MountError("plan", repr(op), _errno.EINVAL)
+            try:
+                method(op)
+            except OSError as exc:
+                raise MountError(op["op"], op.get("path", ""), exc.errno) from None
+    finally:
+        os.umask(umask)
 
 
 def _unescape(field):
@@ -92,6 +96,7 @@ class _Builder:
         self.setattr_works = True
         self.empty_file = None
         self.files = 0
+        self.layer_dirs = False
         self.overlays = {}
         self.fallbacks = {}
 
@@ -108,15 +113,17 @@ class _Builder:
 
     def mkdir(self, target, mode=0o755, parents=False):
         try:
-            if parents:
-                os.makedirs(target, mode, exist_ok=True)
-            else:
-                os.mkdir(target, mode)
+            os.mkdir(target, mode)
         except FileExistsError:
             pass
+        except FileNotFoundError:
+            if not parents:
+                raise MountError("mkdir", target, _errno.ENOENT) from None
+            self.mkdir(os.path.dirname(target), 0o755, parents=True)
+            self.mkdir(target, mode)
         except OSError as exc:
             if not os.path.isdir(target):
-                raise MountError("mkdir", target[len(self.root):] or "/", exc.errno) from None
+                raise MountError("mkdir", target, exc.errno) from None
 
     def create(self, op, target):
         """Make the mount point when the plan says it is not there yet."""
@@ -203,8 +210,12 @@ class _Builder:
         data = "lowerdir=%s,upperdir=%s,workdir=%s,userxattr" % (
             _overlay_escape(path), _overlay_escape(upper), _overlay_escape(work))
         try:
-            self.mkdir(upper, 0o755, parents=True)
-            self.mkdir(work, 0o700, parents=True)
+            if not self.layer_dirs:
+                self.mkdir(self.scratch + "/upper", 0o700)
+                self.mkdir(self.scratch + "/work", 0o700)
+                self.layer_dirs = True
+            self.mkdir(upper, op.get("mode", 0o755))
+            self.mkdir(work, 0o700)
             libc.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
         except (OSError, MountError) as exc:
             self.fallbacks[path] = _errno.errorcode.get(exc.errno, str(exc.errno))

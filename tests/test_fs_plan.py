@@ -1,0 +1,371 @@
+"""The mount plan, pure: a fake host (mountinfo text + a dict filesystem)."""
+
+import json
+
+import pytest
+
+from corral.errors import ConfigError
+from corral.fs import plan as fsplan
+from corral.fs.plan import FsSpec, Stat, build_plan, parse_mountinfo, visible_mounts
+
+MOUNTINFO = """\
+22 27 0:21 / /proc rw,relatime - proc proc rw
+23 27 0:22 / /sys rw,relatime - sysfs sysfs rw
+24 27 0:6 / /dev rw,relatime - devtmpfs devtmpfs rw,mode=755
+26 24 0:24 / /dev/pts rw,relatime - devpts devpts rw,mode=600
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
+31 23 0:28 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw
+40 27 0:40 / /tmp rw,nosuid,nodev - tmpfs tmpfs rw
+41 27 0:41 / /mnt/nfs\\040share rw - nfs4 server:/export rw
+42 27 0:42 / /run rw,nosuid - tmpfs tmpfs rw
+43 42 0:43 / /run/user/1000 rw,nosuid - tmpfs tmpfs rw
+44 27 0:44 / /srv/binfmt rw - binfmt_misc binfmt_misc rw
+"""
+
+HOME = "/home/u"
+
+
+class FakeFs:
+    """``tree``: path -> Stat or ("symlink", target)."""
+
+    def __init__(self, tree):
+        self.tree = {"/": Stat("dir")}
+        for path, entry in tree.items():
+            parent = path
+            while parent != "/":
+                parent = parent.rsplit("/", 1)[0] or "/"
+                self.tree.setdefault(parent, Stat("dir"))
+            self.tree[path] = entry
+
+    def lstat(self, path):
+        entry = self.tree.get(path)
+        if isinstance(entry, tuple):
+            return Stat("symlink")
+        return entry
+
+    def readlink(self, path):
+        return self.tree[path][1]
+
+    def listdir(self, path):
+        prefix = path.rstrip("/") + "/"
+        return sorted({p[len(prefix):].split("/")[0] for p in self.tree
+                       if p.startswith(prefix) and p != path})
+
+    def uid(self):
+        return 1000
+
+
+def host(**extra):
+    tree = {
+        "/bin": ("symlink", "usr/bin"),
+        "/lib64": ("symlink", "usr/lib64"),
+        "/usr/bin/sh": Stat("file"),
+        "/usr/lib64": Stat("dir"),
+        "/etc/passwd": Stat("file"),
+        "/etc/resolv.conf": ("symlink", "../run/resolv.conf"),
+        "/run/resolv.conf": Stat("file"),
+        "/run/user/1000/bus": Stat("other"),
+        "/run/docker.sock": Stat("other"),
+        "/mnt/nfs share/data": Stat("dir"),
+        "/srv/binfmt": Stat("dir"),
+        "/swapfile": Stat("file"),
+        "/proc/1": Stat("dir"),
+        "/sys/fs/cgroup": Stat("dir"),
+        "/dev/null": Stat("other"),
+        "/tmp/corral-1000/sb-1": Stat("dir"),
+        HOME + "/.bashrc": Stat("file"),
+        HOME + "/.ssh/id_ed25519": Stat("file"),
+        HOME + "/.netrc": Stat("file"),
+        HOME + "/.config/gh/hosts.yml": Stat("file"),
+        HOME + "/proj/.git/config": Stat("file"),
+        HOME + "/proj/src": Stat("dir"),
+        HOME + "/link-to-proj": ("symlink", "proj"),
+    }
+    tree.update(extra)
+    return FakeFs(tree)
+
+
+def spec(**kw):
+    kw.setdefault("cwd", HOME + "/proj")
+    kw.setdefault("home", HOME)
+    kw.setdefault("scratch", "/tmp/corral-1000/sb-1")
+    return FsSpec(**kw)
+
+
+def plan_of(fs=None, mountinfo=MOUNTINFO, **kw):
+    return build_plan(spec(**kw), mountinfo, fs or host())
+
+
+def ops(plan, op=None, path=None):
+    return [o for o in plan.to_json() if (op is None or o["op"] == op)
+            and (path is None or o.get("path") == path)]
+
+
+def index(plan, op, path):
+    for i, o in enumerate(plan.to_json()):
+        if o["op"] == op and o.get("path") == path:
+            return i
+    raise AssertionError("no %s %s in plan" % (op, path))
+
+
+# ------------------------------------------------------------------ mountinfo
+
+
+def test_mountinfo_unescapes_octal_paths():
+    points = [m.point for m in parse_mountinfo(MOUNTINFO)]
+    assert "/mnt/nfs share" in points
+
+
+def test_covered_mount_and_its_children_are_not_visible():
+    text = (
+        "1 0 0:1 / / rw - ext4 a rw\n"
+        "2 1 0:2 / /x rw - tmpfs t rw\n"
+        "3 2 0:3 / /x/y rw - tmpfs t rw\n"  # under the covered /x
+        "4 2 0:4 / /x rw - tmpfs t rw\n"  # covers 2
+    )
+    visible = [m.id for m in visible_mounts(parse_mountinfo(text))]
+    assert visible == [1, 4]
+
+
+# ------------------------------------------------------------------ default
+
+
+def test_default_mode_overlays_every_host_directory_without_mounts_below():
+    plan = plan_of()
+    overlaid = {o["path"] for o in ops(plan, "overlay")}
+    assert {"/usr", "/etc", "/home", "/srv"} - {"/srv"} <= overlaid
+    for o in ops(plan, "overlay"):
+        assert o["upper"].startswith("/tmp/corral-1000/sb-1/upper/")
+        assert o["work"].startswith("/tmp/corral-1000/sb-1/work/")
+    uppers = [o["upper"] for o in ops(plan, "overlay")]
+    assert len(set(uppers)) == len(uppers)
+
+
+def test_directory_holding_mounts_is_split_into_its_entries():
+    plan = plan_of()
+    # / and /run hold mounts: never an overlay's lower layer (locked mounts)
+    assert not ops(plan, "overlay", "/")
+    assert not ops(plan, "overlay", "/run")
+    assert ops(plan, "mkdir", "/run")
+    assert ops(plan, "overlay", "/run/user/1000")
+    assert index(plan, "mkdir", "/run") < index(plan, "overlay", "/run/user/1000")
+    # entries of a split directory: symlinks copied, files bound read-only,
+    # sockets left out
+    assert ops(plan, "symlink", "/bin") == [{"op": "symlink", "path": "/bin", "target": "usr/bin"}]
+    (swap,) = ops(plan, "bind", "/swapfile")
+    assert swap["ro"] and not swap["dir"]
+    assert not ops(plan, path="/run/docker.sock") or ops(plan, "hide_file", "/run/docker.sock")
+
+
+def test_fresh_and_pseudo_mounts_are_not_shown_from_the_host():
+    plan = plan_of()
+    for path in ("/proc", "/sys", "/dev", "/tmp", "/sys/fs/cgroup", "/dev/pts"):
+        assert not ops(plan, "overlay", path) and not ops(plan, "bind", path)
+    assert ops(plan, "mkdir", "/srv/binfmt") and not ops(plan, "overlay", "/srv/binfmt")
+    names = [o["op"] for o in plan.to_json()]
+    assert {"proc", "dev", "sys", "tmp"} <= set(names)
+
+
+def test_nfs_is_bound_read_only_not_overlaid():
+    plan = plan_of()
+    (nfs,) = ops(plan, "bind", "/mnt/nfs share")
+    assert nfs["ro"]
+    assert not ops(plan, "overlay", "/mnt/nfs share")
+
+
+def test_cwd_is_a_writable_bind_after_the_base_view():
+    plan = plan_of()
+    (cwd,) = ops(plan, "bind", HOME + "/proj")
+    assert cwd["ro"] is False and cwd["src"] == HOME + "/proj"
+    assert index(plan, "tmp", None) < index(plan, "bind", HOME + "/proj")
+    assert plan.to_json()[-1] == {"op": "enter", "cwd": HOME + "/proj"}
+    assert plan.warnings == ()
+
+
+@pytest.mark.parametrize("access, op, ro", [("ro", "bind", True), ("overlay", "overlay", None)])
+def test_cwd_access(access, op, ro):
+    plan = plan_of(cwd_access=access)
+    (cwd,) = ops(plan, op, HOME + "/proj")
+    if ro is not None:
+        assert cwd["ro"] is ro
+
+
+def test_cwd_is_home_warns_that_the_whole_home_is_writable():
+    plan = plan_of(cwd=HOME)
+    assert fsplan.HOME_WRITABLE in plan.warnings
+    assert ops(plan, "hide_file", HOME + "/.netrc")  # secrets still hidden
+
+
+def test_cwd_through_a_symlink_is_mounted_at_its_real_path():
+    plan = plan_of(cwd=HOME + "/link-to-proj")
+    assert ops(plan, "bind", HOME + "/proj")
+    assert plan.to_json()[-1]["cwd"] == HOME + "/proj"
+
+
+def test_scratch_outside_tmp_is_hidden_from_the_sandbox():
+    fs = host(**{HOME + "/.cache/corral/sb-2": Stat("dir")})
+    plan = plan_of(fs, scratch=HOME + "/.cache/corral/sb-2")
+    (hide,) = ops(plan, "tmpfs", HOME + "/.cache/corral/sb-2")
+    assert hide["ro"]
+    assert not ops(plan_of(), "tmpfs", "/tmp/corral-1000/sb-1")
+
+
+# ------------------------------------------------------------------ secrets
+
+
+def test_existing_secrets_are_hidden_dirs_as_tmpfs_files_as_empty_files():
+    plan = plan_of()
+    (ssh,) = ops(plan, "tmpfs", HOME + "/.ssh")
+    assert ssh["ro"] and ssh["mode"] == 0o700
+    assert ops(plan, "hide_file", HOME + "/.netrc")
+    assert ops(plan, "tmpfs", HOME + "/.config/gh")
+    assert not ops(plan, path=HOME + "/.aws")  # not there: nothing to hide
+    assert ops(plan, "tmpfs", "/run/user/1000")  # the runtime dir: session bus, agents
+    assert ops(plan, "hide_file", "/run/docker.sock")
+
+
+def test_hidden_extra_socket_is_hidden():
+    fs = host(**{"/var/agent.sock": Stat("other")})
+    plan = plan_of(fs, hidden_extra=("/var/agent.sock",))
+    assert ops(plan, "hide_file", "/var/agent.sock")
+
+
+def test_secrets_can_be_left_visible():
+    plan = plan_of(hide_secrets=False)
+    assert not ops(plan, path=HOME + "/.ssh")
+
+
+def test_user_option_on_a_secret_wins():
+    plan = plan_of(paths=(("ro", HOME + "/.ssh"),))
+    assert ops(plan, "bind", HOME + "/.ssh")[0]["ro"]
+    assert not ops(plan, "tmpfs", HOME + "/.ssh")  # covered anyway: not mounted
+
+
+def test_rw_home_does_not_uncover_secrets():
+    plan = plan_of(paths=(("rw", HOME),))
+    assert index(plan, "bind", HOME) < index(plan, "tmpfs", HOME + "/.ssh")
+    assert index(plan, "bind", HOME) < index(plan, "hide_file", HOME + "/.netrc")
+    assert fsplan.HOME_WRITABLE in plan.warnings
+
+
+def test_hidden_dir_with_a_mount_inside_is_sealed_read_only_at_the_end():
+    plan = plan_of(paths=(("ro", HOME + "/.ssh/id_ed25519"),))
+    (ssh,) = ops(plan, "tmpfs", HOME + "/.ssh")
+    assert ssh["ro"] is False
+    (bind,) = ops(plan, "bind", HOME + "/.ssh/id_ed25519")
+    assert bind["create"]  # the mount point is made on the (empty) tmpfs
+    assert index(plan, "remount_ro", HOME + "/.ssh") > index(plan, "bind", HOME + "/.ssh/id_ed25519")
+
+
+def test_secrets_not_visible_in_hermetic_mode_are_not_mounted():
+    plan = plan_of(mode="hermetic")
+    assert not ops(plan, path=HOME + "/.ssh")
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_later_option_wins_for_the_same_path():
+    plan = plan_of(paths=(("ro", HOME + "/proj/src"), ("rw", HOME + "/proj/src")))
+    (bind,) = ops(plan, "bind", HOME + "/proj/src")
+    assert bind["ro"] is False
+    plan = plan_of(paths=(("rw", HOME + "/proj/src"), ("hide", HOME + "/proj/src")))
+    assert not ops(plan, "bind", HOME + "/proj/src")
+    assert ops(plan, "tmpfs", HOME + "/proj/src")
+
+
+def test_same_path_through_a_symlink_is_the_same_path():
+    plan = plan_of(paths=(("ro", HOME + "/link-to-proj"), ("overlay", HOME + "/proj")), cwd=HOME)
+    assert ops(plan, "overlay", HOME + "/proj")
+    assert not ops(plan, "bind", HOME + "/proj")
+
+
+def test_parent_before_child_whatever_the_order():
+    plan = plan_of(paths=(("ro", HOME + "/proj/.git"), ("rw", HOME + "/proj")), cwd=HOME)
+    assert index(plan, "bind", HOME + "/proj") < index(plan, "bind", HOME + "/proj/.git")
+
+
+@pytest.mark.parametrize("action, op", [("rw", "bind"), ("ro", "bind"), ("overlay", "overlay"),
+                                        ("tmpfs", "tmpfs"), ("hide", "tmpfs")])
+def test_each_action(action, op):
+    (o,) = ops(plan_of(paths=((action, "/etc"),)), op, "/etc")[-1:]
+    if action in ("rw", "ro"):
+        assert o["ro"] is (action == "ro")
+    if action == "hide":
+        assert o["ro"]
+
+
+def test_hide_a_file_and_tmpfs_a_missing_dir():
+    plan = plan_of(paths=(("hide", "/etc/passwd"), ("tmpfs", "/opt/new")))
+    assert ops(plan, "hide_file", "/etc/passwd")
+    (tmp,) = ops(plan, "tmpfs", "/opt/new")
+    assert tmp["create"] and not tmp["ro"]
+
+
+@pytest.mark.parametrize("kw, words", [
+    ({"paths": (("rw", "/nope"),)}, ["--rw /nope", "no such file"]),
+    ({"paths": (("ro", "/nope/x"),)}, ["--ro /nope/x"]),
+    ({"paths": (("overlay", "/nope"),)}, ["--overlay /nope"]),
+    ({"paths": (("hide", "/nope"),)}, ["--hide /nope"]),
+    ({"paths": (("rw", "relative/dir"),)}, ["relative/dir", "absolute"]),
+    ({"paths": (("rw", "/"),)}, ["--rw /"]),
+    ({"paths": (("bogus", "/etc"),)}, ["bogus"]),
+    ({"paths": (("ro", "/proc/1"),)}, ["/proc"]),
+    ({"paths": (("tmpfs", "/etc/passwd"),)}, ["not a directory"]),
+    ({"cwd": "/does/not/exist"}, ["/does/not/exist", "--cwd"]),
+    ({"cwd": "proj"}, ["absolute"]),
+    ({"cwd": "/"}, ["whole host"]),
+])
+def test_bad_input_is_a_one_line_config_error(kw, words):
+    with pytest.raises(ConfigError) as info:
+        plan_of(**kw)
+    message = str(info.value)
+    assert "\n" not in message and "Fix:" in message
+    for word in words:
+        assert word in message
+
+
+def test_symlink_loop_is_a_config_error():
+    fs = host(**{"/loop": ("symlink", "/loop")})
+    with pytest.raises(ConfigError, match="symbolic links"):
+        plan_of(fs, paths=(("ro", "/loop"),))
+
+
+# ------------------------------------------------------------------ modes
+
+
+def test_readonly_mode_has_no_overlays_and_still_hides_secrets():
+    plan = plan_of(mode="readonly")
+    assert plan.to_json()[0] == {"op": "root", "scratch": "/tmp/corral-1000/sb-1", "mode": "readonly"}
+    assert not ops(plan, "overlay")
+    assert ops(plan, "tmpfs", HOME + "/.ssh")
+    assert ops(plan, "bind", HOME + "/proj")[0]["ro"] is False
+
+
+def test_hermetic_mode_shows_only_what_is_named():
+    plan = plan_of(mode="hermetic", paths=(("ro", "/bin"), ("ro", "/lib64")))
+    assert not ops(plan, "overlay")
+    assert not ops(plan, "sys")
+    binds = {o["path"]: o for o in ops(plan, "bind")}
+    assert set(binds) == {"/usr/bin", "/usr/lib64", HOME + "/proj"}
+    assert all(o["create"] for o in binds.values())
+    # the symlinks on the way are recreated so that /bin/sh still works
+    assert ops(plan, "symlink", "/bin") and ops(plan, "symlink", "/lib64")
+
+
+def test_resolv_conf_goes_to_the_real_path_of_etc_resolv_conf():
+    plan = plan_of(resolv_conf="nameserver 10.0.2.3\n")
+    (f,) = ops(plan, "file")
+    assert f == {"op": "file", "path": "/run/resolv.conf", "content": "nameserver 10.0.2.3\n"}
+    assert index(plan, "file", "/run/resolv.conf") == len(plan.to_json()) - 2
+    assert ops(plan_of(mode="hermetic", resolv_conf="x"), "file", "/etc/resolv.conf")
+
+
+def test_plan_is_json():
+    plan = plan_of(paths=(("overlay", "/etc"),), resolv_conf="nameserver 10.0.2.3\n")
+    assert json.loads(plan.dumps()) == plan.to_json()
+
+
+def test_spec_validates_mode():
+    with pytest.raises(ValueError):
+        spec(mode="bogus")
