@@ -156,5 +156,16 @@ def main(argv=None):
     return result.exit_code
 
 
+def console():
+    """Console-script entry: exit without the interpreter's teardown (about
+    10 ms of start-up budget, with nothing left to flush but stdio)."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 def _timed_out(seconds):
     _say("timed out after %gs; sent SIGTERM" % seconds)
