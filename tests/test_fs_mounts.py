@@ -26,6 +26,10 @@ CHILD = r"""
 import json, os, sys, time
 from corral.spawn import libc, mounts
 plan, script = sys.argv[1], sys.argv[2]
+if os.environ.get("CORRAL_TEST_NO_MOUNT_SETATTR"):  # act as Linux < 5.12
+    def _enosys(*args, **kw):
+        raise OSError(38, "mount_setattr: Function not implemented")
+    libc.mount_setattr = _enosys
 uid, gid = os.getuid(), os.getgid()
 libc.set_pdeathsig(9)
 libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWNET
@@ -106,9 +110,9 @@ class Box:
         kw.setdefault("scratch", self.scratch)
         return build_plan(FsSpec(**kw), _read("/proc/self/mountinfo"))
 
-    def run(self, script, plan=None, **kw):
+    def run(self, script, plan=None, env=(), **kw):
         ops = (plan or self.plan(**kw)).dumps() if not isinstance(plan, list) else json.dumps(plan)
-        env = dict(os.environ, HOME=self.home)
+        env = dict(os.environ, HOME=self.home, **dict(env))
         proc = subprocess.run([sys.executable, "-c", CHILD, ops, "set -u\n" + script],
                               capture_output=True, text=True, timeout=60, env=env, cwd=self.proj)
         if proc.returncode == SETUP_FAILED:
@@ -336,6 +340,16 @@ def test_readonly_mode(box):
     assert box.read("proj/here") == "x\n"
 
 
+def test_readonly_mode_without_mount_setattr_keeps_locked_flags(box):
+    # the pre-5.12 path: MS_REMOUNT|MS_BIND|MS_RDONLY must repeat the flags
+    # the user namespace may not clear (nosuid, nodev...), or EPERM
+    out = ok(box.run("echo x >> ~/.bashrc 2>/dev/null || echo home-ro; cat ~/.netrc | wc -c; "
+                     "echo x > /sys/kernel/mm/ksm/run 2>/dev/null || echo sys-ro; echo x > here && echo cwd-rw",
+                     mode="readonly", env={"CORRAL_TEST_NO_MOUNT_SETATTR": "1"}))
+    assert out.split() == ["home-ro", "0", "sys-ro", "cwd-rw"]
+    assert box.read(".bashrc") == "# host bashrc\n"
+
+
 def test_hermetic_mode_shows_only_what_is_named(box):
     paths = tuple(("ro", p) for p in ("/usr", "/bin", "/lib", "/lib64") if os.path.exists(p))
     out = ok(box.run("ls -A / | sort | tr '\\n' ' '; echo; test -e ~/.bashrc || echo no-home; "
@@ -379,3 +393,10 @@ def test_setup_root_is_fast(box):
     ms = float(proc.stderr.split("setup_root_ms=")[1].split()[0])
     print("setup_root took %.1f ms" % ms)
     assert ms < 250  # generous: shared CI machines; ~5-15 ms measured on 2 cores
+
+
+def test_var_tmp_write_succeeds_inside_and_never_reaches_host(box):
+    name = "/var/tmp/corral-fs-test-new-%d" % os.getpid()
+    out = ok(box.run("echo x > %s && cat %s" % (name, name)))
+    assert out == "x\n"
+    assert not os.path.exists(name)

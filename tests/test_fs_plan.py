@@ -369,3 +369,20 @@ def test_plan_is_json():
 def test_spec_validates_mode():
     with pytest.raises(ValueError):
         spec(mode="bogus")
+
+
+def test_home_and_var_tmp_get_overlays_of_their_own():
+    # copy-up of a root-owned parent fails in a user namespace: an overlay
+    # rooted at a directory the user owns makes writes below it work
+    fs = host(**{"/var/tmp/x": Stat("file", 0o644)})
+    fs.tree["/var/tmp"] = Stat("dir", 0o1777)
+    plan = plan_of(fs)
+    (home,) = ops(plan, "overlay", HOME)
+    (var_tmp,) = ops(plan, "overlay", "/var/tmp")
+    assert var_tmp["mode"] == 0o1777
+    assert index(plan, "overlay", "/var") < index(plan, "overlay", "/var/tmp")
+    assert index(plan, "overlay", HOME) < index(plan, "bind", HOME + "/proj")
+    # not when the user's options cover home
+    assert not ops(plan_of(paths=(("rw", "/home"),)), "overlay", HOME)
+    assert not ops(plan_of(cwd=HOME), "overlay", HOME)
+    assert not ops(plan_of(mode="readonly"), "overlay", HOME)

@@ -334,6 +334,7 @@ class _Planner:
         cwd = _absolute(spec.cwd, "cwd")
         cwd_real = self.resolve(cwd, links)
         cwd_st = self.fs.lstat(cwd_real)
+        home = self.resolve(_absolute(spec.home, "home"))
         if cwd_st is None or cwd_st.kind != "dir":
             raise ConfigError("working directory %s does not exist. Fix: cd to an existing "
                               "directory or pass --cwd DIR" % cwd)
@@ -342,8 +343,6 @@ class _Planner:
                               "writable. Fix: cd to a project directory or pass --cwd DIR")
         self.cwd = cwd_real
         items.append((cwd_real, 1, spec.cwd_access, cwd_st))
-        home = self.resolve(_absolute(spec.home, "home"))
-        home_st = self.fs.lstat(home)
 
         if spec.hide_secrets:
             runtime = spec.runtime_dir
@@ -382,11 +381,15 @@ class _Planner:
         # Overlayfs in a user namespace cannot copy up a directory owned by an
         # unmapped user (root): with /home as the only overlay, writing
         # /data/users/me/.bashrc would fail (EOVERFLOW) on the copy-up of
-        # /data.  An overlay rooted at $HOME makes dotfile writes work
-        # wherever home is, unless something the user asked for covers it.
-        if (spec.mode == "default" and home_st is not None and home_st.kind == "dir"
-                and not any(_under(home, item[0]) for item in items if item[1] > 0)):
-            items.append((home, 1, "overlay", home_st))
+        # /data.  Overlays rooted at the directories the user can write to
+        # make those writes work, unless something the user asked for covers
+        # them.
+        if spec.mode == "default":
+            for root in (home, "/var/tmp"):
+                root_st = self.fs.lstat(root)
+                if (root_st is not None and root_st.kind == "dir" and not _under(root, self.scratch)
+                        and not any(_under(root, item[0]) for item in items if item[1] > 0)):
+                    items.append((root, 1, "overlay", root_st))
         for path, target in links or ():
             items.append((path, -1, "symlink", target))
         # parents first; on one path: symlink, secret, cwd, then the user's option
