@@ -24,7 +24,7 @@ const maxTCPInFlight = 4096
 // copyBufSize is the splice buffer per direction.  64 KiB matches one
 // MTU-65520 segment, so one read moves a whole segment; a larger buffer
 // measured no faster and costs RSS (two per open connection, held while a
-// read blocks).
+// read blocks).  Measured: 256 KiB gave 8.4 vs 8.0 Gbit/s upload (noise level).
 const copyBufSize = 64 << 10
 
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}

@@ -1,0 +1,66 @@
+package main
+
+import (
+	"net/netip"
+	"testing"
+	"time"
+)
+
+func TestVerdictTarget(t *testing.T) {
+	dst := netip.MustParseAddrPort("10.0.2.2:8080")
+	cases := []struct {
+		v    Verdict
+		want string
+	}{
+		{Verdict{Allow: true}, "10.0.2.2:8080"},
+		{Verdict{Allow: true, DialAddr: netip.MustParseAddr("127.0.0.1")}, "127.0.0.1:8080"},
+		{Verdict{Allow: true, DialPort: 80}, "10.0.2.2:80"},
+	}
+	for _, c := range cases {
+		if got := c.v.target(dst).String(); got != c.want {
+			t.Errorf("%+v: got %s want %s", c.v, got, c.want)
+		}
+	}
+}
+
+func TestEventQueueKeepsOrderAndStopsAtPayloadLimit(t *testing.T) {
+	kicks := 0
+	q := eventQueue{notify: func() { kicks++ }}
+	q.push(Event{ID: 1})
+	q.push(Event{ID: 2, Payload: make([]byte, 10)})
+	q.push(Event{ID: 3})
+	if kicks != 1 {
+		t.Fatalf("want one wake-up for the empty->non-empty transition, got %d", kicks)
+	}
+	room := 5
+	got := q.take(10, func(ev *Event) bool { room -= len(ev.Payload); return room >= 0 })
+	if len(got) != 1 || got[0].ID != 1 || q.Len() != 2 {
+		t.Fatalf("take stopped wrongly: %+v, %d left", got, q.Len())
+	}
+	got = q.take(10, func(*Event) bool { return true })
+	if len(got) != 2 || got[0].ID != 2 || got[1].ID != 3 || q.Len() != 0 {
+		t.Fatalf("order lost: %+v", got)
+	}
+}
+
+func TestPumpStackLifecycle(t *testing.T) {
+	st, err := New(Config{Mode: ModePump, PolicyTimeout: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := st.newFlow(ProtoTCP, netip.MustParseAddrPort("10.0.2.100:40000"), netip.MustParseAddrPort("198.51.100.1:80"))
+	if _, err := st.decide(f); err != errPolicyTimeout {
+		t.Fatalf("no verdict must be a policy timeout, got %v", err)
+	}
+	f.finish(st, reasonFor(errPolicyTimeout))
+	f.finish(st, ReasonEOF) // a second close is ignored
+	evs := st.events.take(10, func(*Event) bool { return true })
+	if len(evs) != 2 || evs[0].Kind != EvNewFlow || evs[1].Kind != EvFlowClosed || evs[1].Reason != ReasonPolicyTimeout {
+		t.Fatalf("want NEW_FLOW then one FLOW_CLOSED(policy-timeout), got %+v", evs)
+	}
+	if s := st.Stats(); s.FlowsOpen != 0 || s.Pending != 0 {
+		t.Fatalf("leaked: %+v", s)
+	}
+	st.Close()
+	st.Close()
+}
