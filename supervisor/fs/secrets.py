@@ -42,10 +42,15 @@ HISTORIES = (
 HOME_SECRETS = CREDENTIALS + BROWSER_PROFILES + KEYRINGS + HISTORIES
 
 # Host sockets that would let the command act outside the sandbox: container
-# engines (root-equivalent), the system bus, terminal multiplexers.
+# and VM engines (root-equivalent for their group), snapd, the system bus,
+# terminal multiplexers.  In the default mode overlayfs already refuses
+# connect() to a host socket; read-only binds (readonly mode, --ro, the nfs
+# fallback) do not, hence the list.
 SYSTEM_SOCKETS = (
-    "/run/docker.sock", "/run/containerd/containerd.sock", "/run/podman/podman.sock",
-    "/run/crio/crio.sock", "/run/dbus/system_bus_socket", "/run/screen",
+    "/run/docker.sock", "/run/containerd", "/run/podman", "/run/crio", "/run/buildkit",
+    "/run/libvirt", "/run/incus", "/var/lib/incus/unix.socket", "/var/lib/lxd/unix.socket",
+    "/var/snap/lxd/common/lxd/unix.socket", "/run/snapd.socket", "/run/snapd-snap.socket",
+    "/run/dbus/system_bus_socket", "/run/screen",
 )
 
 
