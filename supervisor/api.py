@@ -19,7 +19,8 @@ import trio
 
 from . import launch as _launch
 from .config import Config
-from .errors import ConfigError, SandboxError
+from .errors import ConfigError
+from .events import EventStream, JsonlSink, ListSink, SandboxExitEvent, SandboxStartEvent
 from .launch import Result
 from .spawn import stage1
 
@@ -98,9 +99,24 @@ class Sandbox:
     callbacks: dict = attrs.field(factory=dict, repr=False)
     process: "Process | None" = None
     network: object = None
-    recorded_events: list = attrs.field(factory=list, repr=False)
+    stream: EventStream = attrs.field(factory=EventStream, repr=False)
+    _recorded: ListSink = attrs.field(factory=ListSink, repr=False)
+    _sinks: list = attrs.field(factory=list, repr=False)
+    _netplan: object = None
     _on_warning: object = None
     _on_timeout: object = None
+
+    def __attrs_post_init__(self):
+        self.stream.add_sink(self._recorded)
+        if self.config.events:
+            sink = JsonlSink.open(self.config.events)
+            self._sinks.append(sink)
+            self.stream.add_sink(sink)
+
+    @property
+    def recorded_events(self):
+        """Every event so far, in order."""
+        return list(self._recorded.events)
 
     def __repr__(self):
         state = "new" if self.process is None else repr(self.process)
@@ -110,6 +126,12 @@ class Sandbox:
         """Start ``argv`` inside; return its :class:`Process` once it runs."""
         if self.process is not None:
             raise ConfigError("this sandbox already runs a command; open another sandbox")
+        if self.config.net == "filtered":
+            from .net import service
+
+            self._netplan = service.plan(self.config, self.callbacks)
+        elif any(self.callbacks.values()):
+            raise ConfigError("policy callbacks need net='filtered' (the default network mode)")
         prepared = _launch.prepare(self.config, argv)
         for warning in prepared.warnings:
             if self._on_warning:
@@ -122,10 +144,9 @@ class Sandbox:
         return proc
 
     async def events(self):
-        """Every event of this sandbox; ends when the sandbox ends."""
-        if self.network is None:
-            return
-        async for event in self.network.events():
+        """Every event of this sandbox, from the first; ends when the sandbox
+        ends (the same records ``--events`` writes)."""
+        async for event in self.stream.subscribe(replay=True):
             yield event
 
     async def aclose(self):
@@ -133,6 +154,12 @@ class Sandbox:
             await self.process._teardown()
         if self.network is not None:
             await self.network.aclose()
+        if self.process is not None and self.process.result is not None:
+            r = self.process.result
+            self.stream.emit(SandboxExitEvent(exit_code=r.exit_code, signal=r.signal))
+        self.stream.close()
+        for sink in self._sinks:
+            sink.close()
 
 
 class Process:
@@ -213,6 +240,9 @@ class Process:
                 elif "child" in message:
                     self.pid = _launch.child_host_pid(self.d_pid)
                     self._status.write(**{"child-pid": self.pid})
+                    self._box.stream.emit(SandboxStartEvent(
+                        argv=self._launch.spec["argv"] or (), pid=self.pid,
+                        mode=self._box.config.net))
                     started = True
                     task_status.started()
                 elif "exit" in message:
@@ -232,10 +262,9 @@ class Process:
     async def _start_network(self, tap_fd):
         from .net import service
 
-        self._box.network = await service.start(
-            self._box._nursery, self._box.config, tap_fd, self._box.callbacks,
-            self._box.recorded_events,
-        )
+        box = self._box
+        box.network = await service.start(box._nursery, box.config, box._netplan, tap_fd,
+                                          box.stream)
 
     async def _wait_stage1(self):
         pidfd = os.pidfd_open(self._popen.pid)

@@ -61,7 +61,9 @@ def _add_sandbox_options(p):
     proc.add_argument("--json-status-fd", type=int, metavar="FD",
                       help='write {"child-pid": N} and {"exit-code": N} lines to FD')
     net = p.add_argument_group("network")
-    net.add_argument("--net", choices=("filtered", "none", "host"), default="none")
+    net.add_argument("--net", choices=("filtered", "none", "host"), default="filtered",
+                     help="filtered (default): every flow through corral's netstack and policy; "
+                     "none: loopback only; host: the host's network, unfiltered")
     net.add_argument("--allow", action="append", default=[], metavar="RULE")
     net.add_argument("--deny", action="append", default=[], metavar="RULE")
     net.add_argument("--allow-file", action="append", default=[], metavar="FILE")
@@ -134,7 +136,7 @@ def main(argv=None):
 
         return doctor.main()
     try:
-        if config.net == "filtered":
+        if config.net == "filtered" or config.events:
             from . import api
 
             result = api.run_config(config, command_argv, on_warning=_say, on_timeout=_timed_out)

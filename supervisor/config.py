@@ -127,7 +127,7 @@ class Config:
     kill_grace: float = 2.0
     json_status_fd: int | None = None
 
-    net: str = attrs.field(default="none", validator=_choice(NET_MODES))
+    net: str = attrs.field(default="filtered", validator=_choice(NET_MODES))
     allow: tuple = attrs.field(default=(), converter=_tuple_of_str)
     deny: tuple = attrs.field(default=(), converter=_tuple_of_str)
     allow_file: tuple = attrs.field(default=(), converter=_tuple_of_str)

@@ -135,6 +135,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             hidden_extra=_hidden_sockets(environ),
             scratch=scratch,
             resolv_conf=SANDBOX_RESOLV_CONF if config.net == "filtered" else None,
+            runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
         )
         plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
     except BaseException:

@@ -1,0 +1,292 @@
+"""The sandbox's network, wired: netstack + policy + DNS + events (DESIGN §4–7).
+
+:func:`start` takes the TAP fd pid 1 sent over, opens the Go netstack on it
+(direct or pump data path), and runs one task that turns every stack event
+into a decision and an event record:
+
+    new_flow   -> ConnectRequest (names from the DNS table) -> decide_connect
+                  -> on_connect callback when no rule decided -> verdict batch
+    flow_closed -> CloseEvent
+    dns_query  -> DnsService (policy, on_dns, forward upstream, learn names)
+
+Callbacks run in their own tasks, so one slow callback never holds up other
+flows; the stack denies any flow whose verdict is later than the policy
+timeout, and so does the callback wrapper here (a timeout is a deny and a
+PolicyErrorEvent).  Every flow gets exactly one ConnectEvent and one
+CloseEvent, even when the sandbox ends first (reason ``shutdown``).
+"""
+
+import ipaddress
+import logging
+import os
+import runpy
+
+import attrs
+import trio
+
+from .. import policy as pol
+from ..errors import ConfigError
+from ..events import CloseEvent, ConnectEvent, PolicyErrorEvent
+from . import dns as dnsmod
+from .netstack import FlowVerdict, Netstack
+
+log = logging.getLogger("corral.net")
+
+CALLBACK_NAMES = ("on_connect", "on_dns", "on_packet")
+
+
+def build_policy(config):
+    """The static policy of a Config; ConfigError on a bad rule or file."""
+    allow = list(config.allow)
+    for path in config.allow_file:
+        try:
+            allow.extend(pol.load_allow_file(path))
+        except OSError as exc:
+            raise ConfigError("--allow-file %s: %s" % (path, exc.strerror)) from None
+    return pol.Policy(
+        mode="audit" if config.audit else "run",
+        allow=allow,
+        deny=list(config.deny),
+        host_ports=list(config.allow_host_port),
+    )
+
+
+def load_policy_file(path):
+    """``--policy FILE.py``: the module's on_connect / on_dns / on_packet."""
+    if not os.path.isfile(path):
+        raise ConfigError("--policy %s: no such file. Fix: name a .py file defining "
+                          "async def on_connect(req) and/or async def on_dns(query)" % path)
+    try:
+        namespace = runpy.run_path(path)
+    except Exception as exc:
+        raise ConfigError("--policy %s: the file raised %s: %s" % (path, type(exc).__name__, exc)) from None
+    found = {name: namespace.get(name) for name in CALLBACK_NAMES}
+    if not any(found.values()):
+        raise ConfigError("--policy %s defines none of %s" % (path, ", ".join(CALLBACK_NAMES)))
+    return found
+
+
+def parse_publish(text):
+    """``[HOSTIP:]HOSTPORT:SANDBOXPORT[/udp]`` -> (proto, host_ip, host_port, sandbox_port)."""
+    spec, _, proto = text.partition("/")
+    proto = proto or "tcp"
+    error = ConfigError("--publish %r: expected [HOSTIP:]HOSTPORT:SANDBOXPORT[/tcp|/udp], "
+                        "e.g. 8080:80 or 127.0.0.1:8053:53/udp" % text)
+    if proto not in ("tcp", "udp"):
+        raise error
+    if spec.startswith("["):  # [v6]:HOSTPORT:SANDBOXPORT
+        host, _, rest = spec[1:].partition("]")
+        parts = [host] + rest.lstrip(":").split(":")
+    else:
+        parts = spec.split(":")
+    if len(parts) == 2:
+        parts = ["127.0.0.1"] + parts
+    if len(parts) != 3:
+        raise error
+    try:
+        ipaddress.ip_address(parts[0])
+        host_port, sandbox_port = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise error from None
+    if not (0 <= host_port < 65536 and 0 < sandbox_port < 65536):
+        raise error
+    return proto, parts[0], host_port, sandbox_port
+
+
+@attrs.define(eq=False)
+class NetworkService:
+    """The running network of one sandbox."""
+
+    netstack: Netstack
+    policy: pol.Policy
+    names: pol.NameTable
+    dns: dnsmod.DnsService
+    stream: object
+    policy_timeout: float
+    on_connect: object = None
+    on_packet: object = None
+    tap_fd: int = -1  # pump mode: the TAP fd we move frames on (ours to close)
+    pump: object = None  # pump mode: its counters
+    published: list = attrs.field(factory=list)
+    _open: dict = attrs.field(factory=dict)  # flow id -> ConnectRequest
+    _verdicts: list = attrs.field(factory=list)
+    _cancel: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    _done: trio.Event = attrs.field(factory=trio.Event)
+    _running: bool = False
+
+    def __repr__(self):
+        return "<NetworkService %s open=%d>" % (self.netstack.mode, len(self._open))
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED):
+        self._running = True
+        try:
+            with self._cancel:
+                async with trio.open_nursery() as nursery:
+                    if self.netstack.mode == "pump":
+                        from .pump import run_pump
+
+                        self.pump = await nursery.start(run_pump, self.netstack, self.tap_fd,
+                                                        self.on_packet)
+                    task_status.started()
+                    while True:
+                        batch = await self.netstack.wait_events()
+                        self._handle(batch, nursery)
+                        self._flush_verdicts()
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            self._done.set()
+
+    def _handle(self, batch, nursery):
+        now = trio.current_time()
+        for ev in batch:
+            if ev.kind == "new_flow":
+                self._new_flow(ev, now, nursery)
+            elif ev.kind == "flow_closed":
+                self._closed(ev)
+            elif ev.kind == "dns_query":
+                nursery.start_soon(self._dns, ev)
+
+    def _new_flow(self, ev, now, nursery):
+        (src_ip, src_port), (dst_ip, dst_port) = ev.src, ev.dst
+        req = pol.ConnectRequest(
+            id=ev.id, proto=ev.proto, src_ip=src_ip, src_port=src_port, dst_ip=dst_ip,
+            dst_port=dst_port, names=self.names.names_for(dst_ip, now),
+        )
+        self._open[ev.id] = req
+        if ev.decided:  # the stack decided alone (overload, inbound publish)
+            allowed = ev.inbound
+            verdict = pol.ALLOW if allowed else pol.deny(ev.reason)
+            rule = "publish" if ev.inbound else "stack:" + ev.reason
+            self.stream.emit(ConnectEvent.from_decision(req, pol.Decision(verdict=verdict, rule=rule)))
+            return
+        decision = pol.decide_connect(self.policy, req)
+        if decision.by_default and self.on_connect is not None:
+            nursery.start_soon(self._ask, req)
+            return
+        self._decided(req, decision)
+
+    async def _ask(self, req):
+        decision = None
+        with trio.move_on_after(self.policy_timeout):
+            try:
+                decision = pol.from_callback(await self.on_connect(req))
+            except Exception as exc:  # a raising callback is a deny and an event
+                decision = pol.from_callback_error("on_connect raised %s: %s" % (type(exc).__name__, exc))
+                self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
+                                                  error="%s: %s" % (type(exc).__name__, exc)))
+        if decision is None:
+            decision = pol.from_callback_error("on_connect timed out after %gs" % self.policy_timeout)
+            self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
+                                              error="timed out", timed_out=True))
+        self._decided(req, decision)
+        self._flush_verdicts()
+
+    def _decided(self, req, decision):
+        self.stream.emit(ConnectEvent.from_decision(req, decision))
+        dial = None
+        if decision.allowed and decision.dial is not None:
+            dial = decision.dial
+        self._verdicts.append(FlowVerdict(id=req.id, allow=decision.allowed, dial=dial))
+
+    def _flush_verdicts(self):
+        if self._verdicts:
+            batch, self._verdicts = self._verdicts, []
+            try:
+                self.netstack.set_verdicts(batch)
+            except trio.ClosedResourceError:
+                pass
+
+    def _closed(self, ev):
+        self._open.pop(ev.id, None)
+        self.stream.emit(CloseEvent(id=ev.id, bytes_out=ev.bytes_out, bytes_in=ev.bytes_in,
+                                    duration=ev.duration, reason=ev.reason))
+
+    async def _dns(self, ev):
+        src_ip, src_port = ev.src
+        reply = await self.dns.handle(ev.payload, transport=ev.proto, src_ip=src_ip, src_port=src_port)
+        try:
+            self.netstack.dns_reply(ev.id, reply or b"")
+        except trio.ClosedResourceError:
+            pass
+
+    async def aclose(self):
+        """Stop the stack; record a close for every flow still open."""
+        self._cancel.cancel()
+        if self._running:
+            await self._done.wait()
+        try:
+            leftover = self.netstack.poll_events()
+        except trio.ClosedResourceError:
+            leftover = []
+        for ev in leftover:
+            if ev.kind == "flow_closed":
+                self._closed(ev)
+        self.netstack.close()
+        if self.tap_fd >= 0:
+            os.close(self.tap_fd)
+            self.tap_fd = -1
+        for flow_id in list(self._open):
+            self._open.pop(flow_id)
+            self.stream.emit(CloseEvent(id=flow_id, reason="shutdown"))
+
+
+@attrs.frozen(kw_only=True)
+class Plan:
+    """A checked network configuration: everything that can be wrong in the
+    user's input is found here, before anything is spawned."""
+
+    policy: pol.Policy
+    callbacks: dict
+    mode: str
+    upstreams: list
+    publish: tuple
+
+
+def plan(config, callbacks):
+    """Validate the network part of ``config``; ConfigError names the problem."""
+    callbacks = {name: func for name, func in dict(callbacks).items() if func is not None}
+    if config.policy:
+        for name, func in load_policy_file(config.policy).items():
+            if func is not None:
+                callbacks.setdefault(name, func)
+    on_packet = callbacks.get("on_packet")
+    mode = config.data_path or ("pump" if on_packet else "direct")
+    if on_packet and mode != "pump":
+        raise ConfigError("an on_packet filter needs the pump data path. Fix: drop "
+                          "--data-path direct (pump is chosen automatically)")
+    return Plan(policy=build_policy(config), callbacks=callbacks, mode=mode,
+                upstreams=dnsmod.host_upstreams(config.dns_upstream),
+                publish=tuple(parse_publish(text) for text in config.publish))
+
+
+async def start(nursery, config, netplan, tap_fd, stream):
+    """Open the stack on ``tap_fd`` and start serving; return the service.
+    The fd is consumed (direct: Go keeps a dup; pump: the service owns it)."""
+    try:
+        netstack = Netstack.open(tap_fd, mode=netplan.mode, policy_timeout=config.policy_timeout)
+    except BaseException:
+        os.close(tap_fd)
+        raise
+    if netplan.mode == "direct":
+        os.close(tap_fd)
+        tap_fd = -1
+    names = pol.NameTable()
+    callbacks = netplan.callbacks
+    service = NetworkService(
+        netstack=netstack, policy=netplan.policy, names=names,
+        dns=dnsmod.DnsService(netplan.policy, names, netplan.upstreams, stream.emit,
+                              on_dns=callbacks.get("on_dns"), policy_timeout=config.policy_timeout),
+        stream=stream, policy_timeout=config.policy_timeout,
+        on_connect=callbacks.get("on_connect"), on_packet=callbacks.get("on_packet"), tap_fd=tap_fd,
+    )
+    try:
+        for proto, host_ip, host_port, sandbox_port in netplan.publish:
+            bound = netstack.publish(proto, host_ip, host_port, sandbox_port)
+            service.published.append((proto, host_ip, bound, sandbox_port))
+        await nursery.start(service.run)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await service.aclose()
+        raise
+    return service
