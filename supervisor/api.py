@@ -79,15 +79,22 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
     tasks live in this context; leaving it kills whatever still runs inside."""
     config = _config(config, options)
-    async with trio.open_nursery() as nursery:
-        box = Sandbox(config, nursery, callbacks=dict(on_connect=on_connect, on_dns=on_dns,
-                                                      on_packet=on_packet))
-        try:
-            yield box
-        finally:
-            with trio.CancelScope(shield=True):
-                await box.aclose()
-            nursery.cancel_scope.cancel()
+    try:
+        async with trio.open_nursery() as nursery:
+            box = Sandbox(config, nursery, callbacks=dict(on_connect=on_connect, on_dns=on_dns,
+                                                          on_packet=on_packet))
+            try:
+                yield box
+            finally:
+                with trio.CancelScope(shield=True):
+                    await box.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        # The nursery is an implementation detail: a single error (a bad path,
+        # a failed set-up step, the caller's own exception) comes out as itself.
+        if len(group.exceptions) == 1:
+            raise group.exceptions[0] from None
+        raise
 
 
 @attrs.define(eq=False)
