@@ -112,6 +112,7 @@ class Sandbox:
     _netplan: object = None
     _on_warning: object = None
     _on_timeout: object = None
+    _ended: bool = False
 
     def __attrs_post_init__(self):
         self.stream.add_sink(self._recorded)
@@ -157,10 +158,20 @@ class Sandbox:
             yield event
 
     async def aclose(self):
+        """Kill whatever still runs inside and release everything (idempotent)."""
         if self.process is not None:
             await self.process._teardown()
-        if self.network is not None:
-            await self.network.aclose()
+        await self._end()
+
+    async def _end(self):
+        """The sandbox is over: stop its network, record the exit, end the
+        event stream (so ``events()`` iterators finish)."""
+        if self._ended:
+            return
+        self._ended = True
+        with trio.CancelScope(shield=True):
+            if self.network is not None:
+                await self.network.aclose()
         if self.process is not None and self.process.result is not None:
             r = self.process.result
             self.stream.emit(SandboxExitEvent(exit_code=r.exit_code, signal=r.signal))
@@ -263,6 +274,7 @@ class Process:
             self._ctl.close()
             self._finish()
             self._done.set()
+            await self._box._end()
             if not started:
                 task_status.started()
 
@@ -297,9 +309,10 @@ class Process:
 
     async def wait(self):
         """Wait for the command; return its exit code (128+N for signal N).
-        Raises SandboxError when the sandbox could not be set up."""
+        Raises SandboxError when the sandbox could not be set up or the
+        command could not be executed (``exit_code`` 127/126 then)."""
         await self._done.wait()
-        if self._error_exc is not None and self._error_exc.exit_code not in (126, 127):
+        if self._error_exc is not None:
             raise self._error_exc
         return self.result.exit_code
 

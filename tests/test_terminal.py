@@ -1,0 +1,71 @@
+"""An interactive shell in a real terminal (tmux): job control works inside
+the sandbox — Ctrl-Z stops a job, `jobs` lists it, `fg` resumes it, Ctrl-C
+interrupts it — and the shell's exit status is corral's."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.namespaces,
+              pytest.mark.skipif(shutil.which("tmux") is None and os.environ.get("CORRAL_MUST_WORK") != "1",
+                                 reason="tmux not installed")]
+
+
+class Tmux:
+    def __init__(self, name):
+        self.base = ["tmux", "-L", name]
+
+    def __call__(self, *args):
+        return subprocess.run(self.base + list(args), capture_output=True, text=True, timeout=10)
+
+    def screen(self):
+        return self("capture-pane", "-p", "-J").stdout
+
+    def send(self, *keys):
+        self("send-keys", *keys)
+
+    def wait_for(self, text, timeout=15):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            screen = self.screen()
+            if text in screen:
+                return screen
+            time.sleep(0.05)
+        raise AssertionError("%r never appeared on the terminal:\n%s" % (text, self.screen()))
+
+
+@pytest.fixture
+def tmux():
+    t = Tmux("corral-test-%d" % os.getpid())
+    yield t
+    t("kill-server")
+
+
+def test_bash_job_control_in_a_terminal(tmux, tmp_path):
+    status = tmp_path / "status"
+    command = "%s -m corral run --net none -- bash --norc --noprofile -i; echo $? > %s; sleep 30" % (
+        sys.executable, status)
+    tmux("new-session", "-d", "-x", "100", "-y", "30", "env", "PS1=box$ ", "sh", "-c", command)
+    tmux.wait_for("box$")
+    tmux.send("sleep 100", "Enter")
+    time.sleep(0.3)  # let sleep start before the terminal sends SIGTSTP
+    tmux.send("C-z")
+    tmux.wait_for("Stopped")
+    tmux.send("jobs", "Enter")
+    assert "sleep 100" in tmux.wait_for("[1]+")
+    tmux.send("fg", "Enter")
+    tmux.wait_for("fg\nsleep 100")
+    time.sleep(0.3)
+    tmux.send("C-c")
+    tmux.send("echo alive-$((6*7))", "Enter")
+    tmux.wait_for("alive-42")  # Ctrl-C stopped the job, not the shell or corral
+    tmux.send("exit 3", "Enter")
+    deadline = time.monotonic() + 15
+    while not (status.exists() and status.read_text().strip()):
+        assert time.monotonic() < deadline, tmux.screen()
+        time.sleep(0.05)
+    assert status.read_text().strip() == "3"
