@@ -167,9 +167,12 @@ def _flows(events: list[dict]) -> list[dict]:
             continue
         close = closes.get(e["id"])
         names = [normalize_name(n) for n in e.get("names") or ()]
+        name = names[0] if names else _claimed(e.get("sni")) or _claimed(e.get("http_host"))
+        if name and _ip(name) is not None:
+            name = None  # a claimed address is no name
         flows.append({
             "id": e["id"], "proto": e["proto"], "dst_ip": e["dst_ip"], "dst": _ip(e["dst_ip"]),
-            "dst_port": e["dst_port"], "names": names, "name": e.get("name"),
+            "dst_port": e["dst_port"], "names": names, "name": name,
             "sni": e.get("sni"), "http_host": e.get("http_host"),
             "http_method": e.get("http_method"), "http_path": e.get("http_path"),
             "verdict": e["verdict"], "rule": e["rule"], "reason": e.get("reason"), "dial": e.get("dial"),
@@ -435,6 +438,8 @@ def _suggestions(flows: list[dict], names: list[dict]) -> tuple[list[dict], list
                     add(t, f"the client named {n} (TLS SNI / HTTP Host) when connecting to {name}", f)
                 continue
         why = "no DNS name was looked up for this address"
+        if f["proto"] in ("tcp", "udp") and f["dst_port"] in DNS_PORTS:
+            why = "DNS to a resolver other than corral's (bypasses DNS policy): consider removing this line"
         if claimed:
             why += f"; the client named {claimed[0]}"
         add(ip_rule, why, f)
