@@ -57,3 +57,12 @@ def home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     return home
+
+
+try:  # hypothesis keeps no example database: the checkout may not be writable
+    from hypothesis import settings as _hsettings
+
+    _hsettings.register_profile("corral", database=None)
+    _hsettings.load_profile("corral")
+except ImportError:
+    pass
