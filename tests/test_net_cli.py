@@ -201,14 +201,27 @@ def test_transport_suffix(address_rules):
     assert refused_fast(out.results[11])  # same host, port 80: the rule names 8080 only
 
 
-def test_every_allowed_flow_has_exactly_one_close(address_rules):
+def test_every_flow_has_exactly_one_close(address_rules):
     out, _ = address_rules
-    allowed = [e for e in out.connects() if e["verdict"] == "allow"]
+    allowed = out.connects(verdict="allow")
     assert len(allowed) >= 7, out.dump()
+    for ev in out.connects():
+        assert len(out.closes_of(ev["id"])) <= 1, (ev, out.dump())
     for ev in allowed:
         assert len(out.closes_of(ev["id"])) == 1, (ev, out.dump())
     for ev in out.connects(verdict="deny"):
-        assert ev["reason"] and out.closes_of(ev["id"]) in ([], [out.closes_of(ev["id"])[0]])
+        assert ev["reason"], ev
+        assert all(c["bytes_in"] in (0, None) for c in out.closes_of(ev["id"]))
+
+
+@pytest.mark.xfail(strict=True, reason="bug: a UDP flow still open when the sandbox exits gets a "
+                   "close event with reason 'shutdown' and no byte counts (NetworkService.aclose)")
+def test_udp_flow_close_counts_bytes(address_rules):
+    out, _ = address_rules
+    assert out.results[2]["data"] == "udp v4"
+    ev = out.connect(dst_ip=ECHO_V4, dst_port=PORT_ECHO, proto="udp")
+    (close,) = out.closes_of(ev["id"])
+    assert (close["bytes_out"], close["bytes_in"]) == (len("udp v4"), len("udp v4")), close
 
 
 # ------------------------------------------------------- deny wins, --allow-file
