@@ -7,6 +7,7 @@ a sandboxed one.
 """
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -68,7 +69,8 @@ async def _run_async(config, argv, capture_output, input, callbacks, on_warning=
                                stdout=pipe, stderr=pipe)
         out, err = await proc.communicate(input)
         await proc.wait()
-    return attrs.evolve(proc.result, stdout=out, stderr=err, events=tuple(box.recorded_events))
+    return attrs.evolve(proc.result, stdout=out, stderr=err, events=tuple(box.recorded_events),
+                        report=box.report)
 
 
 # ---------------------------------------------------------------- open_sandbox
@@ -113,6 +115,8 @@ class Sandbox:
     _on_warning: object = None
     _on_timeout: object = None
     _ended: bool = False
+    changes: object = None  # overlay changes, collected at exit when a report is wanted
+    report: dict | None = None
 
     def __attrs_post_init__(self):
         self.stream.add_sink(self._recorded)
@@ -172,12 +176,34 @@ class Sandbox:
         with trio.CancelScope(shield=True):
             if self.network is not None:
                 await self.network.aclose()
-        if self.process is not None and self.process.result is not None:
-            r = self.process.result
-            self.stream.emit(SandboxExitEvent(exit_code=r.exit_code, signal=r.signal))
+        result = self.process.result if self.process is not None else None
+        if result is not None:
+            self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal))
         self.stream.close()
         for sink in self._sinks:
             sink.close()
+        if self.wants_report:
+            self._write_report(result)
+
+    @property
+    def wants_report(self):
+        config = self.config
+        return bool(config.audit or config.report or config.suggest)
+
+    def _write_report(self, result):
+        from .events import report as reporting
+
+        self.report = reporting.build_report(
+            self.recorded_events, changes=self.changes,
+            exit_code=result.exit_code if result is not None else None,
+        )
+        if self.config.report:
+            with open(self.config.report, "w") as f:
+                json.dump(self.report, f, indent=2)
+                f.write("\n")
+        if self.config.suggest:
+            with open(self.config.suggest, "w") as f:
+                f.write(reporting.render_allowlist(self.report))
 
 
 class Process:
@@ -305,6 +331,10 @@ class Process:
             self.result = _launch._result(
                 self._exit, _exit_status(status), self._timed_out, self._launch, self._status
             )
+        if self._box.wants_report:
+            from .fs.changes import collect_changes
+
+            self._box.changes = collect_changes(self._launch.scratch)
         _launch._cleanup_scratch(self._box.config, self._launch.scratch)
 
     async def wait(self):

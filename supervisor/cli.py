@@ -75,6 +75,11 @@ def _add_sandbox_options(p):
     net.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS")
     net.add_argument("--data-path", choices=("direct", "pump"))
     net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
+    audit = p.add_argument_group("report")
+    audit.add_argument("--report", metavar="FILE",
+                       help="write the audit report (JSON, schema corral.audit/1) at exit")
+    audit.add_argument("--suggest", metavar="FILE",
+                       help="write an allowlist that `corral run --allow-file` accepts as is")
 
 
 def build_parser():
@@ -136,7 +141,7 @@ def main(argv=None):
 
         return doctor.main()
     try:
-        if config.net == "filtered" or config.events:
+        if config.net == "filtered" or config.events or config.audit or config.report or config.suggest:
             from . import api
 
             result = api.run_config(config, command_argv, on_warning=_say, on_timeout=_timed_out)
@@ -153,6 +158,10 @@ def main(argv=None):
         return getattr(exc, "exit_code", EXIT_SETUP)
     except KeyboardInterrupt:
         return 130
+    if config.audit and result.report is not None:
+        from .events.report import render_text
+
+        sys.stderr.write(render_text(result.report))
     if result.timed_out == "kill":
         _say("the command did not stop within %gs of SIGTERM; sent SIGKILL" % config.kill_grace)
     return result.exit_code

@@ -140,6 +140,8 @@ class Config:
         default=None, validator=attrs.validators.optional(_choice(DATA_PATHS))
     )
     events: str | None = None
+    report: str | None = None  # audit report (JSON) written at exit
+    suggest: str | None = None  # suggested allowlist written at exit
     audit: bool = False
 
     @hostname.validator

@@ -47,6 +47,7 @@ class Result:
     stderr: bytes | None = None
     events: tuple = ()
     scratch: str | None = None
+    report: dict | None = None  # the audit report (corral audit, --report, --suggest)
 
 
 @attrs.frozen(kw_only=True)
