@@ -1,13 +1,21 @@
-"""The README's demo: run examples/misbehave.py in a fake home, inside corral,
-then check on the host that nothing it did got out."""
+"""The README's demo: audit a misbehaving installer, then run it under the
+allowlist the audit suggested.
+
+Everything happens offline in a private "world" (tests/world.py): a network
+namespace whose only addresses are documentation ones, with its own DNS, HTTP
+and TLS servers.  The installer attacks a throw-away home with fake secrets,
+never yours.
+"""
 
 import hashlib
 import os
-import subprocess
 import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+
+from world import World  # noqa: E402
 
 
 def digest(path):
@@ -15,31 +23,64 @@ def digest(path):
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def fake_home(root):
+    home = os.path.join(root, "home")
+    for rel, text in ((".ssh/id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY----- (fake)\n"),
+                      (".aws/credentials", "[default]\naws_secret_access_key = fake\n"),
+                      (".bashrc", "# the demo user's .bashrc\n")):
+        path = os.path.join(home, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    project = os.path.join(home, "project")
+    os.makedirs(project)
+    return home, project
+
+
+def banner(text):
+    print("\n\033[1m$ %s\033[0m" % text, flush=True)
+
+
 def main():
-    with tempfile.TemporaryDirectory(prefix="corral-demo-") as tmp:
-        home = os.path.join(tmp, "home")
-        for d in (".ssh", ".aws", "project"):
-            os.makedirs(os.path.join(home, d))
-        for rel, text in ((".ssh/id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY----- (fake)\n"),
-                          (".aws/credentials", "[default]\naws_secret_access_key = fake\n"),
-                          (".bashrc", "# the demo user's .bashrc\n")):
-            with open(os.path.join(home, rel), "w") as f:
-                f.write(text)
-        watched = [os.path.join(home, ".bashrc"), "/etc/hosts"]
-        before = {p: digest(p) for p in watched}
+    with tempfile.TemporaryDirectory(prefix="corral-demo-") as tmp, World.start() as world:
+        world.add_record("webhook.site", "A", "203.0.113.2")
+        (world.docroot / "simple" / "left-pad-ng").mkdir(parents=True, exist_ok=True)
+        (world.docroot / "simple" / "left-pad-ng" / "index.html").write_text("<a>left-pad-ng-1.0.0</a>\n")
+        (world.docroot / "stage2.sh").write_text("#!/bin/sh\necho pwned\n")
+        home, project = fake_home(tmp)
+        report, allowlist = os.path.join(tmp, "report.json"), os.path.join(tmp, "allow.txt")
         env = dict(os.environ, HOME=home, GITHUB_TOKEN="ghp_demo_not_a_real_token",
                    AWS_SECRET_ACCESS_KEY="fake-secret")
-        argv = [sys.executable, "-m", "corral", "run", "--net", "none", "--",
-                sys.executable, os.path.join(HERE, "misbehave.py")]
-        print("$ corral run -- python examples/misbehave.py   (HOME=%s)\n" % home)
-        code = subprocess.run(argv, env=env, cwd=os.path.join(home, "project")).returncode
-        print("\ncorral exited with %d.  On the host afterwards:" % code)
-        for path in watched:
-            same = digest(path) == before[path]
-            print("  %-10s %s" % ("unchanged" if same else "CHANGED!", path))
-        leftover = os.path.exists("/usr/local/bin/backdoor")
-        print("  %-10s /usr/local/bin/backdoor" % ("CREATED!" if leftover else "absent"))
-        return 0 if all(digest(p) == before[p] for p in watched) and not leftover else 1
+        installer = [sys.executable, os.path.join(HERE, "installer.py")]
+        corral = [sys.executable, "-m", "corral"]
+        bashrc = digest(os.path.join(home, ".bashrc"))
+
+        banner("corral audit --report report.json --suggest allow.txt -- python installer.py")
+        world.run(corral + ["audit", "--report", report, "--suggest", allowlist, "--"] + installer,
+                  env=env, cwd=project, timeout=120)
+
+        banner("cat allow.txt")
+        with open(allowlist) as f:
+            suggested = f.read()
+        sys.stdout.write(suggested)
+
+        # A person reviews the suggestion: only the package index is trusted.
+        banner("grep '^pypi.org' allow.txt > reviewed.txt")
+        reviewed = os.path.join(tmp, "reviewed.txt")
+        with open(reviewed, "w") as f:
+            f.writelines(line + "\n" for line in suggested.splitlines() if line.startswith("pypi.org"))
+        allowlist = reviewed
+
+        banner("corral run --allow-file reviewed.txt -- python installer.py")
+        code = world.run(corral + ["run", "--allow-file", allowlist, "--"] + installer,
+                         env=env, cwd=project, timeout=120).returncode
+
+        print("\nOn the host afterwards:")
+        same = digest(os.path.join(home, ".bashrc")) == bashrc
+        print("  %-9s ~/.bashrc" % ("unchanged" if same else "CHANGED!"))
+        leaked = os.path.exists("/etc/profile.d/left-pad.sh")
+        print("  %-9s /etc/profile.d/left-pad.sh" % ("CREATED!" if leaked else "absent"))
+        return 0 if same and not leaked and code == 0 else 1
 
 
 if __name__ == "__main__":
