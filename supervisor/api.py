@@ -286,7 +286,7 @@ class Process:
                     self._status.write(**{"child-pid": self.pid})
                     self._box.stream.emit(SandboxStartEvent(
                         argv=self._launch.spec["argv"] or (), pid=self.pid,
-                        mode=self._box.config.net))
+                        mode="audit" if self._box.config.audit else "run"))
                     started = True
                     task_status.started()
                 elif "exit" in message:
