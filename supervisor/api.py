@@ -7,10 +7,12 @@ a sandboxed one.
 """
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -49,7 +51,8 @@ def run(argv, *, config=None, capture_output=False, input=None, on_connect=None,
     """
     config = _config(config, options)
     callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
-    if config.net != "filtered" and not capture_output and input is None and not any(callbacks.values()):
+    if (config.net != "filtered" and not capture_output and input is None and not config.monitor
+            and not any(callbacks.values())):
         return _launch.run_blocking(config, argv)
     return trio.run(_run_async, config, argv, capture_output, input, callbacks)
 
@@ -152,6 +155,12 @@ class Sandbox:
                 log.warning("%s", warning)
         self.process = proc = Process(self, prepared)
         proc._spawn(stdin, stdout, stderr)
+        if self.config.monitor:
+            from .events.monitor import run_monitor
+
+            self._nursery.start_soon(functools.partial(
+                run_monitor, self.stream, title=shlex.join(argv),
+                command_fds=[fd for fd, io in ((1, stdout), (2, stderr)) if io is None]))
         await self._nursery.start(proc._supervise)
         return proc
 

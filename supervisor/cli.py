@@ -75,6 +75,8 @@ def _add_sandbox_options(p):
     net.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS")
     net.add_argument("--data-path", choices=("direct", "pump"))
     net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
+    net.add_argument("--monitor", action="store_true",
+                     help="show connections and DNS live (see docs/events.md for where it draws)")
     audit = p.add_argument_group("report")
     audit.add_argument("--report", metavar="FILE",
                        help="write the audit report (JSON, schema corral.audit/1) at exit")
@@ -141,7 +143,7 @@ def main(argv=None):
 
         return doctor.main()
     try:
-        if config.net == "filtered" or config.events or config.audit or config.report or config.suggest:
+        if config.net == "filtered" or config.events or config.monitor or config.audit or config.report or config.suggest:
             from . import api
 
             result = api.run_config(config, command_argv, on_warning=_say, on_timeout=_timed_out)

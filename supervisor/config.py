@@ -140,6 +140,7 @@ class Config:
         default=None, validator=attrs.validators.optional(_choice(DATA_PATHS))
     )
     events: str | None = None
+    monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit
     audit: bool = False
