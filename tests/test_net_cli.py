@@ -32,6 +32,7 @@ from net_support import (
 from world import (
     CLOSE_AFTER_WRITE_MESSAGE,
     DNS_V4,
+    DNS_V6,
     ECHO_V4,
     ECHO_V6,
     HELLO_BODY,
@@ -319,6 +320,23 @@ def test_dns_record_types_tcp_and_other_resolvers(world, tmp_path):
     assert out.dns(qname="alias.corral.test") == []
 
 
+def test_dns_over_ipv6_and_dns_upstream(world, tmp_path):
+    tok = token()
+    name = f"up-{tok}.corral.test"
+    out = probe(world, tmp_path, ["--allow", "www.corral.test", "--allow", name,
+                                  "--dns-upstream", DNS_V6], [
+        {"op": "sh", "argv": ["dig", "+short", "+time=2", "+tries=1", "@fd00::3", "www.corral.test"]},
+        {"op": "sh", "argv": ["dig", "+time=2", "+tries=1", "+tcp", "@fd00::3", name]},
+    ])
+    r = out.results
+    assert r[0]["out"].split() == [HTTP_V4], r[0]
+    assert "status: NXDOMAIN" in r[1]["out"], r[1]
+    (ev,) = out.dns(qname=name)
+    assert (ev["transport"], ev["src_ip"], ev["upstream"]) == ("tcp", "fd00::100", f"[{DNS_V6}]:53")
+    (seen,) = dns_queries_for(world, name)
+    assert seen["peer"].startswith(f"[{DNS_V6}]") and seen["proto"] == "tcp", seen
+
+
 # ------------------------------------------------------------ always-denied set
 
 
@@ -527,8 +545,14 @@ def test_publish_reaches_a_server_inside(world, tmp_path):
     assert proc.returncode == 0, err
     (served,) = json.loads(out.strip().splitlines()[-1])[0]["served"]
     assert served["request"].startswith("GET /hi HTTP/1.1"), served
-    ev = [e for e in read_events(events) if e["type"] == "connect"]
+    records = read_events(events)
+    ev = [e for e in records if e["type"] == "connect"]
     assert len(ev) == 1 and ev[0]["verdict"] == "allow" and ev[0]["dst_port"] == 8000, ev
+    assert ev[0]["rule"] == "publish", ev
+    closes = [e for e in records if e["type"] == "close" and e["id"] == ev[0]["id"]]
+    assert len(closes) == 1, records
+    assert closes[0]["bytes_in"] == len("hello from inside\n") or \
+        closes[0]["bytes_out"] == len("hello from inside\n"), closes
 
 
 # ---------------------------------------------------------------- --events -
