@@ -470,6 +470,10 @@ class _LiveView:
         if not force and mono - self._drawn < self._refresh:
             return
         self._drawn = mono
+        try:  # follow the terminal's size (rich asks stdin/stdout/stderr, not our file)
+            self._console.size = os.get_terminal_size(self._console.file.fileno())
+        except (AttributeError, OSError, ValueError):
+            pass
         height = self._console.size.height
         room = max(4, height - 12)  # header 2, two tables' titles/heads/blank lines ~10
         self._live.update(render(self._state, max_flows=max(2, room * 2 // 3),
