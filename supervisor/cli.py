@@ -60,6 +60,16 @@ def _add_sandbox_options(p):
     proc.add_argument("--kill-grace", type=float, default=2.0, metavar="SECONDS")
     proc.add_argument("--json-status-fd", type=int, metavar="FD",
                       help='write {"child-pid": N} and {"exit-code": N} lines to FD')
+    proc.add_argument("--seccomp", default="default", metavar="off|default|FILE",
+                      help="the system call filter (docs/security.md); FILE: a JSON list of "
+                      "extra system calls to deny")
+    proc.add_argument("--allow-nested", action="store_true",
+                      help="let the command create user namespaces (a corral inside corral)")
+    proc.add_argument("--memory", metavar="BYTES", help="address-space limit, e.g. 512M, 2G")
+    proc.add_argument("--pids", type=int, metavar="N", help="at most N processes and threads")
+    proc.add_argument("--cpu-time", type=int, metavar="SECONDS", help="CPU seconds, then SIGKILL")
+    proc.add_argument("--nofile", type=int, metavar="N", help="at most N open files")
+    proc.add_argument("--fsize", metavar="BYTES", help="largest file the command may write")
     net = p.add_argument_group("network")
     net.add_argument("--net", choices=("filtered", "none", "host"), default="filtered",
                      help="filtered (default): every flow through corral's netstack and policy; "

@@ -13,6 +13,7 @@ import re
 
 import attrs
 
+from . import hardening
 from .errors import ConfigError
 
 FS_MODES = ("default", "readonly", "hermetic")
@@ -100,6 +101,12 @@ class Config:
     ``env`` (``NAME`` keeps a variable that would be scrubbed, ``NAME=VALUE``
     sets one), ``timeout`` (seconds; SIGTERM then SIGKILL), ``json_status_fd``.
 
+    Hardening (docs/security.md): ``seccomp`` (default | off | a JSON file of
+    extra system calls to deny), ``allow_nested`` (let the command create user
+    namespaces, e.g. a corral inside), limits ``memory`` (address space,
+    bytes or ``512M``), ``pids`` (processes and threads), ``cpu_time``
+    (seconds), ``nofile`` (open files), ``fsize`` (largest file written).
+
     Network: ``net`` (filtered | none | host), ``allow``/``deny``/
     ``allow_file`` rules, ``allow_host_port``, ``publish``, ``dns_upstream``,
     ``policy`` (a .py file with callbacks), ``policy_timeout``, ``data_path``,
@@ -126,6 +133,13 @@ class Config:
     timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
     kill_grace: float = 2.0
     json_status_fd: int | None = None
+    seccomp: str = attrs.field(default="default", validator=lambda i, a, v: hardening.check_seccomp(v))
+    allow_nested: bool = False
+    memory: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_size(v, "--memory"))
+    pids: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_count(v, "--pids"))
+    cpu_time: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_count(v, "--cpu-time"))
+    nofile: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_count(v, "--nofile"))
+    fsize: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_size(v, "--fsize"))
 
     net: str = attrs.field(default="filtered", validator=_choice(NET_MODES))
     allow: tuple = attrs.field(default=(), converter=_tuple_of_str)

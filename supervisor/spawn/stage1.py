@@ -149,7 +149,8 @@ def _enter_namespaces(spec):
     try:
         libc.unshare(flags)
     except OSError as exc:
-        raise StepError("unshare", exc.errno, "creating user, mount, pid and other namespaces") from None
+        raise StepError("unshare", exc.errno, "creating user, mount, pid and other namespaces",
+                        fix=_nesting_fix(exc.errno)) from None
     inner_uid, inner_gid = (0, 0) if spec["root"] else (uid, gid)
     for step, path, text in (
         ("setgroups", "/proc/self/setgroups", "deny"),
@@ -164,6 +165,25 @@ def _enter_namespaces(spec):
                 os.close(fd)
         except OSError as exc:
             raise StepError(step, exc.errno, "writing %r to %s" % (text, path)) from None
+
+
+def _nesting_fix(err):
+    """The fix for a failed unshare when we run inside a sandbox whose seccomp
+    filter blocks user namespaces (None: the generic fix)."""
+    if err != errno.EPERM:
+        return None
+    if os.environ.get("CORRAL_SANDBOX"):
+        return ("corral cannot nest inside corral (user namespaces are blocked by the "
+                "sandbox's seccomp filter). Fix: --allow-nested on the outer sandbox")
+    try:
+        with open("/proc/self/status") as f:
+            filtered = any(line.split() == ["Seccomp:", "2"] for line in f)
+    except OSError:
+        filtered = False
+    if filtered:
+        return ("a seccomp filter on this process (a container's?) blocks user namespaces; "
+                "run corral outside it or relax its filter")
+    return None
 
 
 # ---------------------------------------------------------------- pid 1 (D)
@@ -238,7 +258,10 @@ def _setup_root(spec):
 
 
 def _spawn_command(ctl, spec, lifeline):
-    argv, env = spec["argv"], spec["env"]
+    argv = spec["argv"]
+    # Tells a corral started inside that it is nested (see _nesting_fix).
+    env = dict(spec["env"], CORRAL_SANDBOX="1")
+    hardened = _prepare_hardening(spec)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -247,7 +270,7 @@ def _spawn_command(ctl, spec, lifeline):
             os.close(err_w)
             os.close(lifeline)
             ctl.close()
-            _become_command(spec)
+            _become_command(spec, hardened)
             # ...but as the Python program it was, not as a fresh exec.
             signal.signal(signal.SIGINT, signal.default_int_handler)
             signal.signal(signal.SIGPIPE, signal.SIG_IGN)
@@ -255,30 +278,31 @@ def _spawn_command(ctl, spec, lifeline):
             os.environ.clear()
             os.environ.update(env)
             raise Entered()
+        failed_step = 1
         try:
             os.close(err_r)
-            _exec_command(spec, argv, env)
+            _become_command(spec, hardened)
+            failed_step = 0
+            os.execve(_which(argv[0], env.get("PATH", os.defpath)), argv, env)
         except OSError as exc:
-            os.write(err_w, struct.pack("i", exc.errno or errno.EIO))
+            os.write(err_w, struct.pack("ii", exc.errno or errno.EIO, failed_step))
         finally:
             os._exit(127)
     os.close(err_w)
-    data = os.read(err_r, 4)
+    data = os.read(err_r, 8)
     os.close(err_r)
     if data:
-        (err,) = struct.unpack("i", data)
+        err, failed_step = struct.unpack("ii", data)
         os.waitpid(pid, 0)
+        if failed_step:
+            raise StepError("preparing the command (cwd, limits, capabilities, seccomp)", err,
+                            os.strerror(err), fix="report this as a corral bug")
         raise StepError(
             "exec", err, argv[0], exit_code=127 if err == errno.ENOENT else 126,
             fix="check the command name, and that it exists and is executable inside "
             "the sandbox's view",
         )
     return pid
-
-
-def _exec_command(spec, argv, env):
-    _become_command(spec)
-    os.execve(_which(argv[0], env.get("PATH", os.defpath)), argv, env)
 
 
 def _which(name, path):
@@ -299,7 +323,17 @@ def _which(name, path):
     raise FileNotFoundError(errno.ENOENT, "command not found", name)
 
 
-def _become_command(spec):
+def _prepare_hardening(spec):
+    from . import harden, seccomp
+
+    try:
+        return harden.prepare(spec.get("harden"))
+    except (harden.HardenError, seccomp.SeccompError) as exc:
+        raise StepError("seccomp" if isinstance(exc, seccomp.SeccompError) else "limits",
+                        exc.errno, exc.strerror, exc.fix) from None
+
+
+def _become_command(spec, hardened):
     if not spec.get("tty"):
         os.setsid()  # no controlling terminal to push input into
     libc.set_no_new_privs()
@@ -310,6 +344,9 @@ def _become_command(spec):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     os.chdir(spec["cwd"])
+    from . import harden
+
+    harden.apply(hardened)  # last: limits, no capabilities, seccomp
 
 
 def _supervise(child, mask):
