@@ -282,9 +282,18 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None):
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stage1.FORWARDED}
     old_wakeup = signal.set_wakeup_fd(wake_w)
+    registration = []  # the `corral ps` entry, once the command runs
     try:
-        return _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout)
+        result = _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout,
+                                     registration)
+        for entry in registration:
+            entry.write_event({"type": "sandbox_exit", "exit_code": result.exit_code,
+                               "signal": result.signal, "sandbox_id": entry.id,
+                               "ts": time.time()})
+        return result
     finally:
+        for entry in registration:
+            entry.close()
         ctl.close()
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
@@ -338,7 +347,7 @@ def remove_tree(path):
     shutil.rmtree(path, onexc=retry) if sys.version_info >= (3, 12) else shutil.rmtree(path, onerror=retry)
 
 
-def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout):
+def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout, registration):
     d_pid = None
     exit_report = error = None
     timed_out = None
@@ -371,7 +380,9 @@ def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout):
             if "d_pid" in message:
                 d_pid = message["d_pid"]
             elif "child" in message:
-                status.write(**{"child-pid": child_host_pid(d_pid) if d_pid else None})
+                child = child_host_pid(d_pid) if d_pid else None
+                status.write(**{"child-pid": child})
+                registration.extend(_register(launch, d_pid, child))
             elif "exit" in message:
                 exit_report = message
             elif "error" in message:
@@ -393,6 +404,20 @@ def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout):
         status.write(**{"exit-code": exc.exit_code})
         raise exc
     return _result(exit_report, wait_status, timed_out, launch, status)
+
+
+def _register(launch, d_pid, child):
+    """Register the running sandbox for `corral ps/logs/stop/exec` (no
+    events stream here: the start and exit records are written directly)."""
+    from . import state
+
+    entry = state.register_quietly(spec=launch.spec, supervisor_pid=os.getpid(), d_pid=d_pid,
+                                   command_pid=child)
+    if entry is None:
+        return []
+    entry.write_event({"type": "sandbox_start", "argv": launch.spec["argv"] or [], "pid": child,
+                       "sandbox_id": entry.id, "mode": launch.spec["net"], "ts": time.time()})
+    return [entry]
 
 
 def _result(exit_report, wait_status, timed_out, launch, status):
