@@ -119,6 +119,7 @@ class Sandbox:
     _on_timeout: object = None
     _ended: bool = False
     changes: object = None  # overlay changes, collected at exit when a report is wanted
+    _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
     report: dict | None = None
 
     def __attrs_post_init__(self):
@@ -133,9 +134,14 @@ class Sandbox:
         """Every event so far, in order."""
         return list(self._recorded.events)
 
+    @property
+    def id(self):
+        """The id `corral ps/logs/stop/exec` know it by (None until it runs)."""
+        return self._registration.id if self._registration is not None else None
+
     def __repr__(self):
         state = "new" if self.process is None else repr(self.process)
-        return "<Sandbox net=%s %s>" % (self.config.net, state)
+        return "<Sandbox id=%s net=%s %s>" % (self.id, self.config.net, state)
 
     async def start(self, argv, *, stdin=None, stdout=None, stderr=None):
         """Start ``argv`` inside; return its :class:`Process` once it runs."""
@@ -187,10 +193,13 @@ class Sandbox:
                 await self.network.aclose()
         result = self.process.result if self.process is not None else None
         if result is not None:
-            self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal))
+            self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal,
+                                              sandbox_id=self.id))
         self.stream.close()
         for sink in self._sinks:
             sink.close()
+        if self._registration is not None:
+            self._registration.close()
         if self.wants_report:
             self._write_report(result)
 
@@ -293,8 +302,9 @@ class Process:
                 elif "child" in message:
                     self.pid = _launch.child_host_pid(self.d_pid)
                     self._status.write(**{"child-pid": self.pid})
+                    self._register()
                     self._box.stream.emit(SandboxStartEvent(
-                        argv=self._launch.spec["argv"] or (), pid=self.pid,
+                        argv=self._launch.spec["argv"] or (), pid=self.pid, sandbox_id=self._box.id,
                         mode="audit" if self._box.config.audit else "run"))
                     started = True
                     task_status.started()
@@ -312,6 +322,21 @@ class Process:
             await self._box._end()
             if not started:
                 task_status.started()
+
+    def _register(self):
+        """List the sandbox for `corral ps/logs/stop/exec`; its events.jsonl
+        gets every event, those from before the command started first."""
+        from . import state
+
+        box = self._box
+        entry = state.register_quietly(spec=self._launch.spec, supervisor_pid=os.getpid(),
+                                       d_pid=self.d_pid, command_pid=self.pid)
+        if entry is not None:
+            sink = JsonlSink(entry.open_events(), owned=True)
+            for event in box.stream.history:
+                sink.write(event)
+            box.stream.add_sink(sink)
+            box._registration = entry
 
     async def _start_network(self, tap_fd):
         from .net import service

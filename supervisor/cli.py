@@ -105,6 +105,9 @@ def build_parser():
         p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
         p.set_defaults(path_order=[])
     sub.add_parser("doctor", help="check that this machine can run sandboxes")
+    from .runtime_cli import add_parsers as add_runtime_parsers
+
+    add_runtime_parsers(sub)  # ps, logs, stop, exec
     return parser
 
 
@@ -118,6 +121,8 @@ def parse(argv):
         raise UsageError("no command given. Fix: corral run [OPTIONS] -- CMD, or corral --help")
     if args.command == "doctor":
         return "doctor", None, []
+    if args.command in ("ps", "logs", "stop", "exec"):
+        return args.command, None, args  # runtime_cli reads the parsed arguments
     if not args.argv or args.argv[0] != "--":
         raise UsageError(
             "missing '--' before the command. Fix: corral %s [OPTIONS] -- CMD [ARGS...]"
@@ -152,6 +157,10 @@ def main(argv=None):
         from . import doctor
 
         return doctor.main()
+    if command in ("ps", "logs", "stop", "exec"):
+        from . import runtime_cli
+
+        return runtime_cli.main(command_argv, _say)
     try:
         if config.net == "filtered" or config.events or config.monitor or config.audit or config.report or config.suggest:
             from . import api

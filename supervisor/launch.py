@@ -416,7 +416,7 @@ def _register(launch, d_pid, child):
     if entry is None:
         return []
     entry.write_event({"type": "sandbox_start", "argv": launch.spec["argv"] or [], "pid": child,
-                       "sandbox_id": entry.id, "mode": launch.spec["net"], "ts": time.time()})
+                       "sandbox_id": entry.id, "mode": "run", "ts": time.time()})
     return [entry]
 
 
