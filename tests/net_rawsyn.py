@@ -2,13 +2,22 @@
 on tap0 to destinations the sandbox's own kernel would never route there (127.0.0.1,
 ::1, ::ffff:127.0.0.1), to prove the stack refuses them "via any path".
 
-    python net_rawsyn.py PORT   ->  one JSON object: {name: reply summary or null}
+    python net_rawsyn.py PORT   ->  one JSON object: {name: reply summary or null}, or
+                                    {"raw_sockets": "EPERM"} when the sandbox cannot
+                                    craft packets at all (no CAP_NET_RAW)
 """
 
 import json
+import socket
 import sys
 
-from scapy.all import ARP, IP, TCP, Ether, IPv6, conf, srp1
+try:
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW).close()
+except PermissionError:
+    print(json.dumps({"raw_sockets": "EPERM"}))
+    sys.exit(0)
+
+from scapy.all import ARP, IP, TCP, Ether, IPv6, conf, srp1  # noqa: E402
 
 conf.verb = 0
 port = int(sys.argv[1])

@@ -6,7 +6,6 @@ the `--events FILE` JSON lines, and check the world's own logs for what reached 
 """
 
 import json
-import os
 import subprocess
 import sys
 import uuid
@@ -132,8 +131,3 @@ while True:
     log.touch()
     return proc, log
 
-
-def free_port_hint(seed):
-    """A port for a test server in the world: the world is a private namespace, so a
-    fixed distinct number per test is enough (no other process listens there)."""
-    return 20000 + (os.getpid() * 7 + seed) % 20000
