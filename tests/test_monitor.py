@@ -111,6 +111,12 @@ def test_exit_closes_open_rows_and_late_close_is_kept():
     assert state.flows[99].state == "closed" and state.bytes_in == 9007
 
 
+def test_a_denied_flow_stays_denied_when_the_netstack_closes_it():
+    state = applied(scripted()[:4] + [CloseEvent(id=2, reason="denied", ts=T0 + 0.3)])
+    assert state.flows[2].state == "denied" and state.rows()[0].id == 2
+    assert state.denied == 1 and state.open == 1 and state.flows[2].bytes_out == 0
+
+
 def test_a_burst_keeps_every_count_but_bounded_rows():
     state = MonitorState()
     for i in range(10_000):
@@ -236,6 +242,26 @@ async def test_run_monitor_live_draws_the_last_frame_when_cancelled():
     assert "conns 4 (1 open, 2 denied)" in text and "198.51.100.7:80" in text
 
 
+async def test_run_monitor_cancelled_before_the_exit_record_still_shows_it():
+    # open_sandbox cancels its nursery while the network is still closing; the exit
+    # record comes after that, and the last frame must have it.
+    stream, console = EventStream(), recording(terminal=True)
+    stream.emit(scripted()[0])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: monitor.run_monitor(stream, console=console, refresh=0.05))
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+        async def later():
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.2)
+            stream.emit(SandboxExitEvent(exit_code=9, ts=T0 + 1))
+            stream.close()
+
+        nursery.start_soon(later)
+    assert "exited 9 1.0s" in console.export_text()
+
+
 # ------------------------------------------------------------------------ following a file
 
 
@@ -349,7 +375,7 @@ def corral_run(options, script):
 
 
 NET_SCRIPT = ("curl -s http://www.corral.test/ >/dev/null; curl -s -m 5 http://198.51.100.7/; "
-              "echo curl-done; sleep 3")
+              "echo curl-$((6*7)); sleep 3")
 
 
 @needs_tmux
@@ -375,7 +401,7 @@ def test_terminal_live_view_in_the_world(world, tmux, tmp_path):
                                     cwd=str(tmp_path)))
     tmux.start(command)
     live = tmux.wait_for("running", "www.corral.test", "198.51.100.7:80", "deny default-deny")
-    assert "curl-done" not in live  # the command's output went to its file, not over the view
+    assert "curl-42" not in live  # the command's output went to its file, not over the view
     denied = line_with(live, "198.51.100.7:80")
     assert "denied" in denied and "deny default-deny" in denied
     allowed = [line for line in live.splitlines() if "www.corral.test" in line and ":80" in line]
@@ -386,7 +412,7 @@ def test_terminal_live_view_in_the_world(world, tmux, tmp_path):
     final = tmux.wait_for("rc=0", "exited 0")
     assert "running" not in final  # the last frame stayed on the screen, updated to the exit
     assert "deny default-deny" in line_with(final, "198.51.100.7:80")
-    assert "curl-done" in out.read_text()
+    assert "curl-42" in out.read_text()
 
 
 @needs_tmux
@@ -396,7 +422,7 @@ def test_terminal_lines_in_the_world(world, tmux, tmp_path):
     command = shlex.join(world.argv(["sh", "-c", f"{run}; echo rc=$?; sleep 30"], cwd=str(tmp_path)))
     tmux.start(command)
     screen = tmux.wait_for("rc=0")
-    assert "curl-done" in screen
+    assert "curl-42" in screen
     assert re.search(r"corral: \[\d+\] allow tcp \S+ \(www\.corral\.test\) by www\.corral\.test", screen), screen
     assert re.search(r"corral: \[\d+\] DENY tcp 198\.51\.100\.7:80 by default-deny", screen), screen
     assert "corral: dns A www.corral.test -> 198.51.100.10" in screen

@@ -58,6 +58,7 @@ log = logging.getLogger("corral.events")
 RATE_WINDOW = 5.0  # seconds: the header rate is the bytes of this window
 REFRESH = 0.25  # seconds between redraws of the live view (at most)
 POLL = 0.2  # seconds between reads of a followed events file
+END_GRACE = 2.0  # seconds a cancelled monitor waits for the stream's last events
 KEEP_FINISHED = 500  # closed/denied rows kept for display (totals count every flow)
 KEEP_DNS = 200
 KEEP_ERRORS = 50
@@ -232,7 +233,9 @@ class MonitorState:
         flow = self.flows.get(d.get("id"))
         if flow is None:  # its connect was not seen (a late reader without history)
             flow = self.flows[d.get("id")] = Flow(id=d.get("id"))
-        flow.state = "closed"
+        denied = flow.state == "denied"  # the netstack closes refused flows too (0 bytes)
+        if not denied:
+            flow.state = "closed"
         flow.closed = ts
         flow.bytes_out = int(d.get("bytes_out") or 0)
         flow.bytes_in = int(d.get("bytes_in") or 0)
@@ -242,7 +245,8 @@ class MonitorState:
         self.bytes_in += flow.bytes_in
         if ts is not None:
             self._recent.append((ts - flow.duration, ts, flow.bytes_out, flow.bytes_in))
-        self._retire(flow.id)
+        if not denied:
+            self._retire(flow.id)
 
     def _retire(self, flow_id: int) -> None:
         self._finished.append(flow_id)
@@ -499,7 +503,7 @@ class _LineView:
             self._console.print(
                 "corral: --monitor: the command writes to this terminal, so events are listed one "
                 f"per line; for the live view redirect its output, or run `{target}` in another "
-                "terminal", style="dim", highlight=False, markup=False)
+                "terminal", style="dim", highlight=False, markup=False, soft_wrap=True)
         line = format_event(d)
         if line is not None:
             self._console.print(line, highlight=False, soft_wrap=True)
@@ -553,6 +557,11 @@ async def run_monitor(stream, *, console=None, title: str | None = None, mode: s
             ended = _drain(receive, view) or ended
             view.tick()
     finally:
+        # Cancelled on the way out of the sandbox: the exit record may still be coming
+        # (the network closes first); wait a bounded moment so the last frame has it.
+        with trio.CancelScope(shield=True), trio.move_on_after(END_GRACE):
+            async for event in receive:
+                view.apply(event)
         _drain(receive, view)
         receive.close()
         try:
