@@ -108,6 +108,8 @@ def build_parser():
     from .runtime_cli import add_parsers as add_runtime_parsers
 
     add_runtime_parsers(sub)  # ps, logs, stop, exec
+    p = sub.add_parser("top", help="the live view (as --monitor) of a running sandbox")
+    p.add_argument("id", metavar="ID", help="sandbox id or a unique prefix (see `corral ps`)")
     return parser
 
 
@@ -121,7 +123,7 @@ def parse(argv):
         raise UsageError("no command given. Fix: corral run [OPTIONS] -- CMD, or corral --help")
     if args.command == "doctor":
         return "doctor", None, []
-    if args.command in ("ps", "logs", "stop", "exec"):
+    if args.command in ("ps", "logs", "stop", "exec", "top"):
         return args.command, None, args  # runtime_cli reads the parsed arguments
     if not args.argv or args.argv[0] != "--":
         raise UsageError(
@@ -157,6 +159,10 @@ def main(argv=None):
         from . import doctor
 
         return doctor.main()
+    if command == "top":
+        from .events.monitor import main_top
+
+        return main_top(command_argv.id, _say)
     if command in ("ps", "logs", "stop", "exec"):
         from . import runtime_cli
 

@@ -26,7 +26,7 @@ from corral.events import (
     SandboxStartEvent,
 )
 from corral.events import monitor
-from corral.events.monitor import FileTail, MonitorState, follow_file, format_event, render
+from corral.events.monitor import FileTail, MonitorState, format_event, render
 from corral.policy import Answer
 
 T0 = 1_700_000_000.0
@@ -279,21 +279,11 @@ def test_file_tail_reads_complete_lines_and_notices_removal(tmp_path):
         assert tail.read() == [] and tail.gone
 
 
-def test_follow_file_ends_at_sandbox_exit(tmp_path):
-    path = tmp_path / "events.jsonl"
-    events = scripted() + [SandboxExitEvent(exit_code=0, ts=T0 + 4),
-                           CloseEvent(id=3, ts=T0 + 5)]  # after the exit: not read
-    path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in events))
-    records = list(follow_file(path, poll=0.01))
-    assert [r["type"] for r in records][-2:] == ["connect", "sandbox_exit"]
-    assert len(records) == len(events) - 1
-
-
-def test_follow_file_missing_is_a_config_error(tmp_path):
+def test_a_missing_events_file_is_a_config_error(tmp_path):
     from corral.errors import ConfigError
 
     with pytest.raises(ConfigError, match="corral ps"):
-        list(follow_file(tmp_path / "nope.jsonl"))
+        FileTail(tmp_path / "nope.jsonl")
 
 
 async def test_top_follows_a_growing_file_until_exit(tmp_path):
@@ -328,6 +318,14 @@ async def test_top_ends_when_the_file_disappears(tmp_path):
             await trio.sleep(0.05)
             path.unlink()
     assert "0 connections" in console.export_text()
+
+
+async def test_top_ends_when_the_writer_is_gone(tmp_path):
+    path = tmp_path / "events.jsonl"
+    path.write_text("".join(json.dumps(e.to_dict()) + "\n" for e in scripted()))
+    with trio.fail_after(5):
+        state = await monitor.top(path, console=recording(), alive=lambda: False, poll=0.01)
+    assert state.connections == 4 and state.exit_code is None
 
 
 # ------------------------------------------------------------------------ a real terminal

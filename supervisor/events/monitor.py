@@ -9,7 +9,7 @@ Three layers:
   DNS table, policy errors); :func:`format_event` is the one-line form of one event.
   rich is imported inside them, so importing this module stays cheap.
 - :func:`run_monitor` (a task fed by an :class:`EventStream`) and :func:`top` (a task
-  fed by a growing ``events.jsonl`` file, through :func:`follow_file`) draw them.
+  fed by a growing ``events.jsonl`` file, read by :class:`FileTail`) draw them.
 
 Drawing policy (``--monitor``): the sandboxed command writes to the same stdout and
 stderr as corral, and a view redrawn in place would fight it. So:
@@ -31,12 +31,13 @@ flow id).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import os
 import shlex
 import time
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import attrs
 
@@ -46,7 +47,6 @@ __all__ = [
     "FileTail",
     "MonitorState",
     "choose_view",
-    "follow_file",
     "format_event",
     "render",
     "run_monitor",
@@ -636,28 +636,15 @@ class FileTail:
         self.close()
 
 
-def follow_file(path: str | os.PathLike, *, poll: float = POLL) -> Iterator[dict]:
-    """Yield the records of a growing events file, blocking between reads, until a
-    ``sandbox_exit`` record arrives or the file disappears (``corral logs -f``)."""
-    with FileTail(path) as tail:
-        while True:
-            records = tail.read()
-            for record in records:
-                yield record
-                if record.get("type") == "sandbox_exit":
-                    return
-            if tail.gone:
-                return
-            if not records:
-                time.sleep(poll)
-
-
 async def top(events_path: str | os.PathLike, *, console=None, mode: str | None = None,
-              poll: float = POLL, refresh: float = REFRESH) -> MonitorState:
+              alive: Callable[[], bool] | None = None, poll: float = POLL,
+              refresh: float = REFRESH) -> MonitorState:
     """``corral top ID``: the monitor for a sandbox running elsewhere, from its events file.
 
     Live on a terminal (stdout by default), one line per event otherwise. Ends when the
-    file records ``sandbox_exit`` or disappears; returns the final state.
+    file records ``sandbox_exit``, disappears, or (with ``alive``, e.g. the registry's
+    ``supervisor_alive``) when nothing new comes and its writer is gone; returns the
+    final state.
     """
     import trio
     from rich.console import Console
@@ -669,11 +656,37 @@ async def top(events_path: str | os.PathLike, *, console=None, mode: str | None 
         view = _view(console, mode, state, refresh)
         try:
             while True:
-                for record in tail.read():
+                records = tail.read()
+                for record in records:
                     view.apply(record)
                 view.tick()
                 if state.ended is not None or tail.gone:
                     return state
+                if not records and alive is not None and not alive():
+                    for record in tail.read():  # what it wrote before it went
+                        view.apply(record)
+                    return state
                 await trio.sleep(poll)
         finally:
             view.close()
+
+
+def main_top(sandbox_id: str, say: Callable[[str], None]) -> int:
+    """``corral top ID`` for the CLI: find the running sandbox, follow its events."""
+    import trio
+
+    from corral import state
+    from corral.errors import CorralError
+
+    try:
+        entry = state.find(sandbox_id)
+        trio.run(functools.partial(top, entry.events_path, alive=entry.supervisor_alive))
+    except ConfigError as exc:
+        say(str(exc))
+        return 2
+    except CorralError as exc:
+        say(str(exc))
+        return 125
+    except KeyboardInterrupt:
+        return 130
+    return 0
