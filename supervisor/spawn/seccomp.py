@@ -12,8 +12,8 @@ has no business doing and what has a long record of kernel bugs or escapes:
   comparing all 64 bits misses ``TIOCSTI | 1 << 32`` (CVE-2019-10063).
 - the kernel keyring, bpf, perf_event_open, userfaultfd, kexec, modules,
   iopl/ioperm, swap, reboot, open_by_handle_at;
-- every mount call, old and new API: the mounts are done by then;
-- new user namespaces (unless ``allow_nested``): ``unshare`` and ``clone`` with
+- unless ``allow_nested``: every mount call, old and new API (the mounts are
+  done by then), and new user namespaces: ``unshare`` and ``clone`` with
   ``CLONE_NEWUSER``, and ``setns``.  ``clone3`` passes its flags in a struct
   that seccomp cannot read, so it gets ENOSYS: glibc (2.34+), musl and Go then
   fall back to ``clone``, whose flags the filter does see (the same trick as
@@ -44,12 +44,14 @@ DENIED = (
     "iopl", "ioperm", "swapon", "swapoff", "reboot",
     # file handles bypass path-based checks (the "shocker" escape)
     "open_by_handle_at",
-    # mounts: done before the command starts
+)
+# Mounts are done before the command starts.  With allow_nested they stay
+# allowed: they then work only in user namespaces the command creates (it has
+# no capability in the sandbox's own), where a nested corral needs them.
+MOUNTS = (
     "mount", "umount2", "pivot_root",
     "fsopen", "fsconfig", "fsmount", "fspick", "move_mount", "open_tree", "mount_setattr",
 )
-# Nesting: new user namespaces and joining namespaces.
-NESTING = ("unshare", "clone", "clone3", "setns")
 
 # libseccomp's ABI (seccomp.h, stable since 2.0).
 _ACT_KILL_PROCESS = 0x80000000
@@ -81,6 +83,7 @@ def rules(deny=(), allow_nested=False):
     out = [(name, errno.EPERM, None) for name in DENIED]
     out += [("ioctl", errno.EPERM, (1, 0xFFFFFFFF, request)) for request in (TIOCSTI, TIOCLINUX)]
     if not allow_nested:
+        out += [(name, errno.EPERM, None) for name in MOUNTS]
         flags_arg = 1 if os.uname().machine.startswith("s390") else 0  # clone(stack, flags) there
         out += [
             ("unshare", errno.EPERM, (0, CLONE_NEWUSER, CLONE_NEWUSER)),

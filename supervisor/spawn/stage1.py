@@ -32,7 +32,7 @@ import socket
 import struct
 import sys
 
-from . import libc
+from . import harden, libc, seccomp
 
 SI_KERNEL = 0x80
 # Signals pid 1 passes on to the command (issue 2: SIGINT SIGTERM SIGHUP
@@ -149,8 +149,8 @@ def _enter_namespaces(spec):
     try:
         libc.unshare(flags)
     except OSError as exc:
-        raise StepError("unshare", exc.errno, "creating user, mount, pid and other namespaces",
-                        fix=_nesting_fix(exc.errno)) from None
+        detail, fix = _nesting_fix(exc.errno)
+        raise StepError("unshare", exc.errno, detail, fix) from None
     inner_uid, inner_gid = (0, 0) if spec["root"] else (uid, gid)
     for step, path, text in (
         ("setgroups", "/proc/self/setgroups", "deny"),
@@ -168,22 +168,23 @@ def _enter_namespaces(spec):
 
 
 def _nesting_fix(err):
-    """The fix for a failed unshare when we run inside a sandbox whose seccomp
-    filter blocks user namespaces (None: the generic fix)."""
+    """(detail, fix) for a failed unshare: inside a corral sandbox (or another
+    seccomp filter) blocking user namespaces, say so; else the generic fix."""
+    generic = "creating user, mount, pid and other namespaces", None
     if err != errno.EPERM:
-        return None
+        return generic
     if os.environ.get("CORRAL_SANDBOX"):
         return ("corral cannot nest inside corral (user namespaces are blocked by the "
-                "sandbox's seccomp filter). Fix: --allow-nested on the outer sandbox")
+                "sandbox's seccomp filter)", "--allow-nested on the outer sandbox")
     try:
         with open("/proc/self/status") as f:
             filtered = any(line.split() == ["Seccomp:", "2"] for line in f)
     except OSError:
         filtered = False
     if filtered:
-        return ("a seccomp filter on this process (a container's?) blocks user namespaces; "
-                "run corral outside it or relax its filter")
-    return None
+        return ("a seccomp filter on this process (a container's?) blocks user namespaces",
+                "run corral outside it, or allow unshare(CLONE_NEWUSER) in that filter")
+    return generic
 
 
 # ---------------------------------------------------------------- pid 1 (D)
@@ -214,6 +215,8 @@ def _pid1(ctl, spec, lifeline):
         libc.sethostname(spec["hostname"])
     except OSError as exc:
         raise StepError("sethostname", exc.errno, spec["hostname"]) from None
+    # Before the mounts: libseccomp must be loaded while the host's /usr is there.
+    hardened = _prepare_hardening(spec)
     _setup_network(ctl, spec)
     _setup_root(spec)
     send(ctl, {"ready": True})
@@ -221,7 +224,7 @@ def _pid1(ctl, spec, lifeline):
         message, _ = recv(ctl)
         if not message or not message.get("go"):
             return 1  # P went away or refused: run nothing
-    child = _spawn_command(ctl, spec, lifeline)
+    child = _spawn_command(ctl, spec, lifeline, hardened)
     send(ctl, {"child": child})
     code, sig = _supervise(child, mask)
     send(ctl, {"exit": code, "signal": sig})
@@ -257,11 +260,10 @@ def _setup_root(spec):
         ) from None
 
 
-def _spawn_command(ctl, spec, lifeline):
+def _spawn_command(ctl, spec, lifeline, hardened):
     argv = spec["argv"]
     # Tells a corral started inside that it is nested (see _nesting_fix).
     env = dict(spec["env"], CORRAL_SANDBOX="1")
-    hardened = _prepare_hardening(spec)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -324,8 +326,6 @@ def _which(name, path):
 
 
 def _prepare_hardening(spec):
-    from . import harden, seccomp
-
     try:
         return harden.prepare(spec.get("harden"))
     except (harden.HardenError, seccomp.SeccompError) as exc:
@@ -344,8 +344,6 @@ def _become_command(spec, hardened):
         signal.signal(sig, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     os.chdir(spec["cwd"])
-    from . import harden
-
     harden.apply(hardened)  # last: limits, no capabilities, seccomp
 
 
