@@ -162,6 +162,14 @@ def checks():
             "--net filtered) — or use --net none",
         ))
 
+    from .hardening import cgroup_delegation
+
+    delegated, detail = cgroup_delegation()
+    results.append(Check(  # optional: without it the limits are rlimits only
+        name="cgroup v2 delegation", ok=True,
+        detail=detail if delegated else "not available (%s)" % detail,
+    ))
+
     try:
         from .bindings import load
 

@@ -422,3 +422,52 @@ def test_tmpfs_filler_is_bounded():
     st = corral(*NONE, "--", PY, "-c", "import os; s = os.statvfs('/tmp'); "
                 "print(s.f_blocks * s.f_frsize)").stdout
     assert int(st) <= 1 << 30
+
+
+# ------------------------------------------------------------ pure parts
+
+
+@pytest.mark.parametrize("text, size", [("512M", 512 << 20), ("2G", 2 << 30), ("1048576", 1 << 20),
+                                        ("64k", 64 << 10), ("1GiB", 1 << 30), (4096, 4096)])
+def test_sizes(text, size):
+    from corral.hardening import parse_size
+
+    assert parse_size(text) == size
+
+
+def _fake_cgroup(tmp_path, controllers, writable=True, v1=False):
+    root = tmp_path / "cgroup"
+    here = root / "user.slice" / "app.scope"
+    here.mkdir(parents=True)
+    if not v1:
+        (root / "cgroup.controllers").write_text("cpu memory pids\n")
+    (here / "cgroup.controllers").write_text(controllers)
+    (here / "cgroup.procs").write_text("")
+    if not writable:
+        here.chmod(0o555)
+        (here / "cgroup.procs").chmod(0o444)
+    status = tmp_path / "self_cgroup"
+    status.write_text("0::/user.slice/app.scope\n")
+    return str(root), str(status)
+
+
+def test_cgroup_delegation_detection(tmp_path):
+    from corral.hardening import cgroup_delegation
+
+    ok, detail = cgroup_delegation(*_fake_cgroup(tmp_path / "a", "memory pids\n"))
+    assert ok and "delegated" in detail
+    ok, detail = cgroup_delegation(*_fake_cgroup(tmp_path / "b", "cpu\n"))
+    assert not ok and "memory, pids" in detail
+    ok, detail = cgroup_delegation(*_fake_cgroup(tmp_path / "c", "memory pids\n", v1=True))
+    assert not ok and "v1" in detail
+    if os.getuid() != 0:
+        ok, detail = cgroup_delegation(*_fake_cgroup(tmp_path / "d", "memory pids\n", writable=False))
+        assert not ok and "not delegated" in detail
+
+
+def test_doctor_says_whether_cgroup_delegation_is_available():
+    from corral import doctor
+    from corral.hardening import cgroup_delegation
+
+    check = next(c for c in doctor.checks() if c.name == "cgroup v2 delegation")
+    assert check.ok and check.detail.startswith("not available") != cgroup_delegation()[0]
