@@ -268,6 +268,25 @@ def test_exec_forwards_sigterm(env, stop_all):
     assert proc.poll() is None  # the sandbox itself goes on
 
 
+def test_exec_from_a_threaded_program_uses_a_fresh_interpreter(env, stop_all):
+    """setns into a user namespace refuses a multithreaded caller: the library
+    then starts the joining process with exec instead of fork."""
+    proc = start(env, "--net", "none", argv=["sh", "-c", "echo hi > /tmp/f; echo ready; sleep 30"],
+                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    stop_all.append(proc)
+    assert proc.stdout.readline() == "ready\n"
+    row = wait_listed(env, proc)
+    code = f"""
+import threading
+threading.Thread(target=threading.Event().wait, daemon=True).start()
+from corral import launch, state
+assert not launch.can_fork()
+print(state.exec_in(state.find({row["id"]!r}), ["sh", "-c", "cat /tmp/f; exit 4"]))
+"""
+    out = subprocess.run([PY, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert (out.stdout, out.returncode) == ("hi\n4\n", 0), out.stderr
+
+
 # ------------------------------------------------------------------ network policy
 
 
