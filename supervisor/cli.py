@@ -86,7 +86,8 @@ def _add_sandbox_options(p):
     net.add_argument("--data-path", choices=("direct", "pump"))
     net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
     net.add_argument("--monitor", action="store_true",
-                     help="show connections and DNS live (see docs/events.md for where it draws)")
+                     help="show connections and DNS live: redrawn on the terminal when the "
+                     "command's output is redirected, else one line per event on stderr")
     audit = p.add_argument_group("report")
     audit.add_argument("--report", metavar="FILE",
                        help="write the audit report (JSON, schema corral.audit/1) at exit")

@@ -426,3 +426,39 @@ def test_terminal_lines_in_the_world(world, tmux, tmp_path):
     assert "corral: dns A www.corral.test -> 198.51.100.10" in screen
     colored = tmux.screen(escapes=True)
     assert re.search(r"\x1b\[[0-9;]*31m[^\n]*DENY tcp 198\.51\.100\.7:80", colored), colored
+
+
+@needs_tmux
+@pytest.mark.network
+def test_top_in_a_second_terminal(world, tmux, tmp_path):
+    # The sandbox runs elsewhere (its output to a file); `corral top ID` follows it live.
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    script = "sleep 1; " + NET_SCRIPT
+    with open(tmp_path / "out", "w") as out:
+        box = world.popen([sys.executable, "-m", "corral", "run", "--allow", "www.corral.test",
+                           "--", "sh", "-c", script], cwd=str(tmp_path), env=env, stdout=out,
+                          stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 20
+    while True:
+        ps = world.run([sys.executable, "-m", "corral", "ps", "--json"], env=env,
+                       capture_output=True, text=True, cwd=str(tmp_path))
+        running = json.loads(ps.stdout or "[]")
+        if running:
+            break
+        assert box.poll() is None and time.monotonic() < deadline, (ps, (tmp_path / "out").read_text())
+        time.sleep(0.1)
+    (entry,) = running
+    top = shlex.join(["env", f"XDG_RUNTIME_DIR={runtime}", *world.argv(
+        [sys.executable, "-m", "corral", "top", entry["id"][:6]], cwd=str(tmp_path))])
+    tmux.start(f"{top}; echo top-rc=$?; sleep 30")
+    live = tmux.wait_for("running", "www.corral.test", "198.51.100.7:80")
+    assert entry["id"] in live and "deny default-deny" in line_with(live, "198.51.100.7:80")
+    try:
+        final = tmux.wait_for("exited 0", "top-rc=0")
+    except AssertionError:
+        raise AssertionError((box.poll(), (tmp_path / "out").read_text(), list(runtime.rglob("*")),
+                              [p.read_text() for p in runtime.rglob("events.jsonl")]))
+    assert "conns 2 (0 open, 1 denied)" in final or "1 denied" in final, final
+    assert box.wait(timeout=30) == 0
