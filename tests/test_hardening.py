@@ -471,3 +471,16 @@ def test_doctor_says_whether_cgroup_delegation_is_available():
 
     check = next(c for c in doctor.checks() if c.name == "cgroup v2 delegation")
     assert check.ok and check.detail.startswith("not available") != cgroup_delegation()[0]
+
+
+def test_library_mode_gets_the_same_hardening():
+    """corral.enter(): the calling Python program goes on inside, with no
+    execve in between — it must lose its capabilities and get the filter."""
+    code = ("import corral\ncorral.enter(corral.Config(net='none'))\n"
+            "s = dict(l.split(':\\t') for l in open('/proc/self/status').read().splitlines() "
+            "if ':\\t' in l)\nprint(s['Seccomp'], s['CapEff'], s['CapBnd'])\n"
+            "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(libc.unshare(0x10000000), ctypes.get_errno())")
+    result = subprocess.run([PY, "-c", code], capture_output=True, timeout=60)
+    lines = result.stdout.decode().splitlines()
+    assert lines == ["2 0000000000000000 0000000000000000", "-1 %d" % errno.EPERM], result.stderr
