@@ -58,22 +58,41 @@ def run(argv, *, config=None, capture_output=False, input=None, on_connect=None,
 
 
 def run_config(config, argv, *, on_warning=None, on_timeout=None):
-    """What ``corral run`` calls for sandboxes with a userspace network."""
-    return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout)
+    """What ``corral run`` calls for sandboxes with a userspace network.  As
+    the process's own supervisor, it forwards signals to the sandbox."""
+    return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout, True)
 
 
 async def _run_async(config, argv, capture_output, input, callbacks, on_warning=None,
-                     on_timeout=None):
+                     on_timeout=None, forward_signals=False):
     pipe = subprocess.PIPE if capture_output else None
     async with open_sandbox(config, **callbacks) as box:
         box._on_warning = on_warning
         box._on_timeout = on_timeout
-        proc = await box.start(argv, stdin=subprocess.PIPE if input is not None else None,
-                               stdout=pipe, stderr=pipe)
-        out, err = await proc.communicate(input)
-        await proc.wait()
+        with contextlib.ExitStack() as stack:
+            if forward_signals:
+                receiver = stack.enter_context(trio.open_signal_receiver(*stage1.FORWARDED))
+            proc = await box.start(argv, stdin=subprocess.PIPE if input is not None else None,
+                                   stdout=pipe, stderr=pipe)
+            async with trio.open_nursery() as nursery:
+                if forward_signals:
+                    nursery.start_soon(_forward_signals, receiver, proc)
+                out, err = await proc.communicate(input)
+                await proc.wait()
+                nursery.cancel_scope.cancel()
     return attrs.evolve(proc.result, stdout=out, stderr=err, events=tuple(box.recorded_events),
                         report=box.report)
+
+
+async def _forward_signals(receiver, proc):
+    """SIGTERM, SIGHUP, SIGUSR1/2 go to the sandbox's pid 1, which passes them
+    on; keyboard signals only when the terminal did not already deliver them
+    to the command (see docs/design.md)."""
+    keyboard_direct = _launch.in_terminal_foreground()
+    async for sig in receiver:
+        if sig in _launch.KEYBOARD_SIGNALS and keyboard_direct:
+            continue
+        proc.send_signal(sig)
 
 
 # ---------------------------------------------------------------- open_sandbox
@@ -117,7 +136,7 @@ class Sandbox:
     _netplan: object = None
     _on_warning: object = None
     _on_timeout: object = None
-    _ended: bool = False
+    _ended: trio.Event | None = None  # set once the sandbox has fully ended
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
     report: dict | None = None
@@ -185,9 +204,17 @@ class Sandbox:
     async def _end(self):
         """The sandbox is over: stop its network, record the exit, end the
         event stream (so ``events()`` iterators finish)."""
-        if self._ended:
+        if self._ended is not None:  # another caller is ending it: wait for that
+            with trio.CancelScope(shield=True):
+                await self._ended.wait()
             return
-        self._ended = True
+        self._ended = trio.Event()
+        try:
+            await self._finish_end()
+        finally:
+            self._ended.set()
+
+    async def _finish_end(self):
         with trio.CancelScope(shield=True):
             if self.network is not None:
                 await self.network.aclose()

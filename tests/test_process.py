@@ -60,9 +60,10 @@ def test_pid1_reaps_orphaned_zombies():
     assert corral(*NONE, "sh", "-c", script).stdout.strip() == b"0"
 
 
+@pytest.mark.parametrize("net", ["none", "filtered"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
                                  signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH])
-def test_signal_sent_to_corral_reaches_the_command(sig, tmp_path):
+def test_signal_sent_to_corral_reaches_the_command(sig, net, tmp_path):
     # The command reports each signal it gets and exits on the second line.
     script = (
         "import signal, sys, time\n"
@@ -73,7 +74,7 @@ def test_signal_sent_to_corral_reaches_the_command(sig, tmp_path):
         "time.sleep(30)\n" % sig
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "corral", *NONE, sys.executable, "-c", script],
+        [sys.executable, "-m", "corral", "run", "--net", net, "--", sys.executable, "-c", script],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )
     try:
