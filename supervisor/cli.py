@@ -66,6 +66,8 @@ def _add_sandbox_options(p):
     proc.add_argument("--allow-nested", action="store_true",
                       help="let the command create user namespaces (a corral inside corral)")
     proc.add_argument("--memory", metavar="BYTES", help="address-space limit, e.g. 512M, 2G")
+    proc.add_argument("--tmp-size", metavar="BYTES", default="1G",
+                      help="size limit of /tmp, /dev/shm and each --tmpfs (default 1G)")
     proc.add_argument("--pids", type=int, metavar="N", help="at most N processes and threads")
     proc.add_argument("--cpu-time", type=int, metavar="SECONDS", help="CPU seconds, then SIGKILL")
     proc.add_argument("--nofile", type=int, metavar="N", help="at most N open files")

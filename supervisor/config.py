@@ -136,6 +136,8 @@ class Config:
     seccomp: str = attrs.field(default="default", validator=lambda i, a, v: hardening.check_seccomp(v))
     allow_nested: bool = False
     memory: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_size(v, "--memory"))
+    tmp_size: int | None = attrs.field(default=1 << 30,
+                                       converter=lambda v: hardening.parse_size(v, "--tmp-size"))
     pids: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_count(v, "--pids"))
     cpu_time: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_count(v, "--cpu-time"))
     nofile: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_count(v, "--nofile"))

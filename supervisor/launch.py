@@ -118,6 +118,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     cwd = os.path.realpath(config.cwd or os.getcwd())
     if not os.path.isdir(cwd):
         raise ConfigError("--cwd %s: no such directory" % cwd)
+    harden = hardening.spec(config)  # may reject input: before anything is created
     scratch_root = config.scratch or default_scratch_root()
     _private_dir(scratch_root, explicit=bool(config.scratch))
     try:
@@ -138,6 +139,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             scratch=scratch,
             resolv_conf=SANDBOX_RESOLV_CONF if config.net == "filtered" else None,
             runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
+            tmp_size=config.tmp_size,
         )
         plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
     except BaseException:
@@ -156,7 +158,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         "tty": stdin_is_tty,
         "wait_go": config.net == "filtered",
         "tap": TAP,
-        "harden": hardening.spec(config),
+        "harden": harden,
     }
     return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings))
 

@@ -416,12 +416,25 @@ def test_limit_above_the_hard_limit_is_refused_before_running():
     assert b"--nofile" in result.stderr and b"hard limit" in result.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="spawn/mounts.py mounts /tmp without size=: a filler "
-                   "can use half the host's RAM (reported to the lead)")
 def test_tmpfs_filler_is_bounded():
     st = corral(*NONE, "--", PY, "-c", "import os; s = os.statvfs('/tmp'); "
                 "print(s.f_blocks * s.f_frsize)").stdout
-    assert int(st) <= 1 << 30
+    assert int(st) <= 1 << 30  # the default cap, not half the host's RAM
+
+
+@pytest.mark.parametrize("where", ["/tmp", "/dev/shm"])
+def test_tmpfs_filler_hits_enospc_at_tmp_size(where):
+    filler = (
+        "import errno\n"
+        "f = open(%r + '/fill', 'wb')\n"
+        "try:\n"
+        "    for _ in range(64):\n"
+        "        f.write(b'x' * (1 << 20)); f.flush()\n"
+        "except OSError as exc:\n"
+        "    print(errno.errorcode[exc.errno])\n" % where
+    )
+    result = corral("run", "--net", "none", "--tmp-size", "8M", "--", PY, "-c", filler)
+    assert result.stdout.strip() == b"ENOSPC"
 
 
 # ------------------------------------------------------------ pure parts

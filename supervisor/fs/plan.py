@@ -81,6 +81,7 @@ class FsSpec:
     hidden_extra: tuple = attrs.field(default=(), converter=tuple)
     scratch: str
     resolv_conf: str | None = None
+    tmp_size: int | None = None  # bytes for each tmpfs (/tmp, /dev/shm, --tmpfs); None: kernel default
     runtime_dir: str | None = None  # $XDG_RUNTIME_DIR; None: /run/user/<uid> if it exists
 
 
@@ -318,10 +319,10 @@ class _Planner:
         if mode == "default":
             self.overlay_tree("/", Stat("dir"), create=True)
         self.emit("proc")
-        self.emit("dev")
+        self.emit("dev", size=self.spec.tmp_size)
         if mode != "hermetic":
             self.emit("sys")
-        self.emit("tmp")
+        self.emit("tmp", size=self.spec.tmp_size)
 
     # ---------------------------------------------------------------- layers
 
@@ -437,7 +438,8 @@ class _Planner:
                     self.emit("hide_file", path=path, create=create)
                 done.append((path, False))
             elif action == "tmpfs":
-                self.emit("tmpfs", path=path, mode=0o755, ro=False, create=create)
+                self.emit("tmpfs", path=path, mode=0o755, ro=False, create=create,
+                          size=self.spec.tmp_size)
                 done.append((path, False))
             elif action == "overlay":
                 self.overlay_tree(path, st, create)

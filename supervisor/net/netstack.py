@@ -220,12 +220,25 @@ class Netstack:
         self._check_open()
         return _b.inject(self.handle, frames)
 
+    def inject_packed(self, data, lens, n):
+        """Pump mode: push ``n`` frames packed in the buffer ``data``, sizes
+        in ``lens`` (from ``corral.bindings.netstack.new_lens``): no copy."""
+        self._check_open()
+        return _b.inject_packed(self.handle, data, lens, n)
+
     def read_frames(self):
         """Pump mode: outbound frames queued right now (at most a batch)."""
+        return self._frame_reader().read(self.handle)
+
+    def read_frame_views(self):
+        """Like :meth:`read_frames`, as memoryviews valid until the next call."""
+        return self._frame_reader().read_views(self.handle)
+
+    def _frame_reader(self):
         self._check_open()
         if self._frames is None:
-            raise ValueError("read_frames needs mode='pump'")
-        return self._frames.read(self.handle)
+            raise ValueError("reading frames needs mode='pump'")
+        return self._frames
 
     # --------------------------------------------------------------- closing
 

@@ -20,6 +20,8 @@ import struct
 import attrs
 import trio
 
+from corral.bindings.netstack import new_lens
+
 log = logging.getLogger("corral.net.pump")
 
 # Frames read from the TAP per batch before they are injected together.
@@ -156,6 +158,34 @@ async def run_pump(netstack, tap_fd, on_packet=None, *, task_status=trio.TASK_ST
 
 
 async def _sandbox_to_stack(netstack, fd, on_packet, pump):
+    if on_packet is not None:
+        await _sandbox_to_stack_filtered(netstack, fd, on_packet, pump)
+        return
+    # No filter: read frames back to back into one reused buffer and inject
+    # them in one call, without a Python object per frame.
+    data = bytearray(BATCH * _READ_SIZE)
+    view = memoryview(data)
+    lens = new_lens(BATCH)
+    readv = os.readv
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        n = off = 0
+        while n < BATCH:
+            try:
+                got = readv(fd, (view[off:off + _READ_SIZE],))
+            except BlockingIOError:
+                break
+            lens[n] = got
+            off += got
+            n += 1
+        if n:
+            netstack.inject_packed(view, lens, n)
+            pump.frames_in += n
+        # Let the outbound loop and the event loop run between batches.
+        await trio.lowlevel.checkpoint()
+
+
+async def _sandbox_to_stack_filtered(netstack, fd, on_packet, pump):
     while True:
         await trio.lowlevel.wait_readable(fd)
         frames = []
@@ -164,19 +194,22 @@ async def _sandbox_to_stack(netstack, fd, on_packet, pump):
                 frames.append(os.read(fd, _READ_SIZE))
             except BlockingIOError:
                 break
-        if on_packet is not None:
-            frames = _filter(pump, on_packet, frames, "egress")
+        frames = _filter(pump, on_packet, frames, "egress")
         if frames:
             netstack.inject(frames)
             pump.frames_in += len(frames)
-        # Let the outbound loop and the event loop run between batches.
         await trio.lowlevel.checkpoint()
 
 
 async def _stack_to_sandbox(netstack, fd, on_packet, pump):
+    write = os.write
     while True:
         gen = netstack.ready_gen
-        frames = netstack.read_frames()
+        if on_packet is None:
+            # Views into the reader's buffer: written before the next read.
+            frames = netstack.read_frame_views()
+        else:
+            frames = netstack.read_frames()
         if not frames:
             await netstack.wait_ready(gen)
             continue
@@ -185,7 +218,7 @@ async def _stack_to_sandbox(netstack, fd, on_packet, pump):
         for raw in frames:
             while True:
                 try:
-                    os.write(fd, raw)
+                    write(fd, raw)
                     break
                 except BlockingIOError:
                     await trio.lowlevel.wait_writable(fd)

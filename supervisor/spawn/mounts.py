@@ -42,6 +42,13 @@ _ERRNO_FIXES = {
 }
 
 
+
+def _tmpfs_data(options, op):
+    """tmpfs options, with the size limit the plan carries (a filler inside
+    must not eat the host's memory: tmpfs defaults to half of RAM)."""
+    size = op.get("size")
+    return options + (",size=%d" % size if size else "")
+
 class MountError(Exception):
     """A step of :func:`setup_root` failed: ``step``, ``path``, ``errno`` and a
     ``fix`` for the user."""
@@ -232,7 +239,8 @@ class _Builder:
         target = self.at(op["path"])
         self.create(op, target)
         flags = _NOSUID_NODEV | (libc.MS_RDONLY | libc.MS_NOEXEC if op.get("ro") else 0)
-        self.mount("tmpfs", op["path"], "tmpfs", target, "tmpfs", flags, "mode=%o" % op.get("mode", 0o755))
+        self.mount("tmpfs", op["path"], "tmpfs", target, "tmpfs", flags,
+                   _tmpfs_data("mode=%o" % op.get("mode", 0o755), op))
 
     def op_hide_file(self, op):
         if self.empty_file is None:
@@ -267,7 +275,8 @@ class _Builder:
         os.mkdir(dev + "/shm", 0o1777)
         self.mount("mount devpts", "/dev/pts", "devpts", dev + "/pts", "devpts",
                    libc.MS_NOSUID | libc.MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620")
-        self.mount("mount /dev/shm", "/dev/shm", "tmpfs", dev + "/shm", "tmpfs", _NOSUID_NODEV, "mode=1777")
+        self.mount("mount /dev/shm", "/dev/shm", "tmpfs", dev + "/shm", "tmpfs", _NOSUID_NODEV,
+                   _tmpfs_data("mode=1777", op))
         for name, target in DEV_LINKS:
             os.symlink(target, dev + "/" + name)
 
@@ -279,7 +288,8 @@ class _Builder:
     def op_tmp(self, op):
         target = self.root + "/tmp"
         self.mkdir(target, 0o1777)
-        self.mount("mount /tmp", "/tmp", "tmpfs", target, "tmpfs", _NOSUID_NODEV, "mode=1777")
+        self.mount("mount /tmp", "/tmp", "tmpfs", target, "tmpfs", _NOSUID_NODEV,
+                   _tmpfs_data("mode=1777", op))
 
     def op_file(self, op):
         self.files += 1
