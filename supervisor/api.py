@@ -327,7 +327,7 @@ class Process:
                     if self._launch.spec.get("wait_go"):
                         stage1.send(self._ctl, {"go": True})
                 elif "child" in message:
-                    self.pid = _launch.child_host_pid(self.d_pid)
+                    self.pid = message.get("pid")
                     self._status.write(**{"child-pid": self.pid})
                     self._register()
                     self._box.stream.emit(SandboxStartEvent(

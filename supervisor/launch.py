@@ -179,6 +179,7 @@ def fork_stage1(launch):
     Return (pid, ctl socket).  In library mode the child comes back out of
     this call as E, raising :class:`corral.spawn.stage1.Entered`."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stage1.passcred(ours)
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
@@ -194,6 +195,7 @@ def exec_stage1(launch, stdio=(None, None, None)):
     import subprocess
 
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    stage1.passcred(ours)
     fd = theirs.fileno()
     argv = [sys.executable, "-I", "-m", "corral.spawn.stage1", str(fd), str(os.getpid())]
     stdin, stdout, stderr = stdio
@@ -203,16 +205,6 @@ def exec_stage1(launch, stdio=(None, None, None)):
         theirs.close()
     stage1.send(ours, launch.spec)
     return proc, ours
-
-
-def child_host_pid(d_pid):
-    """E's pid as seen from the supervisor (D has exactly one child: E)."""
-    try:
-        text = _read("/proc/%d/task/%d/children" % (d_pid, d_pid))
-    except OSError:
-        return None
-    pids = text.split()
-    return int(pids[0]) if pids else None
 
 
 def error_from(report):
@@ -382,7 +374,7 @@ def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout, re
             if "d_pid" in message:
                 d_pid = message["d_pid"]
             elif "child" in message:
-                child = child_host_pid(d_pid) if d_pid else None
+                child = message.get("pid")
                 status.write(**{"child-pid": child})
                 registration.extend(_register(launch, d_pid, child))
             elif "exit" in message:

@@ -71,19 +71,49 @@ class StepError(Exception):
                 "exit_code": self.exit_code}
 
 
-def send(ctl, message, fds=()):
-    data = json.dumps(message).encode()
+_CREDS = struct.Struct("iII")  # struct ucred: pid, uid, gid
+
+
+def send(ctl, message, fds=(), pid=None):
+    """One JSON datagram, with fds (SCM_RIGHTS) and/or a pid (SCM_CREDENTIALS).
+
+    A pid sent as credentials arrives translated into the receiver's pid
+    namespace: that is how pid 1 tells the supervisor the command's host pid
+    without a race against the command exiting (the kernel checks that the
+    sender may vouch for it: pid 1 has CAP_SYS_ADMIN over its pid namespace)."""
+    ancillary = []
     if fds:
-        socket.send_fds(ctl, [data], list(fds))
-    else:
-        ctl.send(data)
+        ancillary.append((socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds)))
+    if pid is not None:
+        ancillary.append((socket.SOL_SOCKET, socket.SCM_CREDENTIALS,
+                          _CREDS.pack(pid, os.getuid(), os.getgid())))
+    ctl.sendmsg([json.dumps(message).encode()], ancillary)
 
 
 def recv(ctl):
-    data, fds, _flags, _addr = socket.recv_fds(ctl, MAX_MESSAGE, 4)
+    """(message, fds) — message is None at EOF.  A pid sent as credentials is
+    in ``message["pid"]``, in our pid namespace (needs SO_PASSCRED on ctl)."""
+    data, ancdata, _flags, _addr = ctl.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * 4)
+                                               + socket.CMSG_SPACE(_CREDS.size))
+    fds = []
+    pid = None
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % 4
+            fds.extend(struct.unpack("%di" % (usable // 4), payload[:usable]))
+        elif level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
+            pid = _CREDS.unpack(payload[:_CREDS.size])[0]
     if not data:
         return None, fds
-    return json.loads(data), fds
+    message = json.loads(data)
+    if pid is not None and "child" in message:
+        message["pid"] = pid
+    return message, fds
+
+
+def passcred(sock):
+    """Let ``sock`` receive SCM_CREDENTIALS (set before the peer sends)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
 
 
 def _report(ctl, exc):
@@ -225,7 +255,7 @@ def _pid1(ctl, spec, lifeline):
         if not message or not message.get("go"):
             return 1  # P went away or refused: run nothing
     child = _spawn_command(ctl, spec, lifeline, hardened)
-    send(ctl, {"child": child})
+    send(ctl, {"child": child}, pid=child)
     code, sig = _supervise(child, mask)
     send(ctl, {"exit": code, "signal": sig})
     return code
