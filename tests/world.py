@@ -55,6 +55,7 @@ import json
 import os
 import selectors
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -206,14 +207,42 @@ class World:
             prefix.append(f"--wd={os.fspath(cwd) if cwd is not None else os.getcwd()}")
         return [*prefix, "--", *map(os.fspath, argv)]
 
-    def run(self, argv, **kw) -> subprocess.CompletedProcess:
-        """subprocess.run(argv) inside the world (default timeout 120 s)."""
-        kw.setdefault("timeout", _DEFAULT_RUN_TIMEOUT)
-        return subprocess.run(self.argv(argv, cwd=kw.get("cwd")), **kw)
+    def run(self, argv, *, input=None, timeout=_DEFAULT_RUN_TIMEOUT, check=False, **kw) -> subprocess.CompletedProcess:
+        """subprocess.run(argv) inside the world, in its own process group.
+
+        On timeout the whole group is killed (not only nsenter), then TimeoutExpired is
+        raised as subprocess.run does.
+        """
+        if input is not None:
+            kw["stdin"] = subprocess.PIPE
+        if kw.pop("capture_output", False):
+            kw["stdout"] = kw["stderr"] = subprocess.PIPE
+        kw.setdefault("process_group", 0)
+        with subprocess.Popen(self.argv(argv, cwd=kw.get("cwd")), **kw) as proc:
+            try:
+                out, err = proc.communicate(input, timeout=timeout)
+            except subprocess.TimeoutExpired as exc:
+                _kill_group(proc)
+                try:
+                    exc.output, exc.stderr = proc.communicate(timeout=5)
+                except subprocess.TimeoutExpired:
+                    pass  # something left the process group and holds the pipes
+                raise
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        if check:
+            done.check_returncode()
+        return done
 
     def popen(self, argv, **kw) -> subprocess.Popen:
-        """subprocess.Popen(argv) inside the world; killed by close() if still running."""
-        proc = subprocess.Popen(self.argv(argv, cwd=kw.get("cwd")), **kw)
+        """subprocess.Popen(argv) inside the world.
+
+        The process gets SIGKILL when the thread that started it exits (PR_SET_PDEATHSIG,
+        through ``setpriv``), and close() kills it if it is still running.
+        """
+        world_argv = self.argv(argv, cwd=kw.get("cwd"))
+        if shutil.which("setpriv"):
+            world_argv = ["setpriv", "--pdeathsig", "KILL", *world_argv]
+        proc = subprocess.Popen(world_argv, **kw)
         self._children.append(proc)
         return proc
 
@@ -269,6 +298,14 @@ class World:
                 self._buf += chunk
         line, self._buf = self._buf.split(b"\n", 1)
         return json.loads(line)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.kill()
 
 
 def _make_files(directory: Path) -> None:
