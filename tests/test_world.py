@@ -31,7 +31,6 @@ from world import (
     V4_ADDRESSES,
     V6_ADDRESSES,
     World,
-    world,  # noqa: F401  (fixture, until conftest.py imports it)
 )
 
 pytestmark = pytest.mark.network
