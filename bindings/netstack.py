@@ -183,6 +183,24 @@ def inject(h, frames):
     return check(lib.corral_stack_inject(h, ffi.from_buffer(data), lens, n), "injecting frames", h)
 
 
+def inject_packed(h, data, lens, n):
+    """Pump mode: push ``n`` frames packed back to back in ``data`` (any
+    buffer: bytearray, memoryview) with their sizes in ``lens`` (a
+    ``uint32_t[]`` from :func:`new_lens`).  No copy on the Python side."""
+    if n == 0:
+        return 0
+    if not 0 < n <= len(lens):
+        raise ValueError("frame count %d does not fit the %d lengths" % (n, len(lens)))
+    if sum(lens[0:n]) > len(data):
+        raise ValueError("frame lengths exceed the buffer")
+    return check(lib.corral_stack_inject(h, ffi.from_buffer(data), lens, n), "injecting frames", h)
+
+
+def new_lens(n):
+    """A reusable ``uint32_t[n]`` for :func:`inject_packed`."""
+    return ffi.new("uint32_t[]", n)
+
+
 class FrameReader:
     """Pump mode: drains outbound frames into a reusable buffer."""
 
@@ -191,17 +209,24 @@ class FrameReader:
         self._buf = ffi.new("uint8_t[]", buf_size)
         self._lens = ffi.new("uint32_t[]", max_frames)
         self._size = buf_size
+        self._view = memoryview(ffi.buffer(self._buf))
 
     def read(self, h):
-        """Return up to ``max_frames`` frames; fewer means the queue is empty."""
+        """Return up to ``max_frames`` frames (bytes); fewer means the queue
+        is empty."""
+        return [bytes(v) for v in self.read_views(h)]
+
+    def read_views(self, h):
+        """Like :meth:`read` but returns memoryviews into the reader's buffer,
+        valid until the next call: no copy per frame."""
         n = check(lib.corral_stack_read_frames(h, self._buf, self._size, self._lens, self.max_frames),
                   "reading frames", h)
-        buf = ffi.buffer(self._buf)
         out = []
         off = 0
+        view = self._view
         for i in range(n):
             ln = self._lens[i]
-            out.append(bytes(buf[off:off + ln]))
+            out.append(view[off:off + ln])
             off += ln
         return out
 

@@ -278,10 +278,9 @@ func corral_stack_inject(h C.int, buf *C.uint8_t, lens *C.uint32_t, n C.int) C.i
 	data := unsafe.Slice((*byte)(unsafe.Pointer(buf)), total)
 	off := 0
 	for _, l := range ls {
-		frame := make([]byte, int(l))
-		copy(frame, data[off:off+int(l)])
+		// Inject copies the frame: C memory is not kept past this call.
+		st.pump.Inject(data[off : off+int(l)])
 		off += int(l)
-		st.pump.Inject(frame)
 	}
 	return n
 }

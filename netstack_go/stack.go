@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"runtime"
+	"runtime/pprof"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -111,6 +113,8 @@ type Stack struct {
 	synMu   sync.Mutex // guards synHdrs
 	synHdrs map[stack.TransportEndpointID][]byte
 
+	profile *os.File // CPU profile being written, see profileEnv
+
 	udpFlows  flowTable // pending UDP flows by 4-tuple
 	icmpFlows flowTable // ping flows by echoKey
 }
@@ -134,6 +138,7 @@ func New(cfg Config) (_ *Stack, err error) {
 		synHdrs:  make(map[stack.TransportEndpointID][]byte),
 	}
 	st.events.notify = st.kick
+	st.startProfile()
 	st.icmpFlows.init()
 	defer func() {
 		if err != nil {
@@ -250,6 +255,34 @@ func (st *Stack) tune() error {
 	return nil
 }
 
+// profileEnv names a file for a Go CPU profile of the stack's life (the
+// performance work: `go tool pprof libcorralnet.so FILE`).  Unset: nothing.
+const profileEnv = "CORRAL_NETSTACK_CPUPROFILE"
+
+func (st *Stack) startProfile() {
+	path := os.Getenv(profileEnv)
+	if path == "" {
+		return
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return
+	}
+	if pprof.StartCPUProfile(f) != nil {
+		f.Close()
+		return
+	}
+	st.profile = f
+}
+
+func (st *Stack) stopProfile() {
+	if st.profile != nil {
+		pprof.StopCPUProfile()
+		st.profile.Close()
+		st.profile = nil
+	}
+}
+
 // kick signals the eventfd: events or frames are waiting.
 func (st *Stack) kick() {
 	var one = [8]byte{1}
@@ -315,6 +348,7 @@ func (st *Stack) Close() {
 	st.mu.Unlock()
 
 	st.cancel()
+	st.stopProfile()
 	for _, fn := range closers {
 		fn()
 	}
@@ -434,9 +468,9 @@ func reasonFor(err error) int32 {
 
 // Stats is the counter snapshot of corral_stack_stats.
 type Stats struct {
-	FlowsTotal, FlowsOpen, Pending, DNSQueries  uint64
-	FramesIn, FramesOut, Drops, EventsQueued    uint64
-	Goroutines                                  uint64
+	FlowsTotal, FlowsOpen, Pending, DNSQueries uint64
+	FramesIn, FramesOut, Drops, EventsQueued   uint64
+	Goroutines                                 uint64
 }
 
 // Stats returns the current counters.

@@ -30,8 +30,10 @@ from .spawn import stage1
 
 log = logging.getLogger("corral.launch")
 
+# vnet_hdr: the direct path turns on checksum offload on it (netstack_go/tap.go:
+# +14% up, +13% down through iperf3); the pump strips and adds the header.
 TAP = {"name": "tap0", "mtu": 65520, "ipv4": "10.0.2.100/24", "gateway4": "10.0.2.2",
-       "ipv6": "fd00::100/64", "gateway6": "fd00::2", "txqueuelen": 10000}
+       "ipv6": "fd00::100/64", "gateway6": "fd00::2", "txqueuelen": 10000, "vnet_hdr": True}
 SANDBOX_RESOLV_CONF = "nameserver 10.0.2.3\noptions edns0 trust-ad\n"
 SETUP_FAILED = 125  # corral itself failed before the command ran (like docker run)
 KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH)

@@ -41,7 +41,7 @@ SILENT = W.OTHER_V4[1]  # policy never answers: policy-timeout
 
 # --------------------------------------------------------------------------- agent
 
-def agent_main(sock_fd):
+def agent_main(sock_fd, vnet_hdr):
     import fcntl
     import struct
 
@@ -55,13 +55,14 @@ def agent_main(sock_fd):
         except OSError:
             pass
     tun = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    ifr = struct.pack("16sH", b"tap0", 0x0002 | 0x1000)  # IFF_TAP | IFF_NO_PI
-    fcntl.ioctl(tun, 0x400454CA, ifr)  # TUNSETIFF
+    # IFF_TAP | IFF_NO_PI, and IFF_VNET_HDR as corral.launch.TAP asks.
+    flags = 0x0002 | 0x1000 | (0x4000 if vnet_hdr else 0)
+    fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH", b"tap0", flags))  # TUNSETIFF
     with IPRoute() as ipr:
         lo = ipr.link_lookup(ifname="lo")[0]
         ipr.link("set", index=lo, state="up")
         idx = ipr.link_lookup(ifname="tap0")[0]
-        ipr.link("set", index=idx, mtu=65520, txqlen=1000)
+        ipr.link("set", index=idx, mtu=65520, txqlen=10000)
         ipr.addr("add", index=idx, address="10.0.2.100", prefixlen=24)
         ipr.addr("add", index=idx, address="fd00::100", prefixlen=64, flags=0x02)  # NODAD
         ipr.link("set", index=idx, state="up")
@@ -183,16 +184,24 @@ def main():
 
 # ----------------------------------------------------------------------- scenario
 
-def scenario_main(mode):
-    # Start the sandbox before the Go runtime is loaded: no fork after Go.
+def start_agent(vnet_hdr=True):
+    """Start the sandbox agent; returns (agent process, control socket, TAP fd)."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     agent = subprocess.Popen(
-        ["unshare", "-Urn", sys.executable, os.path.abspath(__file__), "--agent", str(child.fileno())],
+        ["unshare", "-Urn", sys.executable, os.path.abspath(__file__), "--agent", str(child.fileno()),
+         "vnet" if vnet_hdr else "plain"],
         pass_fds=[child.fileno()],
     )
     child.close()
     _, fds, _, _ = socket.recv_fds(parent, 16, 1)
-    tap_fd = fds[0]
+    return agent, parent, fds[0]
+
+
+def scenario_main(variant):
+    # "direct-plain": a TAP without IFF_VNET_HDR (the fdbased link).
+    mode = variant.split("-")[0]
+    # Start the sandbox before the Go runtime is loaded: no fork after Go.
+    agent, parent, tap_fd = start_agent(vnet_hdr=not variant.endswith("-plain"))
 
     import dns.message
     import dns.rrset
@@ -201,7 +210,7 @@ def scenario_main(mode):
     from corral.net.netstack import FlowVerdict, Netstack
     from corral.net.pump import run_pump
 
-    out = {"mode": mode, "events": [], "dns": [], "filter_seen": 0}
+    out = {"mode": mode, "variant": variant, "events": [], "dns": [], "filter_seen": 0}
     pending_calls = {}
     next_id = [0]
 
@@ -352,14 +361,7 @@ def bench_main(mode, seconds=5):
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     bare = {"up": _iperf([], False, seconds), "down": _iperf([], True, seconds)}
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    agent = subprocess.Popen(
-        ["unshare", "-Urn", sys.executable, os.path.abspath(__file__), "--agent", str(child.fileno())],
-        pass_fds=[child.fileno()],
-    )
-    child.close()
-    _, fds, _, _ = socket.recv_fds(parent, 16, 1)
-    tap_fd = fds[0]
+    agent, parent, tap_fd = start_agent()
     enter = ["nsenter", "--preserve-credentials", "-U", "-n", "-t", str(agent.pid)]
 
     import trio
@@ -409,7 +411,7 @@ def _run(world, mode):
     return json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="module", params=["direct", "pump"])
+@pytest.fixture(scope="module", params=["direct", "pump", "direct-plain"])
 def observed(request, world):
     return _run(world, request.param)
 
@@ -510,7 +512,7 @@ def test_pump_filter_drops_packets(observed):
 
 if __name__ == "__main__":
     if sys.argv[1] == "--agent":
-        agent_main(int(sys.argv[2]))
+        agent_main(int(sys.argv[2]), sys.argv[3] == "vnet")
     elif sys.argv[1] == "--scenario":
         scenario_main(sys.argv[2])
     elif sys.argv[1] == "--bench":

@@ -12,6 +12,7 @@ kills the pump.
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import logging
 import os
@@ -27,6 +28,10 @@ log = logging.getLogger("corral.net.pump")
 # Frames read from the TAP per batch before they are injected together.
 BATCH = 64
 _READ_SIZE = 65520 + 14
+
+_TUNGETIFF = 0x800454D2
+_IFF_VNET_HDR = 0x4000
+_VNET_HDR_SIZE = 10  # struct virtio_net_hdr, the TAP's default
 
 ETH_IPV4 = 0x0800
 ETH_IPV6 = 0x86DD
@@ -146,20 +151,38 @@ def _filter(pump, on_packet, frames, direction):
     return kept
 
 
+def _vnet_hdr_size(fd):
+    """10 if the TAP behind ``fd`` was opened with IFF_VNET_HDR (each frame
+    then starts with a virtio_net_hdr), else 0."""
+    ifr = bytearray(40)
+    try:
+        fcntl.ioctl(fd, _TUNGETIFF, ifr)
+    except OSError:  # not a TAP (tests may pump a socketpair)
+        return 0
+    (flags,) = struct.unpack_from("=H", ifr, 16)
+    return _VNET_HDR_SIZE if flags & _IFF_VNET_HDR else 0
+
+
 async def run_pump(netstack, tap_fd, on_packet=None, *, task_status=trio.TASK_STATUS_IGNORED):
     """Move frames until cancelled.  ``tap_fd`` is set non-blocking and stays
-    the caller's.  ``task_status.started(pump)`` hands back the counters."""
+    the caller's.  ``task_status.started(pump)`` hands back the counters.
+
+    A TAP with IFF_VNET_HDR works too: the header is stripped on the way in
+    and written as zeros (no offload asked, none used) on the way out; the
+    pump never enables offloads, so the sandbox's kernel keeps sending
+    complete checksums."""
     os.set_blocking(tap_fd, False)
+    vnet = _vnet_hdr_size(tap_fd)
     pump = Pump()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_sandbox_to_stack, netstack, tap_fd, on_packet, pump)
-        nursery.start_soon(_stack_to_sandbox, netstack, tap_fd, on_packet, pump)
+        nursery.start_soon(_sandbox_to_stack, netstack, tap_fd, on_packet, pump, vnet)
+        nursery.start_soon(_stack_to_sandbox, netstack, tap_fd, on_packet, pump, vnet)
         task_status.started(pump)
 
 
-async def _sandbox_to_stack(netstack, fd, on_packet, pump):
+async def _sandbox_to_stack(netstack, fd, on_packet, pump, vnet):
     if on_packet is not None:
-        await _sandbox_to_stack_filtered(netstack, fd, on_packet, pump)
+        await _sandbox_to_stack_filtered(netstack, fd, on_packet, pump, vnet)
         return
     # No filter: read frames back to back into one reused buffer and inject
     # them in one call, without a Python object per frame.
@@ -167,13 +190,16 @@ async def _sandbox_to_stack(netstack, fd, on_packet, pump):
     view = memoryview(data)
     lens = new_lens(BATCH)
     readv = os.readv
+    hdr = [bytearray(vnet)] if vnet else []
     while True:
         await trio.lowlevel.wait_readable(fd)
         n = off = 0
         while n < BATCH:
             try:
-                got = readv(fd, (view[off:off + _READ_SIZE],))
+                got = readv(fd, (*hdr, view[off:off + _READ_SIZE])) - vnet
             except BlockingIOError:
+                break
+            if got <= 0:  # a bare header: nothing to deliver
                 break
             lens[n] = got
             off += got
@@ -185,15 +211,18 @@ async def _sandbox_to_stack(netstack, fd, on_packet, pump):
         await trio.lowlevel.checkpoint()
 
 
-async def _sandbox_to_stack_filtered(netstack, fd, on_packet, pump):
+async def _sandbox_to_stack_filtered(netstack, fd, on_packet, pump, vnet):
     while True:
         await trio.lowlevel.wait_readable(fd)
         frames = []
         while len(frames) < BATCH:
             try:
-                frames.append(os.read(fd, _READ_SIZE))
+                raw = os.read(fd, _READ_SIZE + vnet)
             except BlockingIOError:
                 break
+            if len(raw) <= vnet:  # a bare header: nothing to deliver
+                break
+            frames.append(raw[vnet:] if vnet else raw)
         frames = _filter(pump, on_packet, frames, "egress")
         if frames:
             netstack.inject(frames)
@@ -201,8 +230,14 @@ async def _sandbox_to_stack_filtered(netstack, fd, on_packet, pump):
         await trio.lowlevel.checkpoint()
 
 
-async def _stack_to_sandbox(netstack, fd, on_packet, pump):
-    write = os.write
+async def _stack_to_sandbox(netstack, fd, on_packet, pump, vnet):
+    if vnet:
+        zero_hdr = bytes(vnet)
+
+        def write(fd, raw):
+            return os.writev(fd, (zero_hdr, raw))
+    else:
+        write = os.write
     while True:
         gen = netstack.ready_gen
         if on_packet is None:
