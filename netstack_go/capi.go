@@ -160,14 +160,14 @@ func corral_stack_poll_events(h C.int, evs *C.corral_event, n C.int, payload *C.
 	if payloadCap > 0 {
 		pay = unsafe.Slice((*byte)(unsafe.Pointer(payload)), int(payloadCap))
 	}
-	got := st.events.take(int(n), func(ev *Event) bool {
+	got, stuck := st.events.takeFitting(int(n), func(ev *Event) bool {
 		if used+len(ev.Payload) > len(pay) {
 			return false
 		}
 		used += len(ev.Payload)
 		return true
 	})
-	if len(got) == 0 && n > 0 && st.events.Len() > 0 {
+	if len(got) == 0 && stuck {
 		return C.CORRAL_ENOSPC // the next payload does not fit an empty buffer
 	}
 	off := 0

@@ -72,12 +72,21 @@ func (q *eventQueue) push(ev Event) {
 
 // take removes up to n events for which fits returns true, in order.
 func (q *eventQueue) take(n int, fits func(*Event) bool) []Event {
+	out, _ := q.takeFitting(n, fits)
+	return out
+}
+
+// takeFitting is take that also reports whether it stopped at an event that
+// did not fit (decided under the same lock: an event pushed meanwhile must
+// not look like one that cannot fit).
+func (q *eventQueue) takeFitting(n int, fits func(*Event) bool) ([]Event, bool) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	i := 0
 	for i < n && i < len(q.q) && fits(&q.q[i]) {
 		i++
 	}
+	stuck := i < n && i < len(q.q)
 	out := make([]Event, i)
 	copy(out, q.q[:i])
 	clear(q.q[:i])
@@ -85,7 +94,7 @@ func (q *eventQueue) take(n int, fits func(*Event) bool) []Event {
 	if len(q.q) == 0 {
 		q.q = nil // let the backing array go after a burst
 	}
-	return out
+	return out, stuck
 }
 
 func (q *eventQueue) Len() int {

@@ -15,6 +15,7 @@ import (
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
+	"gvisor.dev/gvisor/pkg/tcpip/link/qdisc/fifo"
 	"gvisor.dev/gvisor/pkg/tcpip/network/arp"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv4"
 	"gvisor.dev/gvisor/pkg/tcpip/network/ipv6"
@@ -158,7 +159,19 @@ func New(cfg Config) (_ *Stack, err error) {
 		return nil, err
 	}
 	st.link = newLinkEndpoint(inner, st)
-	if e := st.s.CreateNICWithOptions(nicID, st.link, stack.NICOptions{Name: "corral0"}); e != nil {
+	nicOpts := stack.NICOptions{Name: "corral0"}
+	if cfg.Mode == ModeDirect {
+		// One writer goroutine owns the TAP writes (each of which runs the
+		// sandbox kernel's receive path inline) so that TCP processing
+		// goes on meanwhile, as the pump's queue does.  Measured, iperf3
+		// download, 4 interleaved rounds, medians [min-max]: 12.42
+		// [11.80-13.19] vs 10.00 [9.42-10.50] Gbit/s writing inline;
+		// upload, connection rate and 1-byte RR within noise (two
+		// dispatchers: no better).  Like pump's maxQueuedFrames, a full
+		// queue drops and TCP backs off.
+		nicOpts.QDisc = fifo.New(st.link, 1, maxQueuedFrames)
+	}
+	if e := st.s.CreateNICWithOptions(nicID, st.link, nicOpts); e != nil {
 		return nil, fmt.Errorf("create NIC: %s", e)
 	}
 	// Promiscuous: accept packets for any destination, so that every flow of

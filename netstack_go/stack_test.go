@@ -64,3 +64,17 @@ func TestPumpStackLifecycle(t *testing.T) {
 	st.Close()
 	st.Close()
 }
+
+func TestEventQueueReportsOnlyAnEventThatDoesNotFit(t *testing.T) {
+	q := eventQueue{notify: func() {}}
+	if got, stuck := q.takeFitting(4, func(*Event) bool { return false }); len(got) != 0 || stuck {
+		t.Fatalf("empty queue: got %d events, stuck=%v", len(got), stuck)
+	}
+	q.push(Event{ID: 1, Payload: make([]byte, 100)})
+	if got, stuck := q.takeFitting(4, func(ev *Event) bool { return len(ev.Payload) < 10 }); len(got) != 0 || !stuck {
+		t.Fatalf("oversized payload: got %d events, stuck=%v", len(got), stuck)
+	}
+	if got, stuck := q.takeFitting(4, func(*Event) bool { return true }); len(got) != 1 || stuck {
+		t.Fatalf("fitting payload: got %d events, stuck=%v", len(got), stuck)
+	}
+}
