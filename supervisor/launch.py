@@ -18,7 +18,6 @@ import signal
 import socket
 import stat
 import sys
-import tempfile
 import threading
 import time
 
@@ -63,7 +62,7 @@ class Launch:
 
 
 def default_scratch_root():
-    return os.path.join(tempfile.gettempdir(), "corral-%d" % os.getuid())
+    return os.path.join(os.environ.get("TMPDIR") or "/tmp", "corral-%d" % os.getuid())
 
 
 def _private_dir(path, explicit):
@@ -89,6 +88,18 @@ def _private_dir(path, explicit):
             "scratch directory %s is not writable. Fix: pass --scratch DIR naming a "
             "writable directory" % path
         )
+
+
+def _new_private_dir(parent, prefix):
+    """mkdtemp without the tempfile module (random, shutil…: ~4 ms of start-up)."""
+    for _ in range(100):
+        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no unused name in %s" % parent)
 
 
 def _hidden_sockets(environ):
@@ -124,7 +135,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     scratch_root = config.scratch or default_scratch_root()
     _private_dir(scratch_root, explicit=bool(config.scratch))
     try:
-        scratch = tempfile.mkdtemp(prefix="sb-", dir=scratch_root)
+        scratch = _new_private_dir(scratch_root, "sb-")
     except OSError as exc:
         raise ConfigError(
             "scratch directory %s is not writable (%s). Fix: pass --scratch DIR naming a "
