@@ -49,6 +49,7 @@ func (st *Stack) newLink() (stack.LinkEndpoint, error) {
 			if err != nil {
 				return nil, err
 			}
+			st.vnetTap = ep
 			return ethernet.New(ep), nil
 		}
 		ep, err := fdbased.New(&fdbased.Options{

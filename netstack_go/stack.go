@@ -85,15 +85,16 @@ func (c *Config) setDefaults() {
 
 // Stack is one sandbox's userspace network.
 type Stack struct {
-	cfg    Config
-	s      *stack.Stack
-	link   *linkEndpoint
-	pump   *pumpEndpoint // nil in direct mode
-	tapFD  int           // our dup of the TAP fd in direct mode, else -1
-	efd    int
-	ctx    context.Context
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	cfg     Config
+	s       *stack.Stack
+	link    *linkEndpoint
+	pump    *pumpEndpoint    // nil in direct mode
+	vnetTap *vnetTapEndpoint // direct mode on a TAP with IFF_VNET_HDR, else nil
+	tapFD   int              // our dup of the TAP fd in direct mode, else -1
+	efd     int
+	ctx     context.Context
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
 
 	events eventQueue
 	nextID atomic.Uint64
@@ -362,6 +363,9 @@ func (st *Stack) Close() {
 
 	st.cancel()
 	st.stopProfile()
+	if st.vnetTap != nil {
+		st.vnetTap.stop()
+	}
 	for _, fn := range closers {
 		fn()
 	}

@@ -107,11 +107,15 @@ func (e *vnetTapEndpoint) Attach(d stack.NetworkDispatcher) {
 	}
 }
 
-// Wait implements stack.LinkEndpoint: it waits for the reader to stop.
-func (e *vnetTapEndpoint) Wait() { e.wg.Wait() }
+// Wait implements stack.LinkEndpoint.  It does not wait for the reader:
+// the stack calls Wait with its own lock held, and a reader in the middle
+// of delivering a frame may need that lock (a RST for a closed flow looks
+// up a route): waiting here deadlocked a teardown with 1000 flows.  Close,
+// which the stack calls without its lock, waits instead.
+func (e *vnetTapEndpoint) Wait() {}
 
 // Close implements stack.LinkEndpoint (the stack calls it last, after
-// detaching and Wait).
+// detaching and Wait): it stops the reader and waits for it.
 func (e *vnetTapEndpoint) Close() {
 	e.stop()
 	e.wg.Wait()
@@ -119,7 +123,8 @@ func (e *vnetTapEndpoint) Close() {
 	e.Endpoint.Close()
 }
 
-// stop makes the reader and any waiting writer return.
+// stop makes the reader and any waiting writer return; Stack.Close calls
+// it first, so that no frame is delivered while the stack is torn down.
 func (e *vnetTapEndpoint) stop() {
 	e.stopOnce.Do(func() {
 		one := [8]byte{1}
