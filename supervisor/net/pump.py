@@ -185,7 +185,12 @@ async def _sandbox_to_stack(netstack, fd, on_packet, pump, vnet):
         await _sandbox_to_stack_filtered(netstack, fd, on_packet, pump, vnet)
         return
     # No filter: read frames back to back into one reused buffer and inject
-    # them in one call, without a Python object per frame.
+    # them in one call, without a Python object per frame; outbound frames
+    # are written straight from the reader's buffer.  With Go keeping packet
+    # references instead of copies (link.go), measured in the world, iperf3,
+    # 4 interleaved rounds, medians [min-max] Gbit/s: up 8.28 [8.08-8.50] vs
+    # 4.87 [4.69-5.05] with bytes per frame, down 8.62 [8.22-8.85] vs 5.92
+    # [5.71-6.03].
     data = bytearray(BATCH * _READ_SIZE)
     view = memoryview(data)
     lens = new_lens(BATCH)
