@@ -1,6 +1,5 @@
 """The public Python API (issue 2 item 7): corral.run, open_sandbox, enter."""
 
-import os
 import subprocess
 import sys
 import textwrap

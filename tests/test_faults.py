@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from net_support import HERE, PY, corral, corral_argv, read_events, token
-from world import DNS_V4, ECHO_V4, OTHER_V4, PORT_ECHO, UNREACHABLE_V4
+from world import ECHO_V4, OTHER_V4, PORT_ECHO, UNREACHABLE_V4
 
 pytestmark = pytest.mark.network
 
