@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from tmux import tmux  # noqa: F401  (fixture: a private terminal)
 from world import world  # noqa: F401  (session fixture: the network test world)
 
 MUST_WORK = os.environ.get("CORRAL_MUST_WORK") == "1"

@@ -334,37 +334,6 @@ needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None and os.environ.get(
                                 reason="tmux not installed")
 
 
-class Tmux:
-    """One private tmux server per test; `screen()` is what a user would see."""
-
-    def __init__(self, name):
-        self.base = ["tmux", "-L", name]
-
-    def __call__(self, *args):
-        return subprocess.run(self.base + list(args), capture_output=True, text=True, timeout=10)
-
-    def start(self, command, width=150, height=40):
-        result = self("new-session", "-d", "-x", str(width), "-y", str(height), "sh", "-c", command)
-        assert result.returncode == 0, result.stderr
-
-    def screen(self, escapes=False):
-        return self("capture-pane", "-p", "-J", *(["-e"] if escapes else [])).stdout
-
-    def wait_for(self, *texts, timeout=30):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if all(t in screen for t in texts):
-                return screen
-            time.sleep(0.1)
-        raise AssertionError("%r never appeared on the terminal:\n%s" % (texts, self.screen()))
-
-
-@pytest.fixture
-def tmux():
-    t = Tmux("corral-monitor-%d" % os.getpid())
-    yield t
-    t("kill-server")
 
 
 def corral_run(options, script):

@@ -3,8 +3,8 @@ the sandbox — Ctrl-Z stops a job, `jobs` lists it, `fg` resumes it, Ctrl-C
 interrupts it — and the shell's exit status is corral's."""
 
 import os
+import shlex
 import shutil
-import subprocess
 import sys
 import time
 
@@ -15,41 +15,13 @@ pytestmark = [pytest.mark.namespaces,
                                  reason="tmux not installed")]
 
 
-class Tmux:
-    def __init__(self, name):
-        self.base = ["tmux", "-L", name]
-
-    def __call__(self, *args):
-        return subprocess.run(self.base + list(args), capture_output=True, text=True, timeout=10)
-
-    def screen(self):
-        return self("capture-pane", "-p", "-J").stdout
-
-    def send(self, *keys):
-        self("send-keys", *keys)
-
-    def wait_for(self, text, timeout=15):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            screen = self.screen()
-            if text in screen:
-                return screen
-            time.sleep(0.05)
-        raise AssertionError("%r never appeared on the terminal:\n%s" % (text, self.screen()))
-
-
-@pytest.fixture
-def tmux():
-    t = Tmux("corral-test-%d" % os.getpid())
-    yield t
-    t("kill-server")
 
 
 def test_bash_job_control_in_a_terminal(tmux, tmp_path):
     status = tmp_path / "status"
     command = "%s -m corral run --net none -- bash --norc --noprofile -i; echo $? > %s; sleep 30" % (
         sys.executable, status)
-    tmux("new-session", "-d", "-x", "100", "-y", "30", "env", "PS1=box$ ", "sh", "-c", command)
+    tmux.start("PS1='box$ ' exec sh -c %s" % shlex.quote(command), width=100, height=30)
     tmux.wait_for("box$")
     tmux.send("sleep 100", "Enter")
     time.sleep(0.3)  # let sleep start before the terminal sends SIGTSTP
