@@ -131,19 +131,25 @@ class Entered(BaseException):
     the calling Python code goes on inside the sandbox."""
 
 
-def stage1(ctl, spec, parent_pid):
-    """Run as C; never returns (except in E, by raising :class:`Entered`)."""
+def _run_and_exit(ctl, role, body, *args):
+    """Run C's or D's body, report a failure to P, and _exit with the code;
+    only E, in library mode, gets out (by raising :class:`Entered`)."""
     try:
-        code = _stage1(ctl, spec, parent_pid)
+        code = body(ctl, *args)
     except Entered:
         raise
     except StepError as exc:
         _report(ctl, exc)
         code = exc.exit_code
     except BaseException as exc:  # never let a traceback replace the report
-        _report(ctl, StepError("stage-1", getattr(exc, "errno", None), repr(exc)))
+        _report(ctl, StepError(role, getattr(exc, "errno", None), repr(exc)))
         code = 1
     os._exit(code)
+
+
+def stage1(ctl, spec, parent_pid):
+    """Run as C; never returns (except in E, by raising :class:`Entered`)."""
+    _run_and_exit(ctl, "stage-1", _stage1, spec, parent_pid)
 
 
 def _stage1(ctl, spec, parent_pid):
@@ -222,17 +228,7 @@ def _nesting_fix(err):
 
 def pid1(ctl, spec, lifeline):
     """Run as D, pid 1 of the sandbox; never returns (except in E)."""
-    try:
-        code = _pid1(ctl, spec, lifeline)
-    except Entered:
-        raise
-    except StepError as exc:
-        _report(ctl, exc)
-        code = exc.exit_code
-    except BaseException as exc:
-        _report(ctl, StepError("pid 1", getattr(exc, "errno", None), repr(exc)))
-        code = 1
-    os._exit(code)
+    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline)
 
 
 def _pid1(ctl, spec, lifeline):
