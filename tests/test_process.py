@@ -189,3 +189,12 @@ def test_bad_input_is_one_line_without_traceback(args, needle):
     assert len(text.strip().splitlines()) == 1, text
     assert needle in text and "Traceback" not in text
     assert text.startswith("corral: ")
+
+
+def test_unwritable_scratch_dir_is_a_one_line_error(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir(mode=0o500)
+    result = corral("run", "--net", "none", "--scratch", str(scratch), "--", "true")
+    assert result.returncode == 2
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "not writable" in lines[0] and "--scratch" in lines[0]
