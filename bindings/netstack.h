@@ -12,8 +12,9 @@
  *   fd = corral_stack_eventfd(h)           readable when events or frames wait
  *   loop: wait for fd readable, read 8 bytes from it (it is non-blocking), then
  *         corral_stack_poll_events(h, ...) until it returns < cap, and (pump
- *         mode) corral_stack_read_frames(h, ...) likewise; answer NEW_FLOW with
- *         corral_stack_set_verdicts and DNS_QUERY with corral_stack_dns_reply.
+ *         mode) corral_stack_read_frames(h, ...) likewise; answer NEW_FLOW and
+ *         FLOW_DATA with corral_stack_set_verdicts and DNS_QUERY with
+ *         corral_stack_dns_reply.
  *   corral_stack_close(h)                  idempotent; the handle is then dead
  *
  * Addresses: family 4 or 6; IPv4 uses the first 4 bytes of the 16-byte array.
@@ -26,7 +27,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a signature or a struct below changes. */
-#define CORRAL_NET_ABI_VERSION 2
+#define CORRAL_NET_ABI_VERSION 4
 
 /* Status codes. */
 #define CORRAL_OK 0
@@ -50,6 +51,9 @@
 #define CORRAL_EV_NEW_FLOW 1    /* needs a verdict unless CORRAL_FLAG_DECIDED */
 #define CORRAL_EV_FLOW_CLOSED 2 /* exactly one per NEW_FLOW, same id */
 #define CORRAL_EV_DNS_QUERY 3   /* payload = one DNS message; answer with dns_reply */
+/* FLOW_DATA: a TCP flow answered PEEK.  payload = the client's first bytes
+ * (empty if none came within peek_timeout_ms); needs the final verdict. */
+#define CORRAL_EV_FLOW_DATA 4
 
 /* Event flags. */
 #define CORRAL_FLAG_DECIDED 1 /* NEW_FLOW that needs no verdict (see reason) */
@@ -69,9 +73,20 @@
 #define CORRAL_REASON_ERROR 10         /* other local error (see corral_last_error) */
 #define CORRAL_REASON_DIAL_TIMEOUT 11  /* upstream did not answer: client got ICMP */
 
+/* Config flags (corral_config.flags). */
+#define CORRAL_CONFIG_PCAP 1 /* write every frame of the link to pcap_fd */
+
 /* Verdict actions. */
 #define CORRAL_VERDICT_DENY 0
 #define CORRAL_VERDICT_ALLOW 1
+/* PEEK (TCP; UDP/ICMP take it as ALLOW): decide on the client's first bytes.
+ * The stack dials the destination (dial_* apply) so that a refused or
+ * unreachable upstream still fails the client's connect(); it then completes
+ * the client's handshake, reads once (at most 16 KiB, at most peek_timeout_ms)
+ * and queues FLOW_DATA with those bytes.  Nothing reaches the upstream before
+ * the final verdict: ALLOW writes the bytes upstream and splices, DENY resets
+ * the client and closes the upstream; none within policy_timeout_ms = deny. */
+#define CORRAL_VERDICT_PEEK 2
 
 /* Transport of a DNS_QUERY (in corral_event.proto). */
 /* CORRAL_PROTO_UDP or CORRAL_PROTO_TCP */
@@ -84,7 +99,12 @@ typedef struct corral_config {
     uint32_t max_pending;         /* 0 = 256 decisions in flight; more = deny */
     uint32_t udp_idle_timeout_ms; /* 0 = 60000 (UDP and ICMP flows) */
     uint32_t dial_timeout_ms;     /* 0 = 10000; upstream connect timeout */
-    uint32_t flags;               /* reserved, 0 */
+    uint32_t peek_timeout_ms;     /* 0 = 300; PEEK: wait for the client's first bytes */
+    uint32_t flags;               /* CORRAL_CONFIG_* */
+    int32_t pcap_fd;              /* CORRAL_CONFIG_PCAP: pcap file (libpcap 2.4, ethernet,
+                                     both directions, both modes); Go dups it, the
+                                     caller closes its own.  A failed write stops the
+                                     capture (stats.pcap_errors), not the network. */
 } corral_config;
 
 typedef struct corral_event {
@@ -102,14 +122,14 @@ typedef struct corral_event {
     uint64_t bytes_out;   /* sandbox -> world payload bytes */
     uint64_t bytes_in;    /* world -> sandbox payload bytes */
     uint64_t duration_ns; /* FLOW_CLOSED: since NEW_FLOW */
-    uint32_t payload_off; /* DNS_QUERY: message at payload[off:off+len] */
+    uint32_t payload_off; /* DNS_QUERY, FLOW_DATA: bytes at payload[off:off+len] */
     uint32_t payload_len;
 } corral_event;
 
 typedef struct corral_verdict {
-    uint64_t id;          /* flow id from NEW_FLOW */
+    uint64_t id;          /* flow id from NEW_FLOW / FLOW_DATA */
     int32_t action;       /* CORRAL_VERDICT_* */
-    uint16_t dial_port;   /* allow: 0 = the original port */
+    uint16_t dial_port;   /* allow/peek: 0 = the original port */
     uint8_t dial_family;  /* allow: 0 = dial the original address, else 4/6 */
     uint8_t pad;
     uint8_t dial_ip[16];  /* allow with dial_family != 0: dial this instead */
@@ -125,6 +145,8 @@ typedef struct corral_stats {
     uint64_t drops;         /* frames dropped (queue full, malformed, stack drops) */
     uint64_t events_queued; /* events waiting for poll_events */
     uint64_t goroutines;    /* runtime.NumGoroutine() (whole library) */
+    uint64_t pcap_frames;   /* frames written to the pcap file */
+    uint64_t pcap_errors;   /* 1 once a pcap write failed (capture stopped) */
 } corral_stats;
 
 /* ABI version the library was compiled with. */
@@ -140,7 +162,7 @@ int corral_stack_close(int h);
 /* The stack's eventfd (non-blocking; owned by the stack, do not close). */
 int corral_stack_eventfd(int h);
 
-/* Move up to cap events into evs; DNS payloads are packed into payload
+/* Move up to cap events into evs; DNS_QUERY and FLOW_DATA payloads are packed into payload
  * (payload_cap bytes).  Returns the number of events (< cap = drained). */
 int corral_stack_poll_events(int h, corral_event *evs, int cap,
                              uint8_t *payload, uint32_t payload_cap);

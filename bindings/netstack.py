@@ -28,7 +28,9 @@ KINDS = {
     lib.CORRAL_EV_NEW_FLOW: "new_flow",
     lib.CORRAL_EV_FLOW_CLOSED: "flow_closed",
     lib.CORRAL_EV_DNS_QUERY: "dns_query",
+    lib.CORRAL_EV_FLOW_DATA: "flow_data",
 }
+ACTIONS = {"deny": lib.CORRAL_VERDICT_DENY, "allow": lib.CORRAL_VERDICT_ALLOW, "peek": lib.CORRAL_VERDICT_PEEK}
 REASONS = {
     getattr(lib, name): name[len("CORRAL_REASON_"):].lower().replace("_", "-")
     for name in dir(lib)
@@ -69,15 +71,16 @@ def check(rc, what, h=0):
 
 
 def stack_new(*, mode, tap_fd=-1, mtu=0, policy_timeout_ms=0, max_pending=0,
-              udp_idle_timeout_ms=0, dial_timeout_ms=0):
-    """Create a stack; returns its handle.  Zero means "library default"."""
+              udp_idle_timeout_ms=0, dial_timeout_ms=0, peek_timeout_ms=0, pcap_fd=None):
+    """Create a stack; returns its handle.  Zero means "library default".
+    ``pcap_fd``: capture every frame to this fd (the library dups it)."""
     if mode not in MODES:
         raise ValueError("mode must be 'direct' or 'pump', not %r" % (mode,))
     if mode == "direct" and (not isinstance(tap_fd, int) or tap_fd < 0):
         raise ValueError("direct mode needs the TAP fd, got %r" % (tap_fd,))
     for name, value in (("mtu", mtu), ("policy_timeout_ms", policy_timeout_ms),
                         ("max_pending", max_pending), ("udp_idle_timeout_ms", udp_idle_timeout_ms),
-                        ("dial_timeout_ms", dial_timeout_ms)):
+                        ("dial_timeout_ms", dial_timeout_ms), ("peek_timeout_ms", peek_timeout_ms)):
         if not isinstance(value, int) or not 0 <= value < 2**32:
             raise ValueError("%s must be an integer in [0, 2**32), got %r" % (name, value))
     cfg = ffi.new("corral_config *")
@@ -88,6 +91,12 @@ def stack_new(*, mode, tap_fd=-1, mtu=0, policy_timeout_ms=0, max_pending=0,
     cfg.max_pending = max_pending
     cfg.udp_idle_timeout_ms = udp_idle_timeout_ms
     cfg.dial_timeout_ms = dial_timeout_ms
+    cfg.peek_timeout_ms = peek_timeout_ms
+    if pcap_fd is not None:
+        if not isinstance(pcap_fd, int) or pcap_fd < 0:
+            raise ValueError("pcap_fd must be an open file descriptor, got %r" % (pcap_fd,))
+        cfg.flags |= lib.CORRAL_CONFIG_PCAP
+        cfg.pcap_fd = pcap_fd
     return check(lib.corral_stack_new(cfg), "creating the stack", 0)
 
 
@@ -137,7 +146,8 @@ class EventReader:
 
 
 def set_verdicts(h, verdicts):
-    """Apply ``[(flow_id, allow, dial_ip_bytes_or_None, dial_port), ...]``.
+    """Apply ``[(flow_id, action, dial_ip_bytes_or_None, dial_port), ...]``,
+    ``action`` one of ``"allow"``, ``"deny"``, ``"peek"`` (see ACTIONS).
 
     Returns how many matched a pending flow (late ones are ignored: their
     FLOW_CLOSED reports policy-timeout).
@@ -146,10 +156,12 @@ def set_verdicts(h, verdicts):
     if n == 0:
         return 0
     arr = ffi.new("corral_verdict[]", n)
-    for i, (fid, allow, dial_ip, dial_port) in enumerate(verdicts):
+    for i, (fid, action, dial_ip, dial_port) in enumerate(verdicts):
+        if action not in ACTIONS:
+            raise ValueError("verdict action must be one of %s, not %r" % (sorted(ACTIONS), action))
         v = arr[i]
         v.id = fid
-        v.action = lib.CORRAL_VERDICT_ALLOW if allow else lib.CORRAL_VERDICT_DENY
+        v.action = ACTIONS[action]
         if dial_port is not None:
             if not 0 <= dial_port <= 65535:
                 raise ValueError("dial port out of range: %r" % (dial_port,))
@@ -242,7 +254,7 @@ def publish(h, proto, host_ip, host_port, sandbox_port):
 
 
 STATS_FIELDS = ("flows_total", "flows_open", "pending", "dns_queries", "frames_in", "frames_out",
-                "drops", "events_queued", "goroutines")
+                "drops", "events_queued", "goroutines", "pcap_frames", "pcap_errors")
 
 
 def stats(h):

@@ -26,6 +26,8 @@ const (
 	_ = uint8(C.CORRAL_EV_FLOW_CLOSED - EvFlowClosed)
 	_ = uint8(EvDNSQuery - C.CORRAL_EV_DNS_QUERY)
 	_ = uint8(C.CORRAL_EV_DNS_QUERY - EvDNSQuery)
+	_ = uint8(EvFlowData - C.CORRAL_EV_FLOW_DATA)
+	_ = uint8(C.CORRAL_EV_FLOW_DATA - EvFlowData)
 	_ = uint8(FlagDecided - C.CORRAL_FLAG_DECIDED)
 	_ = uint8(C.CORRAL_FLAG_DECIDED - FlagDecided)
 	_ = uint8(FlagInbound - C.CORRAL_FLAG_INBOUND)
@@ -81,6 +83,15 @@ func corral_stack_new(cfg *C.corral_config) C.int {
 		MaxPending:     int(cfg.max_pending),
 		UDPIdleTimeout: time.Duration(cfg.udp_idle_timeout_ms) * time.Millisecond,
 		DialTimeout:    time.Duration(cfg.dial_timeout_ms) * time.Millisecond,
+		PeekTimeout:    time.Duration(cfg.peek_timeout_ms) * time.Millisecond,
+		Pcap:           cfg.flags&C.CORRAL_CONFIG_PCAP != 0,
+		PcapFD:         int(cfg.pcap_fd),
+	}
+	if cfg.flags&^C.CORRAL_CONFIG_PCAP != 0 {
+		return fail(errors.New("unknown bits in config flags"))
+	}
+	if c.Pcap && c.PcapFD < 0 {
+		return fail(errors.New("CORRAL_CONFIG_PCAP needs pcap_fd"))
 	}
 	if c.Mode != ModeDirect && c.Mode != ModePump {
 		return fail(errors.New("mode must be CORRAL_MODE_DIRECT or CORRAL_MODE_PUMP"))
@@ -210,9 +221,11 @@ func corral_stack_set_verdicts(h C.int, v *C.corral_verdict, n C.int) C.int {
 		switch cv.action {
 		case C.CORRAL_VERDICT_ALLOW:
 			verdict.Allow = true
+		case C.CORRAL_VERDICT_PEEK:
+			verdict.Allow, verdict.Peek = true, true
 		case C.CORRAL_VERDICT_DENY:
 		default:
-			st.setError(errors.New("verdict action must be ALLOW or DENY"))
+			st.setError(errors.New("verdict action must be ALLOW, DENY or PEEK"))
 			return C.CORRAL_EINVAL
 		}
 		if verdict.Allow && cv.dial_family != 0 {
@@ -343,6 +356,8 @@ func corral_stack_stats(h C.int, out *C.corral_stats) C.int {
 		drops:         C.uint64_t(s.Drops),
 		events_queued: C.uint64_t(s.EventsQueued),
 		goroutines:    C.uint64_t(s.Goroutines),
+		pcap_frames:   C.uint64_t(s.PcapFrames),
+		pcap_errors:   C.uint64_t(s.PcapErrors),
 	}
 	return C.CORRAL_OK
 }

@@ -13,6 +13,7 @@ const (
 	EvNewFlow    = 1
 	EvFlowClosed = 2
 	EvDNSQuery   = 3
+	EvFlowData   = 4
 
 	FlagDecided = 1
 	FlagInbound = 2
@@ -140,6 +141,14 @@ func (f *flow) openDecided(st *Stack, reason int32) {
 	f.opened.Store(true)
 	st.flowsTotal.Add(1)
 	st.flowsOpen.Add(1)
+	st.events.push(ev)
+}
+
+// data queues FLOW_DATA: the client's first bytes of a peeked TCP flow,
+// asking for the final verdict.
+func (f *flow) data(st *Stack, first []byte) {
+	ev := f.event(EvFlowData)
+	ev.Payload = first
 	st.events.push(ev)
 }
 

@@ -59,6 +59,11 @@ type Config struct {
 	MaxPending     int
 	UDPIdleTimeout time.Duration
 	DialTimeout    time.Duration
+	PeekTimeout    time.Duration
+	// Pcap: write every frame of the link to PcapFD (dup'd; the caller
+	// keeps and closes its own fd).
+	Pcap   bool
+	PcapFD int
 }
 
 func (c *Config) setDefaults() {
@@ -81,6 +86,14 @@ func (c *Config) setDefaults() {
 	if c.DialTimeout == 0 {
 		c.DialTimeout = 10 * time.Second
 	}
+	if c.PeekTimeout == 0 {
+		// Long enough for a client on the same host to send its ClientHello
+		// or request right after connect() returns (well under 10 ms in
+		// practice), short enough that a client which waits for the server
+		// to speak first (on a port the supervisor does not know as
+		// server-first) is not held up noticeably.
+		c.PeekTimeout = 300 * time.Millisecond
+	}
 }
 
 // Stack is one sandbox's userspace network.
@@ -90,6 +103,7 @@ type Stack struct {
 	link    *linkEndpoint
 	pump    *pumpEndpoint    // nil in direct mode
 	vnetTap *vnetTapEndpoint // direct mode on a TAP with IFF_VNET_HDR, else nil
+	pcap    *pcapEndpoint    // Config.Pcap, else nil
 	tapFD   int              // our dup of the TAP fd in direct mode, else -1
 	efd     int
 	ctx     context.Context
@@ -158,6 +172,12 @@ func New(cfg Config) (_ *Stack, err error) {
 	inner, err := st.newLink()
 	if err != nil {
 		return nil, err
+	}
+	if cfg.Pcap {
+		if st.pcap, err = newPcapEndpoint(inner, cfg.PcapFD); err != nil {
+			return nil, err
+		}
+		inner = st.pcap
 	}
 	st.link = newLinkEndpoint(inner, st)
 	nicOpts := stack.NICOptions{Name: "corral0"}
@@ -384,12 +404,18 @@ func (st *Stack) Close() {
 		unix.Close(st.tapFD)
 		st.tapFD = -1
 	}
+	if st.pcap != nil {
+		st.pcap.closeFile()
+	}
 	unix.Close(st.efd)
 }
 
-// Verdict is Python's answer to a NEW_FLOW.
+// Verdict is Python's answer to a NEW_FLOW or a FLOW_DATA.
 type Verdict struct {
-	Allow    bool
+	Allow bool
+	// Peek (with Allow) defers the decision of a TCP flow to its first
+	// bytes: see handleTCP.  UDP and ICMP flows take it as a plain allow.
+	Peek     bool
 	DialAddr netip.Addr // invalid: dial the original address
 	DialPort uint16     // 0: dial the original port
 }
@@ -418,9 +444,21 @@ var (
 // verdict, bounded by the policy timeout.  On a non-nil error the flow is
 // decided as denied; the caller reports the close.
 func (st *Stack) decide(f *flow) (Verdict, error) {
+	v, err := st.ask(f, func() { f.open(st) })
+	if !f.opened.Load() {
+		// Refused before NEW_FLOW was queued: tell Python it is decided.
+		f.openDecided(st, reasonFor(err))
+	}
+	return v, err
+}
+
+// ask registers f as waiting for a verdict, runs queue (which queues the
+// event Python answers: NEW_FLOW or FLOW_DATA) and waits for the verdict,
+// bounded by the policy timeout.  A verdict that is not an allow is
+// errDenied; with too many decisions in flight queue is not run.
+func (st *Stack) ask(f *flow, queue func()) (Verdict, error) {
 	if st.pending.Add(1) > int64(st.cfg.MaxPending) {
 		st.pending.Add(-1)
-		f.openDecided(st, ReasonOverload)
 		return Verdict{}, errOverload
 	}
 	defer st.pending.Add(-1)
@@ -428,7 +466,6 @@ func (st *Stack) decide(f *flow) (Verdict, error) {
 	st.mu.Lock()
 	if st.closed {
 		st.mu.Unlock()
-		f.openDecided(st, ReasonShutdown)
 		return Verdict{}, errShutdown
 	}
 	st.verdicts[f.id] = ch
@@ -438,7 +475,7 @@ func (st *Stack) decide(f *flow) (Verdict, error) {
 		delete(st.verdicts, f.id)
 		st.mu.Unlock()
 	}()
-	f.open(st)
+	queue()
 
 	t := time.NewTimer(st.cfg.PolicyTimeout)
 	defer t.Stop()
@@ -488,6 +525,7 @@ type Stats struct {
 	FlowsTotal, FlowsOpen, Pending, DNSQueries uint64
 	FramesIn, FramesOut, Drops, EventsQueued   uint64
 	Goroutines                                 uint64
+	PcapFrames, PcapErrors                     uint64
 }
 
 // Stats returns the current counters.
@@ -495,7 +533,7 @@ func (st *Stack) Stats() Stats {
 	s := st.s.Stats()
 	drops := st.drops.Load() + s.NICs.TxPacketsDroppedNoBufferSpace.Value() +
 		s.NICs.MalformedL4RcvdPackets.Value() + s.DroppedPackets.Value()
-	return Stats{
+	out := Stats{
 		FlowsTotal:   st.flowsTotal.Load(),
 		FlowsOpen:    uint64(max(st.flowsOpen.Load(), 0)),
 		Pending:      uint64(max(st.pending.Load(), 0)),
@@ -506,6 +544,14 @@ func (st *Stack) Stats() Stats {
 		EventsQueued: uint64(st.events.Len()),
 		Goroutines:   uint64(runtime.NumGoroutine()),
 	}
+	if st.pcap != nil {
+		frames, failed := st.pcap.counts()
+		out.PcapFrames = frames
+		if failed != nil {
+			out.PcapErrors = 1
+		}
+	}
+	return out
 }
 
 // tcpipAddr converts a netip address (unmapping v4-in-v6).

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"sync"
 	"syscall"
+	"time"
 
 	"gvisor.dev/gvisor/pkg/tcpip/adapters/gonet"
 	"gvisor.dev/gvisor/pkg/tcpip/header"
@@ -80,7 +81,9 @@ func endpointAddrs(id stack.TransportEndpointID) (src, dst netip.AddrPort) {
 
 // handleTCP runs in its own goroutine per SYN (started by the forwarder).
 // Order: verdict, then dial, then handshake: the sandbox's connect()
-// succeeds only when the real destination accepted.
+// succeeds only when the real destination accepted.  A PEEK verdict defers
+// the decision to the client's first bytes (TLS SNI, HTTP Host): dial and
+// handshake as for an allow, then peekAndAsk before any byte moves.
 func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	defer st.takeSyn(id)
@@ -129,7 +132,48 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	r.Complete(false)
-	st.splice(f, ep.Abort, gonet.NewTCPConn(&wq, ep), hc.(*net.TCPConn))
+	sb := gonet.NewTCPConn(&wq, ep)
+	tc := hc.(*net.TCPConn)
+	if v.Peek {
+		if reason := st.peekAndAsk(f, sb, tc); reason != ReasonNone {
+			ep.Abort() // RST to the client
+			_ = tc.SetLinger(0)
+			tc.Close()
+			f.finish(st, reason)
+			return
+		}
+	}
+	st.splice(f, ep.Abort, sb, tc)
+}
+
+// peekMax is the most a peek reads: the sniffer's budget (a ClientHello or
+// request head that does not fit claims no name).
+const peekMax = 16 << 10
+
+// peekAndAsk reads the client's first bytes (one read, at most peekMax,
+// waiting at most PeekTimeout: nothing by then is an empty FLOW_DATA),
+// queues FLOW_DATA and waits for the final verdict (policy timeout = deny).
+// Allowed: the bytes are written upstream and ReasonNone is returned;
+// otherwise the reason to close the flow with.
+func (st *Stack) peekAndAsk(f *flow, sb *gonet.TCPConn, hc *net.TCPConn) int32 {
+	buf := make([]byte, peekMax)
+	_ = sb.SetReadDeadline(time.Now().Add(st.cfg.PeekTimeout))
+	n, err := sb.Read(buf)
+	_ = sb.SetReadDeadline(time.Time{})
+	if err != nil && err != io.EOF && !isTimeout(err) {
+		return ReasonReset // the client reset the connection
+	}
+	first := buf[:n:n]
+	if _, err := st.ask(f, func() { f.data(st, first) }); err != nil {
+		return reasonFor(err)
+	}
+	if n > 0 {
+		if _, err := hc.Write(first); err != nil {
+			return ReasonReset
+		}
+		f.bytesOut.Add(uint64(n))
+	}
+	return ReasonNone
 }
 
 func classifyDialError(err error) int32 {

@@ -25,7 +25,7 @@ FIELDS = {
     "dns": ["type", "query_id", "qname", "qtype", "transport", "src_ip", "src_port", "verdict", "rule",
             "reason", "rcode", "answers", "upstream", "ts"],
     "connect": ["type", "id", "proto", "src_ip", "src_port", "dst_ip", "dst_port", "name", "names", "sni",
-                "http_host", "verdict", "rule", "reason", "dial", "ts"],
+                "http_host", "http_method", "http_path", "verdict", "rule", "reason", "dial", "ts"],
     "close": ["type", "id", "bytes_out", "bytes_in", "duration", "reason", "ts"],
     "policy_error": ["type", "callback", "subject", "error", "timed_out", "ts"],
     "sandbox_start": ["type", "argv", "pid", "sandbox_id", "mode", "ts"],

@@ -101,6 +101,8 @@ class ConnectEvent(Event):
     names: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     sni: str | None = None
     http_host: str | None = None
+    http_method: str | None = None
+    http_path: str | None = None
     verdict: str
     rule: str
     reason: str | None = None
@@ -108,7 +110,10 @@ class ConnectEvent(Event):
     ts: float = attrs.field(factory=_now)
 
     @classmethod
-    def from_decision(cls, req: ConnectRequest, decision: Decision, *, ts: float | None = None) -> ConnectEvent:
+    def from_decision(
+        cls, req: ConnectRequest, decision: Decision, *, http_method: str | None = None,
+        http_path: str | None = None, ts: float | None = None,
+    ) -> ConnectEvent:
         dial = None
         if decision.dial is not None:
             host, port = decision.dial
@@ -116,7 +121,8 @@ class ConnectEvent(Event):
         return cls(
             id=req.id, proto=req.proto, src_ip=str(req.src_ip), src_port=req.src_port,
             dst_ip=str(req.dst_ip), dst_port=req.dst_port, name=req.name, names=req.names,
-            sni=req.sni, http_host=req.http_host, verdict=_verdict_word(decision), rule=decision.rule,
+            sni=req.sni, http_host=req.http_host, http_method=http_method, http_path=http_path,
+            verdict=_verdict_word(decision), rule=decision.rule,
             reason=decision.verdict.reason, dial=dial, ts=_now() if ts is None else ts,
         )
 

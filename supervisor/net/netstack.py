@@ -32,8 +32,10 @@ class NetEvent:
     """One event from the stack.
 
     kind: ``"new_flow"`` (answer with a :class:`FlowVerdict` unless
-    ``decided``), ``"flow_closed"`` (exactly one per ``new_flow``, same id) or
-    ``"dns_query"`` (answer with :meth:`Netstack.dns_reply`).
+    ``decided``), ``"flow_data"`` (a TCP flow answered with ``peek``: the
+    client's first bytes are in ``payload``, possibly empty; answer with the
+    final allow or deny), ``"flow_closed"`` (exactly one per ``new_flow``,
+    same id) or ``"dns_query"`` (answer with :meth:`Netstack.dns_reply`).
     proto: ``"tcp"``, ``"udp"`` or ``"icmp"`` (for DNS: the transport).
     src/dst: ``(ip_address, port)``; for ICMP src port is the echo id.
     reason: for ``flow_closed`` one of ``eof reset denied refused unreachable
@@ -52,13 +54,13 @@ class NetEvent:
     bytes_out: int = 0  # sandbox -> world
     bytes_in: int = 0  # world -> sandbox
     duration: float = 0.0  # seconds, flow_closed only
-    payload: bytes = b""  # dns_query only
+    payload: bytes = b""  # dns_query, flow_data
 
     def __repr__(self):
         extra = ""
         if self.kind == "flow_closed":
             extra = " %s out=%d in=%d" % (self.reason, self.bytes_out, self.bytes_in)
-        elif self.kind == "dns_query":
+        elif self.kind in ("dns_query", "flow_data"):
             extra = " %d bytes" % len(self.payload)
         return "<NetEvent %s #%d %s %s:%d -> %s:%d%s>" % (
             self.kind, self.id, self.proto, self.src[0], self.src[1], self.dst[0], self.dst[1], extra)
@@ -66,13 +68,27 @@ class NetEvent:
 
 @attrs.frozen(kw_only=True)
 class FlowVerdict:
-    """Answer to a ``new_flow``.  ``dial`` overrides where an allowed flow is
-    dialed: ``(ip, port)`` with either part None to keep the original (used
-    to map 10.0.2.2:PORT to 127.0.0.1:PORT)."""
+    """Answer to a ``new_flow`` or ``flow_data``.  ``dial`` overrides where an
+    allowed flow is dialed: ``(ip, port)`` with either part None to keep the
+    original (used to map 10.0.2.2:PORT to 127.0.0.1:PORT).
+
+    ``peek`` (with ``allow``, TCP only) defers the decision to the client's
+    first bytes: the stack dials (so a refused upstream still fails the
+    client's connect()), completes the client's handshake, reads at most
+    16 KiB for at most ``peek_timeout`` and sends a ``flow_data`` event; the
+    flow then waits for the final verdict (bounded by the policy timeout).
+    UDP and ICMP flows take ``peek`` as a plain allow."""
 
     id: int
     allow: bool
     dial: tuple | None = None
+    peek: bool = False
+
+    @property
+    def action(self):
+        if not self.allow:
+            return "deny"
+        return "peek" if self.peek else "allow"
 
 
 def _event(raw):
@@ -113,11 +129,11 @@ class Netstack:
 
     @classmethod
     def open(cls, tap_fd=-1, *, mode="direct", policy_timeout=2.0, max_pending=256,
-             udp_idle_timeout=60.0, dial_timeout=10.0, mtu=65520):
+             udp_idle_timeout=60.0, dial_timeout=10.0, peek_timeout=0.3, mtu=65520):
         """Start a stack on ``tap_fd`` (direct: Go dups and drives the fd;
         pump: the fd stays yours, move frames with :mod:`corral.net.pump`)."""
         for name, value in (("policy_timeout", policy_timeout), ("udp_idle_timeout", udp_idle_timeout),
-                            ("dial_timeout", dial_timeout)):
+                            ("dial_timeout", dial_timeout), ("peek_timeout", peek_timeout)):
             if not value > 0:
                 raise ValueError("%s must be > 0 seconds, got %r" % (name, value))
         h = _b.stack_new(
@@ -126,6 +142,7 @@ class Netstack:
             max_pending=max_pending,
             udp_idle_timeout_ms=max(1, round(udp_idle_timeout * 1000)),
             dial_timeout_ms=max(1, round(dial_timeout * 1000)),
+            peek_timeout_ms=max(1, round(peek_timeout * 1000)),
         )
         ns = cls(handle=h, mode=mode, efd=_b.stack_eventfd(h),
                  frames=_b.FrameReader() if mode == "pump" else None)
@@ -192,7 +209,7 @@ class Netstack:
                 ip, dial_port = v.dial
                 if ip is not None:
                     dial_ip = ipaddress.ip_address(ip).packed
-            batch.append((v.id, bool(v.allow), dial_ip, dial_port))
+            batch.append((v.id, v.action, dial_ip, dial_port))
         return _b.set_verdicts(self.handle, batch)
 
     def dns_reply(self, query_id, data):

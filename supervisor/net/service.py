@@ -6,8 +6,22 @@ into a decision and an event record:
 
     new_flow   -> ConnectRequest (names from the DNS table) -> decide_connect
                   -> on_connect callback when no rule decided -> verdict batch
+    flow_data  -> (TCP flows answered "peek") the client's first bytes ->
+                  FlowSniffer: TLS SNI / HTTP Host -> decide_connect again
+                  -> on_connect when no rule decided -> final verdict
     flow_closed -> CloseEvent
     dns_query  -> DnsService (policy, on_dns, forward upstream, learn names)
+
+Names claimed in the first bytes (docs/policy.md, "TLS SNI and HTTP Host"): a TCP
+flow that the static rules would allow, or that goes to on_connect or to the audit
+default, is answered ``peek``: the stack dials the destination (a refused upstream
+still refuses the client at once), completes the client's handshake and reads its
+first bytes, at most 16 KiB and 300 ms (``PEEK_TIMEOUT``).  Those bytes are sniffed,
+the flow decided again with ``sni``/``http_host`` (deny rules on names, claimed
+names outside a domain allowlist), and only then does anything reach the
+destination.  A flow the rules deny is reset at once, never peeked.  Ports where
+the server speaks first (``SERVER_FIRST_PORTS``: the client sends nothing until
+it reads a greeting) are decided without a peek, so they never wait.
 
 Callbacks run in their own tasks, so one slow callback never holds up other
 flows; the stack denies any flow whose verdict is later than the policy
@@ -29,10 +43,34 @@ from ..errors import ConfigError
 from ..events import CloseEvent, ConnectEvent, PolicyErrorEvent
 from . import dns as dnsmod
 from .netstack import FlowVerdict, Netstack
+from .sniff import FOUND, FlowSniffer
 
 log = logging.getLogger("corral.net")
 
 CALLBACK_NAMES = ("on_connect", "on_dns", "on_packet")
+
+# How long the stack waits for a peeked flow's first bytes (seconds).
+PEEK_TIMEOUT = 0.3
+
+# Well-known ports whose protocols have the server speak first (FTP, SSH, Telnet,
+# SMTP, POP3, NNTP, IMAP, submission, MySQL, VNC): their clients send nothing before
+# a greeting, so a peek would only delay them by PEEK_TIMEOUT.  Not peeked: decided
+# by the rules (DNS names, addresses) alone.
+SERVER_FIRST_PORTS = frozenset({21, 22, 23, 25, 110, 119, 143, 587, 3306, 5900, 5901})
+
+# Close reasons of a flow the stack ended before the supervisor's verdict counted.
+_STACK_DENIALS = frozenset({"denied", "policy-timeout", "overload", "shutdown"})
+
+
+@attrs.define(eq=False)
+class _Flow:
+    """A flow between its new_flow and its flow_closed."""
+
+    req: pol.ConnectRequest
+    decision: pol.Decision | None = None  # the static (first) decision
+    http_method: str | None = None
+    http_path: str | None = None
+    reported: bool = False  # its ConnectEvent was emitted
 
 
 def build_policy(config):
@@ -142,6 +180,8 @@ class NetworkService:
         for ev in batch:
             if ev.kind == "new_flow":
                 self._new_flow(ev, now, nursery)
+            elif ev.kind == "flow_data":
+                self._flow_data(ev, nursery)
             elif ev.kind == "flow_closed":
                 self._closed(ev)
             elif ev.kind == "dns_query":
@@ -153,20 +193,42 @@ class NetworkService:
             id=ev.id, proto=ev.proto, src_ip=src_ip, src_port=src_port, dst_ip=dst_ip,
             dst_port=dst_port, names=self.names.names_for(dst_ip, now),
         )
-        self._open[ev.id] = req
+        flow = self._open[ev.id] = _Flow(req=req)
         if ev.decided:  # the stack decided alone (overload, inbound publish)
             allowed = ev.inbound
             verdict = pol.ALLOW if allowed else pol.deny(ev.reason)
             rule = "publish" if ev.inbound else "stack:" + ev.reason
-            self.stream.emit(ConnectEvent.from_decision(req, pol.Decision(verdict=verdict, rule=rule)))
+            self._report(flow, pol.Decision(verdict=verdict, rule=rule))
             return
-        decision = pol.decide_connect(self.policy, req)
-        if decision.by_default and self.on_connect is not None:
-            nursery.start_soon(self._ask, req)
+        decision = flow.decision = pol.decide_connect(self.policy, req)
+        asks = decision.by_default and self.on_connect is not None
+        if req.proto == "tcp" and (decision.allowed or asks) and dst_port not in SERVER_FIRST_PORTS:
+            dial = decision.dial if decision.allowed else None
+            self._verdicts.append(FlowVerdict(id=req.id, allow=True, peek=True, dial=dial))
             return
-        self._decided(req, decision)
+        if asks:
+            nursery.start_soon(self._ask, flow)
+            return
+        self._decided(flow, decision)
 
-    async def _ask(self, req):
+    def _flow_data(self, ev, nursery):
+        """The first bytes of a peeked flow: name it, decide it for good."""
+        flow = self._open.get(ev.id)
+        if flow is None or flow.reported:
+            return
+        found = FlowSniffer().feed(ev.payload)
+        if found.state == FOUND:
+            claimed = {"sni": found.name} if found.protocol == "tls" else {"http_host": found.name}
+            flow.req = attrs.evolve(flow.req, **claimed)
+            flow.http_method, flow.http_path = found.http_method, found.http_path
+        decision = pol.decide_connect(self.policy, flow.req)
+        if decision.by_default and self.on_connect is not None:
+            nursery.start_soon(self._ask, flow)
+            return
+        self._decided(flow, decision)
+
+    async def _ask(self, flow):
+        req = flow.req
         decision = None
         with trio.move_on_after(self.policy_timeout):
             try:
@@ -179,15 +241,26 @@ class NetworkService:
             decision = pol.from_callback_error("on_connect timed out after %gs" % self.policy_timeout)
             self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
                                               error="timed out", timed_out=True))
-        self._decided(req, decision)
+        self._decided(flow, decision)
         self._flush_verdicts()
 
-    def _decided(self, req, decision):
-        self.stream.emit(ConnectEvent.from_decision(req, decision))
+    def _report(self, flow, decision):
+        """Emit the flow's one ConnectEvent (later calls do nothing)."""
+        if flow.reported:
+            return False
+        flow.reported = True
+        self.stream.emit(ConnectEvent.from_decision(flow.req, decision, http_method=flow.http_method,
+                                                    http_path=flow.http_path))
+        return True
+
+    def _decided(self, flow, decision):
+        """The final decision: report it and queue the verdict."""
+        if not self._report(flow, decision):
+            return  # the stack ended the flow first (timeout, shutdown)
         dial = None
         if decision.allowed and decision.dial is not None:
             dial = decision.dial
-        self._verdicts.append(FlowVerdict(id=req.id, allow=decision.allowed, dial=dial))
+        self._verdicts.append(FlowVerdict(id=flow.req.id, allow=decision.allowed, dial=dial))
 
     def _flush_verdicts(self):
         if self._verdicts:
@@ -198,7 +271,15 @@ class NetworkService:
                 pass
 
     def _closed(self, ev):
-        self._open.pop(ev.id, None)
+        flow = self._open.pop(ev.id, None)
+        if flow is not None and not flow.reported:
+            # Ended before the final verdict: the stack denied it (policy timeout,
+            # overload, shutdown), or a peeked flow ended on its own (refused
+            # upstream, client reset) under its first decision.
+            first = flow.decision
+            if ev.reason in _STACK_DENIALS or first is None or not first.allowed:
+                first = pol.Decision(verdict=pol.deny(ev.reason), rule="stack:" + ev.reason)
+            self._report(flow, first)
         self.stream.emit(CloseEvent(id=ev.id, bytes_out=ev.bytes_out, bytes_in=ev.bytes_in,
                                     duration=ev.duration, reason=ev.reason))
 
@@ -226,8 +307,10 @@ class NetworkService:
         if self.tap_fd >= 0:
             os.close(self.tap_fd)
             self.tap_fd = -1
-        for flow_id in list(self._open):
+        for flow_id, flow in list(self._open.items()):
             self._open.pop(flow_id)
+            if not flow.reported:
+                self._report(flow, pol.Decision(verdict=pol.deny("shutdown"), rule="stack:shutdown"))
             self.stream.emit(CloseEvent(id=flow_id, reason="shutdown"))
 
 
@@ -264,7 +347,8 @@ async def start(nursery, config, netplan, tap_fd, stream):
     """Open the stack on ``tap_fd`` and start serving; return the service.
     The fd is consumed (direct: Go keeps a dup; pump: the service owns it)."""
     try:
-        netstack = Netstack.open(tap_fd, mode=netplan.mode, policy_timeout=config.policy_timeout)
+        netstack = Netstack.open(tap_fd, mode=netplan.mode, policy_timeout=config.policy_timeout,
+                                 peek_timeout=PEEK_TIMEOUT)
     except BaseException:
         os.close(tap_fd)
         raise
