@@ -33,6 +33,8 @@ const (
 type pcapEndpoint struct {
 	nested.Endpoint
 
+	onError func(error) // records the failure as the stack's last error
+
 	mu     sync.Mutex // guards fd, err, frames
 	fd     int        // ours (a dup); -1 once closed or failed
 	err    error
@@ -43,7 +45,7 @@ var _ stack.LinkEndpoint = (*pcapEndpoint)(nil)
 var _ stack.NetworkDispatcher = (*pcapEndpoint)(nil)
 
 // newPcapEndpoint dups fd and writes the file header.
-func newPcapEndpoint(lower stack.LinkEndpoint, fd int) (*pcapEndpoint, error) {
+func newPcapEndpoint(lower stack.LinkEndpoint, fd int, onError func(error)) (*pcapEndpoint, error) {
 	own, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 	if err != nil {
 		return nil, fmt.Errorf("dup pcap fd %d: %w", fd, err)
@@ -59,7 +61,7 @@ func newPcapEndpoint(lower stack.LinkEndpoint, fd int) (*pcapEndpoint, error) {
 		unix.Close(own)
 		return nil, fmt.Errorf("write pcap header: %w", err)
 	}
-	p := &pcapEndpoint{fd: own}
+	p := &pcapEndpoint{fd: own, onError: onError}
 	p.Endpoint.Init(lower, p)
 	return p, nil
 }
@@ -122,6 +124,7 @@ func (p *pcapEndpoint) dump(pkt *stack.PacketBuffer) {
 		p.err = err
 		unix.Close(p.fd)
 		p.fd = -1
+		p.onError(err)
 		return
 	}
 	p.frames++

@@ -174,7 +174,7 @@ func New(cfg Config) (_ *Stack, err error) {
 		return nil, err
 	}
 	if cfg.Pcap {
-		if st.pcap, err = newPcapEndpoint(inner, cfg.PcapFD); err != nil {
+		if st.pcap, err = newPcapEndpoint(inner, cfg.PcapFD, st.setError); err != nil {
 			return nil, err
 		}
 		inner = st.pcap

@@ -87,6 +87,8 @@ def _add_sandbox_options(p):
     net.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS")
     net.add_argument("--data-path", choices=("direct", "pump"))
     net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
+    net.add_argument("--pcap", metavar="FILE", help="write every frame of the sandbox's "
+                     "interface, both directions, to FILE (pcap: tshark, Wireshark, scapy)")
     net.add_argument("--monitor", action="store_true",
                      help="show connections and DNS live: redrawn on the terminal when the "
                      "command's output is redirected, else one line per event on stderr")

@@ -156,6 +156,7 @@ class Config:
         default=None, validator=attrs.validators.optional(_choice(DATA_PATHS))
     )
     events: str | None = None
+    pcap: str | None = None  # pcap file of every frame of the sandbox's interface
     monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit

@@ -129,9 +129,11 @@ class Netstack:
 
     @classmethod
     def open(cls, tap_fd=-1, *, mode="direct", policy_timeout=2.0, max_pending=256,
-             udp_idle_timeout=60.0, dial_timeout=10.0, peek_timeout=0.3, mtu=65520):
+             udp_idle_timeout=60.0, dial_timeout=10.0, peek_timeout=0.3, mtu=65520, pcap_fd=None):
         """Start a stack on ``tap_fd`` (direct: Go dups and drives the fd;
-        pump: the fd stays yours, move frames with :mod:`corral.net.pump`)."""
+        pump: the fd stays yours, move frames with :mod:`corral.net.pump`).
+        ``pcap_fd``: write every frame of the link, both directions, to this
+        file (pcap, ethernet); Go dups it, the caller closes its own."""
         for name, value in (("policy_timeout", policy_timeout), ("udp_idle_timeout", udp_idle_timeout),
                             ("dial_timeout", dial_timeout), ("peek_timeout", peek_timeout)):
             if not value > 0:
@@ -143,6 +145,7 @@ class Netstack:
             udp_idle_timeout_ms=max(1, round(udp_idle_timeout * 1000)),
             dial_timeout_ms=max(1, round(dial_timeout * 1000)),
             peek_timeout_ms=max(1, round(peek_timeout * 1000)),
+            pcap_fd=pcap_fd,
         )
         ns = cls(handle=h, mode=mode, efd=_b.stack_eventfd(h),
                  frames=_b.FrameReader() if mode == "pump" else None)
@@ -226,9 +229,14 @@ class Netstack:
 
     def stats(self):
         """Counters: flows_total, flows_open, pending, dns_queries, frames_in,
-        frames_out, drops, events_queued, goroutines."""
+        frames_out, drops, events_queued, goroutines, pcap_frames, pcap_errors."""
         self._check_open()
         return _b.stats(self.handle)
+
+    def last_error(self):
+        """The library's text for the last failure on this stack."""
+        self._check_open()
+        return _b.last_error(self.handle)
 
     # ------------------------------------------------------------ pump frames
 

@@ -291,6 +291,15 @@ class NetworkService:
         except trio.ClosedResourceError:
             pass
 
+    def _check_pcap(self):
+        try:
+            stats = self.netstack.stats()
+        except trio.ClosedResourceError:
+            return
+        if stats["pcap_errors"]:
+            log.warning("--pcap: writing the capture failed after %d frames (%s); the network "
+                        "went on without it", stats["pcap_frames"], self.netstack.last_error())
+
     async def aclose(self):
         """Stop the stack; record a close for every flow still open."""
         self._cancel.cancel()
@@ -303,6 +312,7 @@ class NetworkService:
         for ev in leftover:
             if ev.kind == "flow_closed":
                 self._closed(ev)
+        self._check_pcap()
         self.netstack.close()
         if self.tap_fd >= 0:
             os.close(self.tap_fd)
@@ -333,6 +343,9 @@ def plan(config, callbacks):
         for name, func in load_policy_file(config.policy).items():
             if func is not None:
                 callbacks.setdefault(name, func)
+    if config.pcap and not os.path.isdir(os.path.dirname(os.path.abspath(config.pcap))):
+        raise ConfigError("--pcap %s: no such directory. Fix: name a file in an existing "
+                          "directory" % config.pcap)
     on_packet = callbacks.get("on_packet")
     mode = config.data_path or ("pump" if on_packet else "direct")
     if on_packet and mode != "pump":
@@ -343,15 +356,29 @@ def plan(config, callbacks):
                 publish=tuple(parse_publish(text) for text in config.publish))
 
 
+def open_pcap(path):
+    """``--pcap FILE``: the file, created or truncated, as an fd for the stack."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise ConfigError("--pcap %s: %s. Fix: name a writable file" % (path, exc.strerror)) from None
+
+
 async def start(nursery, config, netplan, tap_fd, stream):
     """Open the stack on ``tap_fd`` and start serving; return the service.
     The fd is consumed (direct: Go keeps a dup; pump: the service owns it)."""
+    pcap_fd = None
     try:
+        if config.pcap:
+            pcap_fd = open_pcap(config.pcap)
         netstack = Netstack.open(tap_fd, mode=netplan.mode, policy_timeout=config.policy_timeout,
-                                 peek_timeout=PEEK_TIMEOUT)
+                                 peek_timeout=PEEK_TIMEOUT, pcap_fd=pcap_fd)
     except BaseException:
         os.close(tap_fd)
         raise
+    finally:
+        if pcap_fd is not None:
+            os.close(pcap_fd)  # Go keeps its own dup
     if netplan.mode == "direct":
         os.close(tap_fd)
         tap_fd = -1
