@@ -15,6 +15,8 @@
  *         mode) corral_stack_read_frames(h, ...) likewise; answer NEW_FLOW and
  *         FLOW_DATA with corral_stack_set_verdicts and DNS_QUERY with
  *         corral_stack_dns_reply.
+ *   corral_stack_shutdown(h)               optional: end every flow, queue their
+ *                                          FLOW_CLOSED; drain them with poll_events
  *   corral_stack_close(h)                  idempotent; the handle is then dead
  *
  * Addresses: family 4 or 6; IPv4 uses the first 4 bytes of the 16-byte array.
@@ -27,7 +29,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a signature or a struct below changes. */
-#define CORRAL_NET_ABI_VERSION 4
+#define CORRAL_NET_ABI_VERSION 5
 
 /* Status codes. */
 #define CORRAL_OK 0
@@ -155,7 +157,12 @@ int corral_abi_version(void);
 /* Create a stack; returns a handle > 0. */
 int corral_stack_new(corral_config *cfg);
 
-/* Cancel flows, close the stack, wait for its goroutines, close the eventfd.
+/* End every flow (each queues its FLOW_CLOSED: reason SHUTDOWN, with its byte
+ * counts), stop the link, wait for the flows' goroutines.  No new flow starts;
+ * poll_events still works until corral_stack_close.  Idempotent. */
+int corral_stack_shutdown(int h);
+
+/* Shut down (if not done yet), free the stack, close the eventfd.
  * Idempotent: closing a closed or unknown handle returns CORRAL_OK. */
 int corral_stack_close(int h);
 

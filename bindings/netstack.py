@@ -100,6 +100,11 @@ def stack_new(*, mode, tap_fd=-1, mtu=0, policy_timeout_ms=0, max_pending=0,
     return check(lib.corral_stack_new(cfg), "creating the stack", 0)
 
 
+def stack_shutdown(h):
+    """End every flow (their flow_closed events stay readable); idempotent."""
+    check(lib.corral_stack_shutdown(h), "shutting the stack down", h)
+
+
 def stack_close(h):
     """Close the stack (idempotent); waits for its goroutines."""
     check(lib.corral_stack_close(h), "closing the stack", h)

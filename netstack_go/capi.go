@@ -131,6 +131,16 @@ func corral_stack_close(h C.int) C.int {
 	return C.CORRAL_OK
 }
 
+//export corral_stack_shutdown
+func corral_stack_shutdown(h C.int) C.int {
+	st := lookup(h)
+	if st == nil {
+		return C.CORRAL_EBADHANDLE
+	}
+	st.Shutdown()
+	return C.CORRAL_OK
+}
+
 //export corral_stack_eventfd
 func corral_stack_eventfd(h C.int) C.int {
 	st := lookup(h)

@@ -110,6 +110,9 @@ type Stack struct {
 	cancel  context.CancelFunc
 	wg      sync.WaitGroup
 
+	shutdownOnce sync.Once // Shutdown
+	closeOnce    sync.Once // the rest of Close
+
 	events eventQueue
 	nextID atomic.Uint64
 
@@ -368,14 +371,16 @@ func (st *Stack) onClose(fn func()) bool {
 	return true
 }
 
-// Close cancels every flow, closes the stack and waits for all goroutines.
-// It is idempotent.
-func (st *Stack) Close() {
+// Shutdown ends every flow, stops the link and waits for the flows'
+// goroutines: each open flow has queued its FLOW_CLOSED (reason shutdown,
+// with its byte counts) when it returns.  The events stay readable until
+// Close.  Idempotent; Close calls it.
+func (st *Stack) Shutdown() {
+	st.shutdownOnce.Do(st.shutdown)
+}
+
+func (st *Stack) shutdown() {
 	st.mu.Lock()
-	if st.closed {
-		st.mu.Unlock()
-		return
-	}
 	st.closed = true
 	closers := st.closers
 	st.closers = nil
@@ -396,18 +401,26 @@ func (st *Stack) Close() {
 		st.s.Close()
 	}
 	st.wg.Wait()
-	if st.s != nil {
-		// Removes the NIC, which stops and waits for the TAP reader.
-		st.s.Wait()
-	}
-	if st.tapFD >= 0 {
-		unix.Close(st.tapFD)
-		st.tapFD = -1
-	}
-	if st.pcap != nil {
-		st.pcap.closeFile()
-	}
-	unix.Close(st.efd)
+}
+
+// Close shuts down (if not yet done), then frees the stack, its fds and
+// its eventfd.  It is idempotent.
+func (st *Stack) Close() {
+	st.Shutdown()
+	st.closeOnce.Do(func() {
+		if st.s != nil {
+			// Removes the NIC, which stops and waits for the TAP reader.
+			st.s.Wait()
+		}
+		if st.tapFD >= 0 {
+			unix.Close(st.tapFD)
+			st.tapFD = -1
+		}
+		if st.pcap != nil {
+			st.pcap.closeFile()
+		}
+		unix.Close(st.efd)
+	})
 }
 
 // Verdict is Python's answer to a NEW_FLOW or a FLOW_DATA.

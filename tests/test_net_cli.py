@@ -217,8 +217,6 @@ def test_every_flow_has_exactly_one_close(address_rules):
         assert all(c["bytes_in"] in (0, None) for c in out.closes_of(ev["id"]))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a UDP flow still open when the sandbox exits gets a "
-                   "close event with reason 'shutdown' and no byte counts (NetworkService.aclose)")
 def test_udp_flow_close_counts_bytes(address_rules):
     out, _ = address_rules
     assert out.results[2]["data"] == "udp v4"

@@ -271,6 +271,14 @@ class Netstack:
         if self._closed:
             raise trio.ClosedResourceError("netstack %d is closed" % self.handle)
 
+    def shutdown(self):
+        """End every flow now: each queues its ``flow_closed`` (reason
+        ``shutdown``, with its byte counts), still readable with
+        :meth:`poll_events` until :meth:`close`.  Blocks briefly while the
+        flows' goroutines finish; idempotent."""
+        self._check_open()
+        _b.stack_shutdown(self.handle)
+
     def close(self):
         """Stop every flow and free the stack (idempotent; blocks briefly
         while Go goroutines finish)."""

@@ -187,7 +187,8 @@ class NetworkService:
             elif ev.kind == "dns_query":
                 nursery.start_soon(self._dns, ev)
 
-    def _new_flow(self, ev, now, nursery):
+    def _register(self, ev, now):
+        """A new_flow's record; None when the stack decided it alone."""
         (src_ip, src_port), (dst_ip, dst_port) = ev.src, ev.dst
         req = pol.ConnectRequest(
             id=ev.id, proto=ev.proto, src_ip=src_ip, src_port=src_port, dst_ip=dst_ip,
@@ -199,7 +200,14 @@ class NetworkService:
             verdict = pol.ALLOW if allowed else pol.deny(ev.reason)
             rule = "publish" if ev.inbound else "stack:" + ev.reason
             self._report(flow, pol.Decision(verdict=verdict, rule=rule))
+            return None
+        return flow
+
+    def _new_flow(self, ev, now, nursery):
+        flow = self._register(ev, now)
+        if flow is None:
             return
+        req, dst_port = flow.req, flow.req.dst_port
         decision = flow.decision = pol.decide_connect(self.policy, req)
         asks = decision.by_default and self.on_connect is not None
         if req.proto == "tcp" and (decision.allowed or asks) and dst_port not in SERVER_FIRST_PORTS:
@@ -301,16 +309,22 @@ class NetworkService:
                         "went on without it", stats["pcap_frames"], self.netstack.last_error())
 
     async def aclose(self):
-        """Stop the stack; record a close for every flow still open."""
+        """Stop the stack: end every flow still open and record its close (with
+        its byte counts), then free the stack."""
         self._cancel.cancel()
         if self._running:
             await self._done.wait()
         try:
+            # Ends the flows; each queues its flow_closed before this returns.
+            self.netstack.shutdown()
             leftover = self.netstack.poll_events()
         except trio.ClosedResourceError:
             leftover = []
+        now = trio.current_time()
         for ev in leftover:
-            if ev.kind == "flow_closed":
+            if ev.kind == "new_flow":  # never answered: its close says shutdown
+                self._register(ev, now)
+            elif ev.kind == "flow_closed":
                 self._closed(ev)
         self._check_pcap()
         self.netstack.close()
