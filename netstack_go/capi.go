@@ -368,6 +368,7 @@ func corral_stack_stats(h C.int, out *C.corral_stats) C.int {
 		goroutines:    C.uint64_t(s.Goroutines),
 		pcap_frames:   C.uint64_t(s.PcapFrames),
 		pcap_errors:   C.uint64_t(s.PcapErrors),
+		log_lines:     C.uint64_t(s.LogLines),
 	}
 	return C.CORRAL_OK
 }

@@ -539,6 +539,7 @@ type Stats struct {
 	FramesIn, FramesOut, Drops, EventsQueued   uint64
 	Goroutines                                 uint64
 	PcapFrames, PcapErrors                     uint64
+	LogLines                                   uint64
 }
 
 // Stats returns the current counters.
@@ -556,6 +557,7 @@ func (st *Stack) Stats() Stats {
 		Drops:        drops,
 		EventsQueued: uint64(st.events.Len()),
 		Goroutines:   uint64(runtime.NumGoroutine()),
+		LogLines:     gvisorLogLines.Load(),
 	}
 	if st.pcap != nil {
 		frames, failed := st.pcap.counts()

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"testing"
 	"time"
+
+	"gvisor.dev/gvisor/pkg/log"
 )
 
 func TestVerdictTarget(t *testing.T) {
@@ -76,5 +78,45 @@ func TestEventQueueReportsOnlyAnEventThatDoesNotFit(t *testing.T) {
 	}
 	if got, stuck := q.takeFitting(4, func(*Event) bool { return true }); len(got) != 1 || stuck {
 		t.Fatalf("fitting payload: got %d events, stuck=%v", len(got), stuck)
+	}
+}
+
+func TestShutdownQueuesTheClosesBeforeClose(t *testing.T) {
+	st, err := New(Config{Mode: ModePump, PolicyTimeout: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := st.newFlow(ProtoUDP, netip.MustParseAddrPort("10.0.2.100:40000"), netip.MustParseAddrPort("198.51.100.1:53"))
+	if !st.spawn(func() {
+		_, err := st.decide(f)
+		f.bytesOut.Add(3)
+		f.finish(st, reasonFor(err))
+	}) {
+		t.Fatal("spawn refused on an open stack")
+	}
+	for st.Stats().Pending == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	st.Shutdown()
+	evs := st.events.take(10, func(*Event) bool { return true })
+	if len(evs) != 2 || evs[1].Kind != EvFlowClosed || evs[1].Reason != ReasonShutdown || evs[1].BytesOut != 3 {
+		t.Fatalf("want NEW_FLOW then FLOW_CLOSED(shutdown, 3 bytes out) before Close, got %+v", evs)
+	}
+	if st.spawn(func() {}) {
+		t.Fatal("a shut-down stack must not start goroutines")
+	}
+	st.Close()
+	st.Close()
+}
+
+func TestGvisorLogIsCountedNotWritten(t *testing.T) {
+	before := gvisorLogLines.Load()
+	log.Warningf("a warning from gVisor")
+	log.BasicRateLimitedLogger(time.Minute).Infof("Martian packet dropped")
+	if got := gvisorLogLines.Load() - before; got != 2 {
+		t.Fatalf("want 2 counted log lines, got %d", got)
+	}
+	if _, ok := log.Log().Emitter.(countingEmitter); !ok {
+		t.Fatalf("gVisor logs to %T, not to the counter", log.Log().Emitter)
 	}
 }

@@ -229,7 +229,8 @@ class Netstack:
 
     def stats(self):
         """Counters: flows_total, flows_open, pending, dns_queries, frames_in,
-        frames_out, drops, events_queued, goroutines, pcap_frames, pcap_errors."""
+        frames_out, drops, events_queued, goroutines, pcap_frames, pcap_errors,
+        log_lines."""
         self._check_open()
         return _b.stats(self.handle)
 
