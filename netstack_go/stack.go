@@ -312,6 +312,23 @@ func (st *Stack) startProfile() {
 	st.profile = f
 }
 
+// goroutinesEnv names a file that receives every goroutine's stack when the
+// stack shuts down (leak hunting: which goroutines outlived their flows).
+const goroutinesEnv = "CORRAL_NETSTACK_GOROUTINES"
+
+func dumpGoroutines() {
+	path := os.Getenv(goroutinesEnv)
+	if path == "" {
+		return
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	_ = pprof.Lookup("goroutine").WriteTo(f, 1)
+}
+
 func (st *Stack) stopProfile() {
 	if st.profile != nil {
 		pprof.StopCPUProfile()
@@ -380,6 +397,7 @@ func (st *Stack) Shutdown() {
 }
 
 func (st *Stack) shutdown() {
+	dumpGoroutines()
 	st.mu.Lock()
 	st.closed = true
 	closers := st.closers
