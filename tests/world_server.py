@@ -125,6 +125,11 @@ def configure_lo() -> None:
             ipr.addr("add", index=idx, address=addr, prefixlen=32)
         for addr in V6_ADDRESSES:
             ipr.addr("add", index=idx, address=addr, prefixlen=128, flags=IFA_F_NODAD)
+    # Let the unprivileged user open ICMP echo sockets here (the supervisor's
+    # side of a sandboxed ping), as many desktops do (net.ipv4.ping_group_range).
+    gid = os.getgid()
+    with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+        f.write("%d %d" % (gid, gid))
 
 
 class EventLog:

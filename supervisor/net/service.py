@@ -71,6 +71,7 @@ class _Flow:
     http_method: str | None = None
     http_path: str | None = None
     reported: bool = False  # its ConnectEvent was emitted
+    asked: pol.Decision | None = None  # on_connect's allow, pending the first bytes
 
 
 def build_policy(config):
@@ -181,7 +182,7 @@ class NetworkService:
             if ev.kind == "new_flow":
                 self._new_flow(ev, now, nursery)
             elif ev.kind == "flow_data":
-                self._flow_data(ev, nursery)
+                self._flow_data(ev)
             elif ev.kind == "flow_closed":
                 self._closed(ev)
             elif ev.kind == "dns_query":
@@ -207,19 +208,29 @@ class NetworkService:
         flow = self._register(ev, now)
         if flow is None:
             return
-        req, dst_port = flow.req, flow.req.dst_port
+        req = flow.req
         decision = flow.decision = pol.decide_connect(self.policy, req)
-        asks = decision.by_default and self.on_connect is not None
-        if req.proto == "tcp" and (decision.allowed or asks) and dst_port not in SERVER_FIRST_PORTS:
-            dial = decision.dial if decision.allowed else None
-            self._verdicts.append(FlowVerdict(id=req.id, allow=True, peek=True, dial=dial))
-            return
-        if asks:
+        if decision.by_default and self.on_connect is not None:
+            # The callback decides at connect time (with the DNS names), so
+            # its deny is an immediate RST / ECONNREFUSED like a rule's.
             nursery.start_soon(self._ask, flow)
+            return
+        if self._peekable(req) and decision.allowed:
+            self._peek(flow, decision)
             return
         self._decided(flow, decision)
 
-    def _flow_data(self, ev, nursery):
+    @staticmethod
+    def _peekable(req):
+        return req.proto == "tcp" and req.dst_port not in SERVER_FIRST_PORTS
+
+    def _peek(self, flow, decision):
+        """Allowed so far: let the stack read the first bytes (SNI / Host)
+        before the final verdict, so rules on those names can still deny."""
+        dial = decision.dial if decision.allowed else None
+        self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, peek=True, dial=dial))
+
+    def _flow_data(self, ev):
         """The first bytes of a peeked flow: name it, decide it for good."""
         flow = self._open.get(ev.id)
         if flow is None or flow.reported:
@@ -230,9 +241,8 @@ class NetworkService:
             flow.req = attrs.evolve(flow.req, **claimed)
             flow.http_method, flow.http_path = found.http_method, found.http_path
         decision = pol.decide_connect(self.policy, flow.req)
-        if decision.by_default and self.on_connect is not None:
-            nursery.start_soon(self._ask, flow)
-            return
+        if decision.by_default and flow.asked is not None:
+            decision = flow.asked  # no rule on the names: the callback's allow stands
         self._decided(flow, decision)
 
     async def _ask(self, flow):
@@ -249,7 +259,11 @@ class NetworkService:
             decision = pol.from_callback_error("on_connect timed out after %gs" % self.policy_timeout)
             self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
                                               error="timed out", timed_out=True))
-        self._decided(flow, decision)
+        if decision.allowed and self._peekable(req) and not flow.reported:
+            flow.asked = decision
+            self._peek(flow, decision)
+        else:
+            self._decided(flow, decision)
         self._flush_verdicts()
 
     def _report(self, flow, decision):

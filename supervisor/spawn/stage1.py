@@ -264,6 +264,14 @@ def _setup_network(ctl, spec):
         libc.set_link_up("lo")
     except OSError as exc:
         raise StepError("loopback", exc.errno, "bringing lo up") from None
+    # Unprivileged ICMP echo sockets for the sandbox's own group, so `ping`
+    # works without CAP_NET_RAW; the echo is still a policy-checked flow.
+    gid = os.getgid()
+    try:
+        with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
+            f.write("%d %d" % (gid, gid))
+    except OSError as exc:
+        raise StepError("ping_group_range", exc.errno, "allowing ICMP echo sockets") from None
     if spec["net"] == "filtered":
         from . import tap  # pyroute2 is only paid for when there is a network
 
