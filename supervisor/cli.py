@@ -87,6 +87,10 @@ def _add_sandbox_options(p):
     net.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS")
     net.add_argument("--data-path", choices=("direct", "pump"))
     net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
+    net.add_argument("--max-conns", type=int, metavar="N",
+                     help="refuse new flows while N are open (a connection flood inside)")
+    net.add_argument("--max-rate", type=float, metavar="PER_SECOND",
+                     help="refuse new flows beyond this many per second (burst: one second's worth)")
     net.add_argument("--pcap", metavar="FILE", help="write every frame of the sandbox's "
                      "interface, both directions, to FILE (pcap: tshark, Wireshark, scapy)")
     net.add_argument("--monitor", action="store_true",

@@ -157,6 +157,8 @@ class Config:
     )
     events: str | None = None
     pcap: str | None = None  # pcap file of every frame of the sandbox's interface
+    max_conns: int | None = attrs.field(default=None, validator=_positive_or_none)  # open flows
+    max_rate: float | None = attrs.field(default=None, validator=_positive_or_none)  # new flows/s
     monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit

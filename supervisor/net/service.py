@@ -152,6 +152,9 @@ class NetworkService:
     _cancel: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _done: trio.Event = attrs.field(factory=trio.Event)
     _running: bool = False
+    limits: object = None  # the Config: max_conns, max_rate
+    _tokens: float = float("inf")  # --max-rate bucket (starts full)
+    _tokens_at: float = 0.0
 
     def __repr__(self):
         return "<NetworkService %s open=%d>" % (self.netstack.mode, len(self._open))
@@ -209,6 +212,10 @@ class NetworkService:
         if flow is None:
             return
         req = flow.req
+        limited = self._over_limit(now)
+        if limited is not None:
+            self._decided(flow, limited)
+            return
         decision = flow.decision = pol.decide_connect(self.policy, req)
         if decision.by_default and self.on_connect is not None:
             # The callback decides at connect time (with the DNS names), so
@@ -219,6 +226,22 @@ class NetworkService:
             self._peek(flow, decision)
             return
         self._decided(flow, decision)
+
+    def _over_limit(self, now):
+        """--max-conns / --max-rate: a Decision denying the new flow, or None."""
+        limits = self.limits
+        if limits.max_conns is not None and len(self._open) > limits.max_conns:
+            return pol.Decision(verdict=pol.deny("more than %d flows open (--max-conns)" % limits.max_conns),
+                                rule="limit:max-conns")
+        if limits.max_rate is not None:
+            burst = max(1.0, limits.max_rate)
+            self._tokens = min(burst, self._tokens + (now - self._tokens_at) * limits.max_rate)
+            self._tokens_at = now
+            if self._tokens < 1.0:
+                return pol.Decision(verdict=pol.deny("more than %g new flows per second (--max-rate)"
+                                                     % limits.max_rate), rule="limit:max-rate")
+            self._tokens -= 1.0
+        return None
 
     @staticmethod
     def _peekable(req):
@@ -418,6 +441,7 @@ async def start(nursery, config, netplan, tap_fd, stream):
                               on_dns=callbacks.get("on_dns"), policy_timeout=config.policy_timeout),
         stream=stream, policy_timeout=config.policy_timeout,
         on_connect=callbacks.get("on_connect"), on_packet=callbacks.get("on_packet"), tap_fd=tap_fd,
+        limits=config,
     )
     try:
         for proto, host_ip, host_port, sandbox_port in netplan.publish:
