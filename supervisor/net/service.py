@@ -48,6 +48,10 @@ from .sniff import FOUND, FlowSniffer
 log = logging.getLogger("corral.net")
 
 CALLBACK_NAMES = ("on_connect", "on_dns", "on_packet")
+# The supervisor times a callback out at --policy-timeout (a deny with a
+# policy_error event); the stack's own deadline is a backstop a little later,
+# for a supervisor that cannot answer at all.
+STACK_TIMEOUT_GRACE = 0.25
 
 # How long the stack waits for a peeked flow's first bytes (seconds).
 PEEK_TIMEOUT = 0.3
@@ -422,7 +426,8 @@ async def start(nursery, config, netplan, tap_fd, stream):
     try:
         if config.pcap:
             pcap_fd = open_pcap(config.pcap)
-        netstack = Netstack.open(tap_fd, mode=netplan.mode, policy_timeout=config.policy_timeout,
+        netstack = Netstack.open(tap_fd, mode=netplan.mode,
+                                 policy_timeout=config.policy_timeout + STACK_TIMEOUT_GRACE,
                                  peek_timeout=PEEK_TIMEOUT, pcap_fd=pcap_fd)
     except BaseException:
         os.close(tap_fd)
