@@ -232,6 +232,7 @@ func New(cfg Config) (_ *Stack, err error) {
 	if err := st.startDNS(); err != nil {
 		return nil, err
 	}
+	st.spawn(st.returnMemory)
 	return st, nil
 }
 
