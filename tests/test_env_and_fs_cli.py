@@ -105,3 +105,16 @@ def test_running_in_home_warns_that_home_is_writable(home):
                     env=dict(os.environ, HOME=str(home)))
     assert result.returncode == 0
     assert b"whole home directory is writable (secrets still hidden)" in result.stderr
+
+
+def test_keep_changes_keeps_what_the_command_changed(tmp_path):
+    work, kept = tmp_path / "work", tmp_path / "kept"
+    work.mkdir()
+    result = corral("run", "--net", "none", "--keep-changes", str(kept), "--", "sh", "-c",
+                    "echo planted > /etc/corral-kept-test", cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert not os.path.exists("/etc/corral-kept-test")
+    from corral.fs.changes import collect_changes
+
+    changes = {c.path: c.change for c in collect_changes(kept).changes}
+    assert changes.get("/etc/corral-kept-test") == "created"

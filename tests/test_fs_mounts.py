@@ -153,7 +153,8 @@ def test_dotfile_write_succeeds_inside_and_never_reaches_host(box):
     overlays = box.manifest()["overlays"]
     changed = [upper for upper, host in overlays.items()
                if (box.home + "/").startswith(host.rstrip("/") + "/")
-               and os.path.exists(os.path.join(upper, os.path.relpath(box.path(".bashrc"), host)))]
+               and os.path.exists(os.path.join(box.scratch, upper,
+                                               os.path.relpath(box.path(".bashrc"), host)))]
     assert [overlays[upper] for upper in changed] == [box.home]
 
 

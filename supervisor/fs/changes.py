@@ -107,9 +107,14 @@ def read_manifest(scratch: str | os.PathLike) -> tuple[list[tuple[str, str]], di
     except FileNotFoundError:
         return [], {}
     if isinstance(data, list):
-        return [(d["upper"], d["target"]) for d in data], {}
-    overlays = data.get("overlays", {})
-    return list(overlays.items()), dict(data.get("fallbacks", {}))
+        pairs = [(d["upper"], d["target"]) for d in data]
+        fallbacks = {}
+    else:
+        pairs = list(data.get("overlays", {}).items())
+        fallbacks = dict(data.get("fallbacks", {}))
+    # Upper dirs are recorded relative to the scratch dir (it may have moved:
+    # --keep-changes); os.path.join keeps an absolute one as it is.
+    return [(os.path.join(os.fspath(scratch), upper), target) for upper, target in pairs], fallbacks
 
 
 def _is_whiteout(st: os.stat_result) -> bool:

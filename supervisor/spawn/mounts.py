@@ -312,7 +312,10 @@ class _Builder:
         if self.overlays or self.fallbacks:
             try:
                 with open(self.scratch + "/" + MANIFEST, "w") as f:
-                    json.dump({"overlays": self.overlays, "fallbacks": self.fallbacks}, f)
+                    # Upper dirs relative to scratch: --keep-changes moves it.
+                    overlays = {os.path.relpath(upper, self.scratch): host
+                                for upper, host in self.overlays.items()}
+                    json.dump({"overlays": overlays, "fallbacks": self.fallbacks}, f)
             except OSError as exc:
                 raise MountError("write", self.scratch + "/" + MANIFEST, exc.errno) from None
         if self.mode != "readonly":
