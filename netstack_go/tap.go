@@ -2,7 +2,10 @@ package main
 
 import (
 	"fmt"
+	"os"
 	"sync"
+	"syscall"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -56,6 +59,18 @@ type vnetTapEndpoint struct {
 	stopFD int // eventfd: readable once Close was called
 	wg     sync.WaitGroup
 
+	// rfile is a dup of fd in Go's netpoller: the reader parks like any
+	// goroutine instead of blocking a thread in ppoll, so the goroutines it
+	// wakes (TCP processor, copy loop) run on the same thread next instead
+	// of waking another.  Measured in the world, iperf3/connrate through
+	// the direct path, 3 interleaved rounds, medians vs the ppoll reader:
+	// up 11.68 vs 10.90 Gbit/s, down 14.44 vs 12.79, 3778 vs 1891 conns/s
+	// (noisy), supervisor voluntary context switches per iperf3 run 18k vs
+	// 44k (up) and 24k vs 53k (down), CPU per 3000 connections 0.67 vs
+	// 2.64 s; 1-byte RR within noise.
+	rfile *os.File
+	rconn syscall.RawConn
+
 	stopOnce  sync.Once
 	closeOnce sync.Once
 }
@@ -77,10 +92,27 @@ func newVnetTapEndpoint(fd int, mtu uint32) (*vnetTapEndpoint, error) {
 	if err != nil {
 		return nil, fmt.Errorf("eventfd: %w", err)
 	}
+	rfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		unix.Close(stopFD)
+		return nil, fmt.Errorf("dup TAP fd: %w", err)
+	}
+	// fd is non-blocking (newLink), so the file is registered with the
+	// netpoller; a deadline (which stop uses) fails otherwise.
+	rfile := os.NewFile(uintptr(rfd), "tap")
+	rconn, err := rfile.SyscallConn()
+	if err == nil {
+		err = rfile.SetReadDeadline(time.Time{})
+	}
+	if err != nil {
+		rfile.Close()
+		unix.Close(stopFD)
+		return nil, fmt.Errorf("TAP fd in the netpoller: %w", err)
+	}
 	ch := channel.New(1, mtu+14, stackMAC)
 	ch.LinkEPCapabilities = stack.CapabilityRXChecksumOffload
 	ch.SupportedGSOKind = stack.HostGSOSupported
-	return &vnetTapEndpoint{Endpoint: ch, fd: fd, mtu: mtu, stopFD: stopFD}, nil
+	return &vnetTapEndpoint{Endpoint: ch, fd: fd, mtu: mtu, stopFD: stopFD, rfile: rfile, rconn: rconn}, nil
 }
 
 // GSOMaxSize implements stack.GSOEndpoint.  TCP sends at most this minus 61
@@ -119,7 +151,10 @@ func (e *vnetTapEndpoint) Wait() {}
 func (e *vnetTapEndpoint) Close() {
 	e.stop()
 	e.wg.Wait()
-	e.closeOnce.Do(func() { unix.Close(e.stopFD) })
+	e.closeOnce.Do(func() {
+		e.rfile.Close()
+		unix.Close(e.stopFD)
+	})
 	e.Endpoint.Close()
 }
 
@@ -129,6 +164,8 @@ func (e *vnetTapEndpoint) stop() {
 	e.stopOnce.Do(func() {
 		one := [8]byte{1}
 		_, _ = unix.Write(e.stopFD, one[:])
+		// A deadline in the past fails the pending read and every later one.
+		_ = e.rfile.SetReadDeadline(time.Unix(1, 0))
 	})
 }
 
@@ -154,9 +191,18 @@ func (e *vnetTapEndpoint) readLoop() {
 				iov[i+1].SetLen(v.Size())
 			}
 		}
-		n, errno := rawfile.BlockingReadvUntilStopped(e.stopFD, e.fd, iov)
-		if n < 0 || (errno != 0 && errno != unix.EINTR) {
+		var n int
+		var errno unix.Errno
+		err := e.rconn.Read(func(fd uintptr) bool {
+			r, _, en := unix.RawSyscall(unix.SYS_READV, fd, uintptr(unsafe.Pointer(&iov[0])), uintptr(len(iov)))
+			n, errno = int(r), en
+			return en != unix.EAGAIN // false: park until readable
+		})
+		if err != nil || (errno != 0 && errno != unix.EINTR) {
 			return // stopped, or the sandbox side is gone
+		}
+		if errno != 0 {
+			continue
 		}
 		n -= vnetHdrSize
 		if n <= 0 {
