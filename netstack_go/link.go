@@ -7,14 +7,11 @@ import (
 
 	"golang.org/x/sys/unix"
 	"gvisor.dev/gvisor/pkg/buffer"
-	"gvisor.dev/gvisor/pkg/sleep"
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
 	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/link/nested"
-	"gvisor.dev/gvisor/pkg/tcpip/link/qdisc"
-	"gvisor.dev/gvisor/pkg/tcpip/link/qdisc/fifo"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
 
@@ -214,125 +211,4 @@ func (p *pumpEndpoint) Close() {
 	p.q = nil
 	p.mu.Unlock()
 	p.Endpoint.Close()
-}
-
-// inlineQDisc is a queueing discipline for the direct path, a drop-in for
-// fifo.New(st.link, 1, maxQueuedFrames) in stack.go (not wired yet: it pays
-// only together with GOMAXPROCS=1).  A frame no larger than inlineMax leaves
-// inline, on the goroutine that produced it, when nothing is queued and no
-// write is under way; otherwise frames join a FIFO drained by one writer
-// goroutine, which keeps bulk transfers pipelined.  One owner at a time
-// writes, so frames leave in the order they were produced.
-//
-// Measured in the world with the netpoller TAP reader, 3 interleaved
-// rounds, medians: with GOMAXPROCS=1, 1-byte RR 22.8 µs [21-31] vs 77
-// [21-111] with the fifo, supervisor context switches per 20k round trips
-// 36k vs 65k, iperf3 up 12.01 vs 11.98, down 15.25 vs 16.69 Gbit/s; with
-// the default GOMAXPROCS it is worse than the fifo (down 10.01 vs 14.44,
-// RR 106 vs 82 µs; probably a second P picks up the woken goroutines).
-type inlineQDisc struct {
-	lower     stack.LinkWriter
-	inlineMax int
-
-	mu     sync.Mutex // guards the following fields
-	q      qdisc.PacketBufferCircularList
-	busy   bool // an owner (an inline writer or the goroutine) holds the link
-	closed bool
-
-	wake    sleep.Waker
-	closing sleep.Waker
-	wg      sync.WaitGroup
-}
-
-var _ stack.QueueingDiscipline = (*inlineQDisc)(nil)
-
-// newInlineQDisc returns the discipline over lower with room for queueLen
-// frames; beyond that frames are dropped and TCP backs off, as with a NIC.
-func newInlineQDisc(lower stack.LinkWriter, queueLen, inlineMax int) *inlineQDisc {
-	d := &inlineQDisc{lower: lower, inlineMax: inlineMax}
-	d.q.Init(queueLen)
-	d.wg.Add(1)
-	go func() {
-		defer d.wg.Done()
-		d.writeLoop()
-	}()
-	return d
-}
-
-// WritePacket implements stack.QueueingDiscipline.
-func (d *inlineQDisc) WritePacket(pkt *stack.PacketBuffer) tcpip.Error {
-	d.mu.Lock()
-	if d.closed {
-		d.mu.Unlock()
-		return &tcpip.ErrClosedForSend{}
-	}
-	if !d.busy && pkt.Size() <= d.inlineMax {
-		d.busy = true // the queue is empty whenever no one owns the link
-		d.mu.Unlock()
-		var one stack.PacketBufferList
-		one.PushBack(pkt)
-		_, err := d.lower.WritePackets(one)
-		d.mu.Lock()
-		handOff := !d.q.IsEmpty()
-		d.busy = handOff // frames queued meanwhile: the goroutine owns them
-		d.mu.Unlock()
-		if handOff {
-			d.wake.Assert()
-		}
-		return err
-	}
-	if !d.q.HasSpace() {
-		d.mu.Unlock()
-		return &tcpip.ErrNoBufferSpace{}
-	}
-	d.q.PushBack(pkt.IncRef())
-	start := !d.busy
-	d.busy = true
-	d.mu.Unlock()
-	if start {
-		d.wake.Assert()
-	}
-	return nil
-}
-
-// writeLoop drains the queue each time it is handed the link.
-func (d *inlineQDisc) writeLoop() {
-	var s sleep.Sleeper
-	s.AddWaker(&d.wake)
-	s.AddWaker(&d.closing)
-	defer s.Done()
-	var batch stack.PacketBufferList
-	for s.Fetch(true) == &d.wake {
-		d.mu.Lock()
-		for !d.q.IsEmpty() {
-			for batch.Len() < fifo.BatchSize && !d.q.IsEmpty() {
-				batch.PushBack(d.q.RemoveFront())
-			}
-			d.mu.Unlock()
-			_, _ = d.lower.WritePackets(batch)
-			batch.Reset() // drops the queue's references
-			d.mu.Lock()
-		}
-		d.busy = false
-		d.mu.Unlock()
-	}
-}
-
-// Close implements stack.QueueingDiscipline: it stops the writer and drops
-// what is still queued.
-func (d *inlineQDisc) Close() {
-	d.mu.Lock()
-	if d.closed {
-		d.mu.Unlock()
-		return
-	}
-	d.closed = true
-	d.mu.Unlock()
-	d.closing.Assert()
-	d.wg.Wait()
-	d.mu.Lock()
-	for p := d.q.RemoveFront(); p != nil; p = d.q.RemoveFront() {
-		p.DecRef()
-	}
-	d.mu.Unlock()
 }
