@@ -191,7 +191,8 @@ def open_tap(mtu: int) -> int:
     from pyroute2 import IPRoute
 
     tun = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
-    fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH", b"tap0", 0x0002 | 0x1000))  # TAP, NO_PI
+    # TAP, NO_PI, VNET_HDR: as corral creates it (the direct path requires the header)
+    fcntl.ioctl(tun, 0x400454CA, struct.pack("16sH", b"tap0", 0x0002 | 0x1000 | 0x4000))
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname="tap0")[0]
         ipr.link("set", index=idx, mtu=mtu, txqlen=1000)

@@ -10,7 +10,6 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip"
 	"gvisor.dev/gvisor/pkg/tcpip/link/channel"
 	"gvisor.dev/gvisor/pkg/tcpip/link/ethernet"
-	"gvisor.dev/gvisor/pkg/tcpip/link/fdbased"
 	"gvisor.dev/gvisor/pkg/tcpip/link/nested"
 	"gvisor.dev/gvisor/pkg/tcpip/stack"
 )
@@ -29,7 +28,7 @@ func (st *Stack) newLink() (stack.LinkEndpoint, error) {
 			return nil, fmt.Errorf("dup TAP fd %d: %w", st.cfg.TapFD, err)
 		}
 		st.tapFD = fd
-		// fdbased polls the fd; it must not block the dispatcher thread.
+		// The reader parks in Go's netpoller (tap.go): non-blocking fd.
 		if err := unix.SetNonblock(fd, true); err != nil {
 			return nil, fmt.Errorf("TAP fd non-blocking: %w", err)
 		}
@@ -37,43 +36,27 @@ func (st *Stack) newLink() (stack.LinkEndpoint, error) {
 		if err != nil {
 			return nil, err
 		}
-		if vnet {
-			// Checksum offload both ways (tap.go).  Measured in the world,
-			// iperf3 through the direct path, 5 interleaved rounds, medians
-			// [min-max] Gbit/s: up 7.44 [6.20-8.28] vs 6.41 [6.35-9.12] with
-			// fdbased on a plain TAP, down 7.01 [6.55-7.33] vs 6.21
-			// [5.15-6.54]; the Go profile of a download loses its 5% in
-			// checksum.calculateChecksum, and the sandbox kernel its
-			// csum_partial on send and verification on receive.
-			ep, err := newVnetTapEndpoint(fd, st.cfg.MTU)
-			if err != nil {
-				return nil, err
-			}
-			st.vnetTap = ep
-			return ethernet.New(ep), nil
+		if !vnet {
+			// gVisor's fdbased reader stops for good at the first frame
+			// addressed to another MAC (its readv dispatcher returns
+			// "stop"), which a sandboxed program with CAP_NET_RAW could
+			// send; our own reader (tap.go) drops such frames and goes on.
+			return nil, fmt.Errorf("TAP fd %d has no virtio-net header: the direct path needs a "+
+				"TAP opened with IFF_VNET_HDR (corral creates it so)", st.cfg.TapFD)
 		}
-		ep, err := fdbased.New(&fdbased.Options{
-			FDs:            []int{fd},
-			MTU:            st.cfg.MTU,
-			EthernetHeader: true,
-			Address:        stackMAC,
-			// The sandbox kernel fills in every checksum before a frame
-			// reaches a TAP without offloads, so verifying them again is
-			// wasted work.  TX checksums stay on: without a vnet header the
-			// sandbox kernel would drop frames whose checksum we skipped.
-			RXChecksumOffload: true,
-			// A TAP is not a socket: readv, one frame per call.  The
-			// pinned fdbased enables vnet headers (GSO, checksum offload)
-			// only for sockets: a TAP opened with IFF_VNET_HDR gets
-			// vnetTapEndpoint above instead.
-			PacketDispatchMode: fdbased.Readv,
-			IsPacketSocket:     []bool{false},
-			PreConfigured:      true,
-		})
+		// Checksum offload both ways (tap.go).  Measured in the world,
+		// iperf3 through the direct path, 5 interleaved rounds, medians
+		// [min-max] Gbit/s: up 7.44 [6.20-8.28] vs 6.41 [6.35-9.12] with
+		// fdbased on a plain TAP, down 7.01 [6.55-7.33] vs 6.21
+		// [5.15-6.54]; the Go profile of a download loses its 5% in
+		// checksum.calculateChecksum, and the sandbox kernel its
+		// csum_partial on send and verification on receive.
+		ep, err := newVnetTapEndpoint(fd, st.cfg.MTU)
 		if err != nil {
-			return nil, fmt.Errorf("TAP endpoint: %w", err)
+			return nil, err
 		}
-		return ep, nil
+		st.vnetTap = ep
+		return ethernet.New(ep), nil
 	case ModePump:
 		st.pump = newPumpEndpoint(st.cfg.MTU, st)
 		return ethernet.New(st.pump), nil

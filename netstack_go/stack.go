@@ -29,7 +29,7 @@ import (
 type Mode int
 
 const (
-	// ModeDirect: Go reads and writes the TAP fd (fdbased endpoint).
+	// ModeDirect: Go reads and writes the TAP fd (tap.go; IFF_VNET_HDR required).
 	ModeDirect Mode = 0
 	// ModePump: the caller injects inbound frames and reads outbound ones.
 	ModePump Mode = 1

@@ -35,11 +35,6 @@ def test_fuzzed_frames_leave_the_stack_healthy(path):
     assert res["fds"]["after"] <= res["fds"]["before"], res
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: gVisor fdbased readVDispatcher.dispatch returns (false, nil) for a frame whose "
-    "destination MAC is another unicast address (parseInboundHeader), and dispatchLoop "
-    "then stops reading the TAP for good; corral sets no ClosedFunc, so the sandbox's "
-    "network dies silently (fails closed, but no event or log). Needs CAP_NET_RAW inside."))
 def test_frames_to_a_foreign_mac_do_not_stop_the_direct_path():
     proc, results = fuzz("--path", "direct", "--raw-ethernet")
     assert len(results) == 1, proc.stderr

@@ -197,7 +197,7 @@ def start_agent(vnet_hdr=True):
 
 
 def scenario_main(variant):
-    # "direct-plain": a TAP without IFF_VNET_HDR (the fdbased link).
+    # "pump-plain": a TAP without IFF_VNET_HDR (the pump handles both kinds).
     mode = variant.split("-")[0]
     # Start the sandbox before the Go runtime is loaded: no fork after Go.
     agent, parent, tap_fd = start_agent(vnet_hdr=not variant.endswith("-plain"))
@@ -356,7 +356,7 @@ def _run(world, mode):
     return json.loads(proc.stdout)
 
 
-@pytest.fixture(scope="module", params=["direct", "pump", "direct-plain"])
+@pytest.fixture(scope="module", params=["direct", "pump", "pump-plain"])
 def observed(request, world):
     return _run(world, request.param)
 
@@ -447,9 +447,33 @@ def test_pump_filter_drops_packets(observed):
     assert not flows
 
 
+def plain_direct_main():
+    """The direct path refuses a TAP without a virtio-net header."""
+    agent, parent, tap_fd = start_agent(vnet_hdr=False)
+    from corral.errors import NetstackError
+    from corral.net.netstack import Netstack
+
+    try:
+        Netstack.open(tap_fd, mode="direct").close()
+        print("opened")
+    except NetstackError as exc:
+        print("refused:", exc)
+    parent.close()
+    agent.wait(timeout=10)
+
+
+def test_direct_path_refuses_a_tap_without_vnet_header(world):
+    env = dict(os.environ, PYTHONPATH=HERE)
+    proc = world.run([sys.executable, __file__, "--plain-direct"], capture_output=True, text=True,
+                     timeout=60, env=env)
+    assert proc.stdout.startswith("refused:") and "IFF_VNET_HDR" in proc.stdout, proc.stderr[-2000:]
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--agent":
         agent_main(int(sys.argv[2]), sys.argv[3] == "vnet")
     elif sys.argv[1] == "--scenario":
         scenario_main(sys.argv[2])
+    elif sys.argv[1] == "--plain-direct":
+        plain_direct_main()
 
