@@ -21,7 +21,7 @@ import time
 from typing import Any, Iterable, Mapping
 
 from corral.errors import ConfigError
-from corral.policy import Rule, always_denied, normalize_ip, normalize_name
+from corral.policy import Rule, always_denied, claimed_name, normalize_ip, normalize_name
 
 __all__ = [
     "CORRAL_RESOLVERS",
@@ -122,18 +122,6 @@ def _addr(ip: str, port: int | None) -> str:
     return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
 
-def _claimed(value: str | None) -> str | None:
-    """An SNI / Host value as a bare normalized name ('Example.com:8080' → 'example.com')."""
-    if not value:
-        return None
-    v = value.strip()
-    if v.startswith("["):
-        v = v[1 : v.find("]")] if "]" in v else v[1:]
-    elif v.count(":") == 1:
-        v = v.split(":")[0]
-    return normalize_name(v) or None
-
-
 def _watched(name: str | None) -> tuple[str, str] | None:
     if not name:
         return None
@@ -167,7 +155,7 @@ def _flows(events: list[dict]) -> list[dict]:
             continue
         close = closes.get(e["id"])
         names = [normalize_name(n) for n in e.get("names") or ()]
-        name = names[0] if names else _claimed(e.get("sni")) or _claimed(e.get("http_host"))
+        name = names[0] if names else claimed_name(e.get("sni")) or claimed_name(e.get("http_host"))
         if name and _ip(name) is not None:
             name = None  # a claimed address is no name
         flows.append({
@@ -356,7 +344,7 @@ def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
             if claimed:
                 detail += f"; the client named {_safe(claimed[0])!r}"
             flags.add("raw-ip", "medium", where, f"{detail} ({verdict})")
-        for name in {*(f["names"][:1]), _claimed(f["sni"]), _claimed(f["http_host"])} - {None}:
+        for name in {*(f["names"][:1]), claimed_name(f["sni"]), claimed_name(f["http_host"])} - {None}:
             hit = _watched(name)
             if hit:
                 flags.add("watched-service", "medium", hit[0], f"{hit[1]} service: connected to {name} ({verdict})")
@@ -364,7 +352,7 @@ def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
         if path:
             bare = path.split("?", 1)[0].split("#", 1)[0].lower()
             if bare.endswith(EXECUTABLE_SUFFIXES):
-                host = _claimed(f["http_host"]) or f["name"] or f["dst_ip"]
+                host = claimed_name(f["http_host"]) or f["name"] or f["dst_ip"]
                 flags.add("second-stage", "medium", f"{host}{_safe(path)}",
                           f"fetched what looks like an executable or script ({verdict})")
 
@@ -426,7 +414,7 @@ def _suggestions(flows: list[dict], names: list[dict]) -> tuple[list[dict], list
         if hit is not None:
             add(ip_rule, f"{hit[0]} address, always denied unless named; opened in this run by {f['rule']}", f)
             continue
-        claimed = [c for c in (_claimed(f["sni"]), _claimed(f["http_host"])) if c]
+        claimed = [c for c in (claimed_name(f["sni"]), claimed_name(f["http_host"])) if c]
         if f["names"]:
             name = f["names"][0]
             wanted = [name] + [c for c in claimed if c != name and c not in f["names"][:1]]

@@ -13,6 +13,7 @@ from ._always import embedded_ipv4 as embedded_ipv4
 from ._decide import ConnectRequest as ConnectRequest
 from ._decide import DnsQuery as DnsQuery
 from ._decide import Policy as Policy
+from ._decide import claimed_name as claimed_name
 from ._decide import decide_connect as decide_connect
 from ._decide import decide_dns as decide_dns
 from ._decide import parse_host_port as parse_host_port
@@ -44,6 +45,7 @@ __all__ = [
     "Rule",
     "Verdict",
     "always_denied",
+    "claimed_name",
     "decide_connect",
     "decide_dns",
     "deny",

@@ -157,7 +157,7 @@ class DnsQuery:
         return f"<DnsQuery #{self.id} {self.qname} {self.qtype}/{self.transport}>"
 
 
-def _claimed(name: str | None) -> str | None:
+def claimed_name(name: str | None) -> str | None:
     """A Host header or SNI value as a bare normalized name ('Example.com:8080' → 'example.com')."""
     if not name:
         return None
@@ -179,7 +179,7 @@ def decide_connect(policy: Policy, req: ConnectRequest) -> Decision:
     v4 = embedded_ipv4(dst)
     port = req.dst_port
     dns_names = [normalize_name(n) for n in req.names]
-    claimed = [n for n in (_claimed(req.sni), _claimed(req.http_host)) if n]
+    claimed = [n for n in (claimed_name(req.sni), claimed_name(req.http_host)) if n]
     all_names = dns_names + claimed
     what = _addr(dst, port) + (f" ({all_names[0]})" if all_names else "")
 
