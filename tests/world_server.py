@@ -130,6 +130,12 @@ def configure_lo() -> None:
     gid = os.getgid()
     with open("/proc/sys/net/ipv4/ping_group_range", "w") as f:
         f.write("%d %d" % (gid, gid))
+    # Reuse TIME_WAIT ports for new connections: the world's addresses are not
+    # 127/8, so the default (reuse on loopback addresses only) would let tens of
+    # thousands of short connections (benchmarks, burst tests) exhaust the
+    # ephemeral ports and slow every later connect().
+    with open("/proc/sys/net/ipv4/tcp_tw_reuse", "w") as f:
+        f.write("1")
 
 
 class EventLog:
