@@ -196,9 +196,3 @@ class Config:
             elif name in environ:
                 result[name] = environ[name]
         return result
-
-    def dropped_env(self, environ=None):
-        """Names of the variables :meth:`sandbox_env` drops (for the report)."""
-        environ = os.environ if environ is None else environ
-        kept = {item.partition("=")[0] for item in self.env}
-        return sorted(n for n in environ if looks_secret(n) and n not in kept)

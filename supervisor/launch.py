@@ -2,7 +2,7 @@
 
 :func:`prepare` turns a :class:`~corral.config.Config` and an argv into the spec
 stage-1 needs (mount plan, environment, namespaces) and a scratch directory;
-:func:`start_stage1` starts stage-1 (a fork when this process runs no threads
+:func:`fork_stage1` / :func:`exec_stage1` start stage-1 (a fork when this process runs no threads
 and no Go, else a fresh interpreter); :func:`run_blocking` is the whole
 supervisor for sandboxes without a userspace network: no trio, nothing heavy
 imported, so ``corral run --net none`` starts fast.
