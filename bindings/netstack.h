@@ -29,7 +29,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a signature or a struct below changes. */
-#define CORRAL_NET_ABI_VERSION 6
+#define CORRAL_NET_ABI_VERSION 7
 
 /* Status codes. */
 #define CORRAL_OK 0
@@ -53,8 +53,9 @@
 #define CORRAL_EV_NEW_FLOW 1    /* needs a verdict unless CORRAL_FLAG_DECIDED */
 #define CORRAL_EV_FLOW_CLOSED 2 /* exactly one per NEW_FLOW, same id */
 #define CORRAL_EV_DNS_QUERY 3   /* payload = one DNS message; answer with dns_reply */
-/* FLOW_DATA: a TCP flow answered PEEK.  payload = the client's first bytes
- * (empty if none came within peek_timeout_ms); needs the final verdict. */
+/* FLOW_DATA: a TCP flow answered PEEK or OBSERVE.  payload = the client's
+ * first bytes (empty if none came within peek_timeout_ms); after PEEK it needs
+ * the final verdict, after OBSERVE it is for information only. */
 #define CORRAL_EV_FLOW_DATA 4
 
 /* Event flags. */
@@ -89,6 +90,13 @@
  * the final verdict: ALLOW writes the bytes upstream and splices, DENY resets
  * the client and closes the upstream; none within policy_timeout_ms = deny. */
 #define CORRAL_VERDICT_PEEK 2
+/* OBSERVE (TCP; UDP/ICMP take it as ALLOW): allow now, and report the client's
+ * first bytes without waiting for anything: the stack dials and splices as for
+ * ALLOW, and queues one FLOW_DATA with the first bytes the client sends (at most
+ * 16 KiB; empty if none came within peek_timeout_ms).  That FLOW_DATA needs no
+ * verdict.  For flows whose names cannot change the decision: it names them in
+ * the events at no cost in latency. */
+#define CORRAL_VERDICT_OBSERVE 3
 
 /* Transport of a DNS_QUERY (in corral_event.proto). */
 /* CORRAL_PROTO_UDP or CORRAL_PROTO_TCP */

@@ -30,7 +30,8 @@ KINDS = {
     lib.CORRAL_EV_DNS_QUERY: "dns_query",
     lib.CORRAL_EV_FLOW_DATA: "flow_data",
 }
-ACTIONS = {"deny": lib.CORRAL_VERDICT_DENY, "allow": lib.CORRAL_VERDICT_ALLOW, "peek": lib.CORRAL_VERDICT_PEEK}
+ACTIONS = {"deny": lib.CORRAL_VERDICT_DENY, "allow": lib.CORRAL_VERDICT_ALLOW, "peek": lib.CORRAL_VERDICT_PEEK,
+           "observe": lib.CORRAL_VERDICT_OBSERVE}
 REASONS = {
     getattr(lib, name): name[len("CORRAL_REASON_"):].lower().replace("_", "-")
     for name in dir(lib)
@@ -152,7 +153,7 @@ class EventReader:
 
 def set_verdicts(h, verdicts):
     """Apply ``[(flow_id, action, dial_ip_bytes_or_None, dial_port), ...]``,
-    ``action`` one of ``"allow"``, ``"deny"``, ``"peek"`` (see ACTIONS).
+    ``action`` one of ``"allow"``, ``"deny"``, ``"peek"``, ``"observe"`` (see ACTIONS).
 
     Returns how many matched a pending flow (late ones are ignored: their
     FLOW_CLOSED reports policy-timeout).

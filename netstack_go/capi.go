@@ -233,9 +233,11 @@ func corral_stack_set_verdicts(h C.int, v *C.corral_verdict, n C.int) C.int {
 			verdict.Allow = true
 		case C.CORRAL_VERDICT_PEEK:
 			verdict.Allow, verdict.Peek = true, true
+		case C.CORRAL_VERDICT_OBSERVE:
+			verdict.Allow, verdict.Observe = true, true
 		case C.CORRAL_VERDICT_DENY:
 		default:
-			st.setError(errors.New("verdict action must be ALLOW, DENY or PEEK"))
+			st.setError(errors.New("verdict action must be ALLOW, DENY, PEEK or OBSERVE"))
 			return C.CORRAL_EINVAL
 		}
 		if verdict.Allow && cv.dial_family != 0 {

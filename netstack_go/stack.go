@@ -447,7 +447,10 @@ type Verdict struct {
 	Allow bool
 	// Peek (with Allow) defers the decision of a TCP flow to its first
 	// bytes: see handleTCP.  UDP and ICMP flows take it as a plain allow.
-	Peek     bool
+	Peek bool
+	// Observe (with Allow) lets a TCP flow through at once and reports its
+	// first bytes (FLOW_DATA) without waiting: see splice.
+	Observe  bool
 	DialAddr netip.Addr // invalid: dial the original address
 	DialPort uint16     // 0: dial the original port
 }

@@ -120,3 +120,35 @@ func TestGvisorLogIsCountedNotWritten(t *testing.T) {
 		t.Fatalf("gVisor logs to %T, not to the counter", log.Log().Emitter)
 	}
 }
+
+func TestObservedFirstBytesAreReportedOnceAndBounded(t *testing.T) {
+	st, err := New(Config{Mode: ModePump, PeekTimeout: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	src, dst := netip.MustParseAddrPort("10.0.2.100:40000"), netip.MustParseAddrPort("198.51.100.1:80")
+	fb := st.observeFirst(st.newFlow(ProtoTCP, src, dst))
+	big := make([]byte, peekMax+100)
+	fb.report(big)
+	big[0] = 'x' // the event holds its own copy
+	fb.report([]byte("later"))
+	var nilFB *firstBytes
+	nilFB.report([]byte("not observed")) // no-op
+	evs := st.events.take(10, func(*Event) bool { return true })
+	if len(evs) != 1 || evs[0].Kind != EvFlowData || len(evs[0].Payload) != peekMax || evs[0].Payload[0] != 0 {
+		t.Fatalf("want one FLOW_DATA of peekMax bytes, got %+v", evs)
+	}
+
+	// A client that sends nothing: an empty FLOW_DATA after PeekTimeout.
+	st.cfg.PeekTimeout = time.Millisecond
+	st.observeFirst(st.newFlow(ProtoTCP, src, dst))
+	deadline := time.Now().Add(5 * time.Second)
+	for st.events.Len() == 0 && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	evs = st.events.take(10, func(*Event) bool { return true })
+	if len(evs) != 1 || evs[0].Kind != EvFlowData || len(evs[0].Payload) != 0 {
+		t.Fatalf("want one empty FLOW_DATA after the timeout, got %+v", evs)
+	}
+}

@@ -143,7 +143,41 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 			return
 		}
 	}
-	st.splice(f, ep.Abort, sb, tc)
+	var first *firstBytes
+	if v.Observe {
+		first = st.observeFirst(f)
+	}
+	st.splice(f, ep.Abort, sb, tc, first)
+}
+
+// firstBytes reports an observed flow's first client bytes once, as a
+// FLOW_DATA that needs no verdict: from the first read of the upstream
+// copy, or empty when the client sent nothing within PeekTimeout (or closed
+// first).  Nothing waits for it, so observing costs no latency.
+type firstBytes struct {
+	once  sync.Once
+	timer *time.Timer
+	st    *Stack
+	f     *flow
+}
+
+func (st *Stack) observeFirst(f *flow) *firstBytes {
+	fb := &firstBytes{st: st, f: f}
+	fb.timer = time.AfterFunc(st.cfg.PeekTimeout, func() { fb.report(nil) })
+	return fb
+}
+
+// report queues the FLOW_DATA (a copy of at most peekMax bytes); later
+// calls do nothing.  Safe on a nil receiver (a flow not observed).
+func (fb *firstBytes) report(b []byte) {
+	if fb == nil {
+		return
+	}
+	fb.once.Do(func() {
+		fb.timer.Stop()
+		b = b[:min(len(b), peekMax)]
+		fb.f.data(fb.st, append([]byte(nil), b...))
+	})
 }
 
 // peekMax is the most a peek reads: the sniffer's budget (a ClientHello or
@@ -195,7 +229,9 @@ func classifyDialError(err error) int32 {
 // splice copies both ways until both halves are closed.  A FIN on one side
 // becomes a FIN (CloseWrite) on the other; a reset or error on either side
 // aborts both (RST to each peer).
-func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net.TCPConn) {
+//
+// first (nil unless the flow is observed) is given the client's first bytes.
+func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net.TCPConn, first *firstBytes) {
 	var once sync.Once
 	abort := func() {
 		once.Do(func() {
@@ -209,7 +245,8 @@ func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net
 
 	upErr := make(chan error, 1)
 	go func() {
-		err := copyHalf(hc, sb, &f.bytesOut)
+		err := copyHalf(hc, sb, &f.bytesOut, first)
+		first.report(nil) // the client closed without sending
 		if err == nil {
 			err = hc.CloseWrite()
 		}
@@ -218,7 +255,7 @@ func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net
 		}
 		upErr <- err
 	}()
-	downErr := copyHalf(sb, hc, &f.bytesIn)
+	downErr := copyHalf(sb, hc, &f.bytesIn, nil)
 	if downErr == nil {
 		downErr = sb.CloseWrite()
 	}
@@ -238,14 +275,19 @@ func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net
 	f.finish(st, reason)
 }
 
-// copyHalf moves src to dst until EOF (nil) or an error.
-func copyHalf(dst io.Writer, src io.Reader, count interface{ Add(uint64) uint64 }) error {
+// copyHalf moves src to dst until EOF (nil) or an error; first (if not nil)
+// sees the first bytes read, before they are written on.
+func copyHalf(dst io.Writer, src io.Reader, count interface{ Add(uint64) uint64 }, first *firstBytes) error {
 	bp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bp)
 	buf := *bp
 	for {
 		n, err := src.Read(buf)
 		if n > 0 {
+			if first != nil {
+				first.report(buf[:n])
+				first = nil
+			}
 			if _, werr := dst.Write(buf[:n]); werr != nil {
 				return werr
 			}

@@ -127,6 +127,42 @@ def test_server_first_port_is_not_held_for_the_peek(by_address):
     assert peeked["elapsed"] >= PEEK_TIMEOUT * 0.9, peeked
 
 
+@pytest.fixture(scope="module")
+def observed(world, tmp_path_factory):
+    """Address rules only: no claimed name can deny, so flows are observed, not held."""
+    tok = token()
+    path = f"/files/observed-{tok}"
+    (world.docroot / path.rsplit("/", 1)[1]).write_text(HELLO)
+    out = probe(world, tmp_path_factory.mktemp("observed"), ["--allow", HTTP_V4, "--allow", ECHO_V4], [
+        curl("--resolve", f"www.corral.test:80:{HTTP_V4}", f"http://www.corral.test{path}"),  # 0
+        {"op": "tcp", "host": ECHO_V4, "port": PORT_CLOSE_AFTER_WRITE},                    # 1
+    ])
+    return out, path
+
+
+def test_observed_flow_is_named_without_waiting(world, observed):
+    out, path = observed
+    r = out.results[0]
+    assert (r["rc"], r["out"]) == (0, HELLO), r
+    ev = out.connect(dst_ip=HTTP_V4, dst_port=80, http_path=path)
+    assert (ev["verdict"], ev["rule"], ev["http_host"], ev["http_method"]) == (
+        "allow", HTTP_V4, "www.corral.test", "GET"), ev
+    (seen,) = http_requests_with(world, path)
+    assert seen["host"] == "www.corral.test"
+
+
+def test_observed_server_first_flow_is_not_held(observed):
+    """Unlike the by_address case (a deny rule on a name), nothing here waits the peek out."""
+    out, _ = observed
+    r = out.results[1]
+    assert r["ok"] and r["data"], r
+    assert r["elapsed"] < PEEK_TIMEOUT * 0.8, r
+    ev = out.connect(dst_ip=ECHO_V4, dst_port=PORT_CLOSE_AFTER_WRITE)
+    assert ev["verdict"] == "allow" and ev["sni"] is None and ev["http_host"] is None
+    (close,) = out.closes_of(ev["id"])
+    assert close["bytes_in"] > 0, close
+
+
 def test_claimed_name_outside_a_domain_allowlist_is_denied(world, tmp_path):
     tok = token()
     path = f"/files/fronted-{tok}"

@@ -18,6 +18,7 @@ from corral.policy import (
     Rule,
     Verdict,
     always_denied,
+    claims_can_deny,
     decide_connect,
     decide_dns,
     deny,
@@ -457,6 +458,47 @@ def test_deny_always_wins(dst, port, allow, deny_, names):
     norm = normalize_ip(dst)
     if any(r.covers_ip(norm) or any(r.matches_name(n) for n in names) for r in rules):
         assert not d.allowed
+
+
+claimable = st.one_of(st.none(), st.sampled_from(
+    ["example.com", "a.example.com", "evil.test", "x.internal", "localhost", "metadata.google.internal:80",
+     "EXAMPLE.com.", "[::1]:443", "10.0.2.2"]))
+
+
+@given(
+    dst=st.one_of(v4s, v6s, any_dst),
+    port=st.sampled_from([80, 443, 8080]),
+    mode=st.sampled_from(["run", "audit"]),
+    allow=st.lists(st.one_of(domain_rules, broad_rules, domain_rules.map(lambda r: r + ":443"),
+                             broad_rules.map(lambda r: r + "/udp")), max_size=4),
+    deny_=st.lists(st.one_of(domain_rules, broad_rules, domain_rules.map(lambda r: r + ":8080")), max_size=2),
+    names=st.lists(st.sampled_from(["example.com", "a.example.com", "x.internal", "localhost"]), max_size=2),
+    sni=claimable,
+    http_host=claimable,
+)
+@settings(max_examples=2000)
+def test_observed_flow_cannot_be_fronted_past_the_rules(dst, port, mode, allow, deny_, names, sni, http_host):
+    """The attack: a flow let through without waiting for its first bytes
+    (``observe``) claims, in its SNI or Host, a name a rule would deny.
+    claims_can_deny must say so whenever some claim could flip the verdict."""
+    p = Policy(mode=mode, allow=allow, deny=deny_)
+    bare = req(dst, port, names=names)
+    if not decide_connect(p, bare).allowed or claims_can_deny(p, bare):
+        return
+    claimed = decide_connect(p, req(dst, port, names=names, sni=sni, http_host=http_host))
+    assert claimed.allowed, (claimed, p)
+
+
+def test_claims_can_deny_cases():
+    assert not claims_can_deny(Policy(allow=["198.51.100.10"]), req("198.51.100.10", 80))
+    assert claims_can_deny(Policy(allow=["198.51.100.10"], deny=["evil.test"]), req("198.51.100.10", 80))
+    # a name deny rule for another port cannot match this flow
+    assert not claims_can_deny(Policy(allow=["198.51.100.10"], deny=["evil.test:25"]), req("198.51.100.10", 80))
+    # allowed by a domain rule: every claimed name must be allowed too
+    assert claims_can_deny(Policy(allow=["example.com"]), req("198.51.100.10", 443, names=["example.com"]))
+    # ... except in audit mode, where the mismatch is only recorded
+    assert not claims_can_deny(Policy(mode="audit", allow=["example.com"]),
+                               req("198.51.100.10", 443, names=["example.com"]))
 
 
 def test_always_denied_table_is_consistent():

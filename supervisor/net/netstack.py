@@ -32,9 +32,10 @@ class NetEvent:
     """One event from the stack.
 
     kind: ``"new_flow"`` (answer with a :class:`FlowVerdict` unless
-    ``decided``), ``"flow_data"`` (a TCP flow answered with ``peek``: the
-    client's first bytes are in ``payload``, possibly empty; answer with the
-    final allow or deny), ``"flow_closed"`` (exactly one per ``new_flow``,
+    ``decided``), ``"flow_data"`` (a TCP flow answered with ``peek`` or
+    ``observe``: the client's first bytes are in ``payload``, possibly empty;
+    after ``peek`` answer with the final allow or deny, after ``observe`` it
+    needs no answer), ``"flow_closed"`` (exactly one per ``new_flow``,
     same id) or ``"dns_query"`` (answer with :meth:`Netstack.dns_reply`).
     proto: ``"tcp"``, ``"udp"`` or ``"icmp"`` (for DNS: the transport).
     src/dst: ``(ip_address, port)``; for ICMP src port is the echo id.
@@ -77,18 +78,26 @@ class FlowVerdict:
     client's connect()), completes the client's handshake, reads at most
     16 KiB for at most ``peek_timeout`` and sends a ``flow_data`` event; the
     flow then waits for the final verdict (bounded by the policy timeout).
-    UDP and ICMP flows take ``peek`` as a plain allow."""
+    UDP and ICMP flows take ``peek`` as a plain allow.
+
+    ``observe`` (with ``allow``, TCP only) allows at once and still sends one
+    ``flow_data`` with the client's first bytes (empty after ``peek_timeout``),
+    which needs no verdict: names for the events at no cost in latency, for
+    flows whose names cannot change the decision."""
 
     id: int
     allow: bool
     dial: tuple | None = None
     peek: bool = False
+    observe: bool = False
 
     @property
     def action(self):
         if not self.allow:
             return "deny"
-        return "peek" if self.peek else "allow"
+        if self.peek:
+            return "peek"
+        return "observe" if self.observe else "allow"
 
 
 def _event(raw):

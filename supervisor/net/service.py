@@ -14,14 +14,18 @@ into a decision and an event record:
 
 Names claimed in the first bytes (docs/policy.md, "TLS SNI and HTTP Host"): a TCP
 flow that the static rules would allow, or that goes to on_connect or to the audit
-default, is answered ``peek``: the stack dials the destination (a refused upstream
+default, is read ahead.  When a claimed name could still deny it
+(``policy.claims_can_deny``: a deny rule on a name, or an allow by a domain rule)
+it is answered ``peek``: the stack dials the destination (a refused upstream
 still refuses the client at once), completes the client's handshake and reads its
 first bytes, at most 16 KiB and 300 ms (``PEEK_TIMEOUT``).  Those bytes are sniffed,
-the flow decided again with ``sni``/``http_host`` (deny rules on names, claimed
-names outside a domain allowlist), and only then does anything reach the
-destination.  A flow the rules deny is reset at once, never peeked.  Ports where
-the server speaks first (``SERVER_FIRST_PORTS``: the client sends nothing until
-it reads a greeting) are decided without a peek, so they never wait.
+the flow decided again with ``sni``/``http_host``, and only then does anything
+reach the destination.  Otherwise it is answered ``observe``: allowed at once, and
+the stack still reports the first bytes, so the ConnectEvent (emitted then) carries
+the names without the flow ever waiting for them.  A flow the rules deny is reset
+at once, never peeked.  Ports where the server speaks first (``SERVER_FIRST_PORTS``:
+the client sends nothing until it reads a greeting) are decided without a peek, so
+they never wait.
 
 Callbacks run in their own tasks, so one slow callback never holds up other
 flows; the stack denies any flow whose verdict is later than the policy
@@ -76,6 +80,7 @@ class _Flow:
     http_path: str | None = None
     reported: bool = False  # its ConnectEvent was emitted
     asked: pol.Decision | None = None  # on_connect's allow, pending the first bytes
+    observed: bool = False  # allowed already; the first bytes only name it
 
 
 def build_policy(config):
@@ -252,10 +257,16 @@ class NetworkService:
         return req.proto == "tcp" and req.dst_port not in SERVER_FIRST_PORTS
 
     def _peek(self, flow, decision):
-        """Allowed so far: let the stack read the first bytes (SNI / Host)
-        before the final verdict, so rules on those names can still deny."""
+        """Allowed so far: let the stack read the first bytes (SNI / Host).
+        If a claimed name could deny the flow, before the final verdict (peek);
+        else the flow goes through now and the bytes only name it (observe)."""
         dial = decision.dial if decision.allowed else None
-        self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, peek=True, dial=dial))
+        if pol.claims_can_deny(self.policy, flow.req):
+            self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, peek=True, dial=dial))
+        else:
+            flow.observed = True
+            flow.asked = decision
+            self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, observe=True, dial=dial))
 
     def _flow_data(self, ev):
         """The first bytes of a peeked flow: name it, decide it for good."""
@@ -270,6 +281,11 @@ class NetworkService:
         decision = pol.decide_connect(self.policy, flow.req)
         if decision.by_default and flow.asked is not None:
             decision = flow.asked  # no rule on the names: the callback's allow stands
+        if flow.observed:
+            # Already allowed (claims_can_deny said no name can deny it): the
+            # bytes name the ConnectEvent and may credit another allow rule.
+            self._report(flow, decision if decision.allowed else flow.asked)
+            return
         self._decided(flow, decision)
 
     async def _ask(self, flow):
@@ -325,7 +341,7 @@ class NetworkService:
             # Ended before the final verdict: the stack denied it (policy timeout,
             # overload, shutdown), or a peeked flow ended on its own (refused
             # upstream, client reset) under its first decision.
-            first = flow.decision
+            first = flow.asked or flow.decision
             if ev.reason in _STACK_DENIALS or first is None or not first.allowed:
                 first = pol.Decision(verdict=pol.deny(ev.reason), rule="stack:" + ev.reason)
             self._report(flow, first)

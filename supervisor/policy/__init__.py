@@ -14,6 +14,7 @@ from ._decide import ConnectRequest as ConnectRequest
 from ._decide import DnsQuery as DnsQuery
 from ._decide import Policy as Policy
 from ._decide import claimed_name as claimed_name
+from ._decide import claims_can_deny as claims_can_deny
 from ._decide import decide_connect as decide_connect
 from ._decide import decide_dns as decide_dns
 from ._decide import parse_host_port as parse_host_port
@@ -46,6 +47,7 @@ __all__ = [
     "Verdict",
     "always_denied",
     "claimed_name",
+    "claims_can_deny",
     "decide_connect",
     "decide_dns",
     "deny",

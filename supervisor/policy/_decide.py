@@ -44,7 +44,9 @@ from ._verdict import (
     deny,
 )
 
-__all__ = ["ConnectRequest", "DnsQuery", "Policy", "decide_connect", "decide_dns", "parse_host_port"]
+__all__ = [
+    "ConnectRequest", "DnsQuery", "Policy", "claims_can_deny", "decide_connect", "decide_dns", "parse_host_port",
+]
 
 CLAIMED_NAME_NOT_ALLOWED = "claimed-name-not-allowed"
 
@@ -171,6 +173,29 @@ def claimed_name(name: str | None) -> str | None:
 
 def _addr(ip: IPAddress, port: int) -> str:
     return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+def claims_can_deny(policy: Policy, req: ConnectRequest) -> bool:
+    """Whether some TLS SNI / HTTP Host the client may claim could make
+    :func:`decide_connect` deny ``req`` (whose ``sni``/``http_host`` are not set yet).
+
+    Claimed names enter the decision in two places only: deny rules on names, and
+    the check that a flow allowed by a domain rule claims only allowed names.  When
+    neither can apply, the claims change at most the rule that gets the credit (an
+    allow rule on the claimed name in audit mode), never the verdict, so the flow
+    need not wait for its first bytes.  Conservative: True whenever a name rule
+    could be involved.
+    """
+    port = req.dst_port
+    if any(r.domain is not None and r.matches_endpoint(req.proto, port) for r in policy.deny):
+        return True
+    if policy.mode == "audit" or not req.names:
+        return False
+    dns_names = [normalize_name(n) for n in req.names]
+    return any(
+        r.domain is not None and r.matches_endpoint(req.proto, port) and any(r.matches_name(n) for n in dns_names)
+        for r in policy.allow
+    )
 
 
 def decide_connect(policy: Policy, req: ConnectRequest) -> Decision:
