@@ -90,6 +90,26 @@ def test_jsonl_sink_writes_and_flushes_each_line(tmp_path):
     sink.close()
 
 
+def test_stream_batch_flushes_a_jsonl_sink_once_at_the_end(tmp_path):
+    path = tmp_path / "events.jsonl"
+    sink = JsonlSink.open(path)
+    stream = EventStream()
+    stream.add_sink(sink)
+    stream.add_sink(ListSink())  # a sink without flush() takes plain writes
+    flushes = []
+    real_flush = sink.flush
+    sink.flush = lambda: (flushes.append(1), real_flush())
+    events = sample_events()
+    with stream.batch():
+        for ev in events:
+            stream.emit(ev)
+    assert len(flushes) == 1
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [ev.to_dict() for ev in events]
+    stream.emit(events[0])  # outside a batch: written and flushed at once
+    assert len(path.read_text().splitlines()) == len(events) + 1
+    sink.close()
+
+
 def test_jsonl_sink_dash_is_stderr(capsys):
     sink = JsonlSink.open("-")
     sink.write(sample_events()[2])

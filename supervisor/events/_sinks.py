@@ -20,7 +20,11 @@ class Sink(Protocol):
 
 class JsonlSink:
     """JSON lines: one ``event.to_dict()`` per line, flushed after every line so that
-    ``tail -f`` and a crashed supervisor both see every event written so far."""
+    ``tail -f`` and a crashed supervisor both see every event written so far.
+
+    Inside :meth:`EventStream.batch` (the network service's handling of one wake-up's
+    events) lines are flushed once, when the batch ends: still before the supervisor
+    waits for anything, so nothing is held back, at one write per batch."""
 
     def __init__(self, file: IO[str], *, owned: bool = False) -> None:
         self._file = file
@@ -37,8 +41,12 @@ class JsonlSink:
             raise ConfigError(f"cannot open events file {os.fspath(path)!r}: {e.strerror}") from None
         return cls(file, owned=True)
 
-    def write(self, event: Event) -> None:
+    def write(self, event: Event, *, flush: bool = True) -> None:
         self._file.write(json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False) + "\n")
+        if flush:
+            self._file.flush()
+
+    def flush(self) -> None:
         self._file.flush()
 
     def close(self) -> None:

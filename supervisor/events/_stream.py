@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 
@@ -31,6 +32,7 @@ class EventStream:
         self._keep_history = keep_history
         self.history: list[Event] = []
         self.closed = False
+        self._batching = False
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
@@ -47,7 +49,10 @@ class EventStream:
             self.history.append(event)
         for sink in list(self._sinks):
             try:
-                sink.write(event)
+                if self._batching and hasattr(sink, "flush"):
+                    sink.write(event, flush=False)
+                else:
+                    sink.write(event)
             except Exception:
                 log.exception("event sink %r failed; detaching it", sink)
                 self._sinks.remove(sink)
@@ -56,6 +61,26 @@ class EventStream:
                 send.send_nowait(event)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._subscribers.remove(send)
+
+    @contextlib.contextmanager
+    def batch(self):
+        """Emit several events with one flush per sink at the end (sinks that have a
+        ``flush()`` take ``write(event, flush=False)`` meanwhile).  For a burst
+        handled without yielding to the event loop; not reentrant."""
+        self._batching = True
+        try:
+            yield
+        finally:
+            self._batching = False
+            for sink in list(self._sinks):
+                flush = getattr(sink, "flush", None)
+                if flush is None:
+                    continue
+                try:
+                    flush()
+                except Exception:
+                    log.exception("event sink %r failed; detaching it", sink)
+                    self._sinks.remove(sink)
 
     def subscribe(self, *, replay: bool = True) -> trio.MemoryReceiveChannel[Event]:
         """An async iterator of events (``async for ev in stream.subscribe()``).

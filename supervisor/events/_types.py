@@ -6,6 +6,7 @@ names are documented in ``docs/events.md`` and only ever grow.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import time
 from typing import Any, ClassVar
@@ -46,8 +47,14 @@ class Event:
 
     def to_dict(self) -> dict[str, Any]:
         d = {"type": self.TYPE}
-        d.update((k, _jsonable(v)) for k, v in attrs.asdict(self, recurse=False).items())
+        for name in _field_names(type(self)):
+            d[name] = _jsonable(getattr(self, name))
         return d
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in attrs.fields(cls))
 
 
 def _verdict_word(decision: Decision) -> str:

@@ -13,6 +13,7 @@ whose verdict is late is denied and its ``flow_closed`` says
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
@@ -100,6 +101,11 @@ class FlowVerdict:
         return "observe" if self.observe else "allow"
 
 
+@functools.lru_cache(maxsize=4096)  # a sandbox talks to few addresses, each many times
+def _address(packed):
+    return ipaddress.ip_address(packed)
+
+
 def _event(raw):
     (fid, kind, proto, flags, reason, _family, src_ip, src_port, dst_ip, dst_port,
      bytes_out, bytes_in, duration_ns, payload) = raw
@@ -107,8 +113,8 @@ def _event(raw):
         kind=_b.KINDS.get(kind, str(kind)),
         id=fid,
         proto=_b.PROTOS.get(proto, str(proto)),
-        src=(ipaddress.ip_address(src_ip), src_port),
-        dst=(ipaddress.ip_address(dst_ip), dst_port),
+        src=(_address(src_ip), src_port),
+        dst=(_address(dst_ip), dst_port),
         reason=_b.REASONS.get(reason, str(reason)),
         decided=bool(flags & _b.FLAG_DECIDED),
         inbound=bool(flags & _b.FLAG_INBOUND),

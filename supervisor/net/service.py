@@ -181,7 +181,8 @@ class NetworkService:
                     task_status.started()
                     while True:
                         batch = await self.netstack.wait_events()
-                        self._handle(batch, nursery)
+                        with self.stream.batch():
+                            self._handle(batch, nursery)
                         self._flush_verdicts()
         except trio.ClosedResourceError:
             pass

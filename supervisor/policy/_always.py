@@ -32,6 +32,7 @@ on the host's loopback (10.0.2.2:PORT → 127.0.0.1:PORT).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 
 from ._rules import IPAddress, IPNetwork
@@ -90,6 +91,7 @@ def _lookup(ip: IPAddress) -> tuple[str, IPNetwork] | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)  # pure; a sandbox talks to few addresses, each many times
 def always_denied(ip: IPAddress) -> tuple[str, IPNetwork] | None:
     """``(category, range)`` when *ip* (already normalized) is always denied.
 
