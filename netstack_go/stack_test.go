@@ -1,7 +1,10 @@
 package main
 
 import (
+	"bytes"
+	"io"
 	"net/netip"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -150,5 +153,52 @@ func TestObservedFirstBytesAreReportedOnceAndBounded(t *testing.T) {
 	evs = st.events.take(10, func(*Event) bool { return true })
 	if len(evs) != 1 || evs[0].Kind != EvFlowData || len(evs[0].Payload) != 0 {
 		t.Fatalf("want one empty FLOW_DATA after the timeout, got %+v", evs)
+	}
+}
+
+// chunkReader returns its chunks one per Read (as a socket would).
+type chunkReader struct{ chunks [][]byte }
+
+func (r *chunkReader) Read(p []byte) (int, error) {
+	if len(r.chunks) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p, r.chunks[0])
+	r.chunks[0] = r.chunks[0][n:]
+	if len(r.chunks[0]) == 0 {
+		r.chunks = r.chunks[1:]
+	}
+	return n, nil
+}
+
+func TestCopyHalfMovesBulkThroughBigBuffersAndGivesThemBack(t *testing.T) {
+	var want []byte
+	var chunks [][]byte
+	for i, size := range []int{100, bigCopyBuf * 3, 10, bigCopyBuf, 5} {
+		c := bytes.Repeat([]byte{byte('a' + i)}, size)
+		chunks = append(chunks, c)
+		want = append(want, c...)
+	}
+	var out bytes.Buffer
+	var count atomic.Uint64
+	if err := copyHalf(&out, &chunkReader{chunks: chunks}, &count, nil); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(out.Bytes(), want) || count.Load() != uint64(len(want)) {
+		t.Fatalf("copied %d bytes (counted %d), want %d intact", out.Len(), count.Load(), len(want))
+	}
+	if n := bigOut.Load(); n != 0 {
+		t.Fatalf("%d big buffers still out after the copy", n)
+	}
+
+	// With every big buffer taken, a bulk copy still works on a small one.
+	bigOut.Store(maxBigBufs)
+	defer bigOut.Store(0)
+	out.Reset()
+	if err := copyHalf(&out, &chunkReader{chunks: [][]byte{want}}, &count, nil); err != nil || !bytes.Equal(out.Bytes(), want) {
+		t.Fatalf("copy at the cap: %v, %d bytes", err, out.Len())
+	}
+	if n := bigOut.Load(); n != maxBigBufs {
+		t.Fatalf("the cap was exceeded or released wrongly: %d", n)
 	}
 }
