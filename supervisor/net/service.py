@@ -270,7 +270,8 @@ class NetworkService:
             self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, observe=True, dial=dial))
 
     def _flow_data(self, ev):
-        """The first bytes of a peeked flow: name it, decide it for good."""
+        """The first bytes of a peeked flow (name it, decide it for good) or of
+        an observed one (name it; its allow stands)."""
         flow = self._open.get(ev.id)
         if flow is None or flow.reported:
             return
@@ -285,7 +286,11 @@ class NetworkService:
         if flow.observed:
             # Already allowed (claims_can_deny said no name can deny it): the
             # bytes name the ConnectEvent and may credit another allow rule.
-            self._report(flow, decision if decision.allowed else flow.asked)
+            if not decision.allowed:  # claims_can_deny is wrong: say so, report what happened
+                log.error("flow %s was let through unheld, but its first bytes make it %s "
+                          "(policy.claims_can_deny missed this case)", flow.req, decision.verdict.reason)
+                decision = flow.asked
+            self._report(flow, decision)
             return
         self._decided(flow, decision)
 
