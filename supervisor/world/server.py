@@ -1,7 +1,7 @@
 """The world process: a user+net(+mount) namespace full of documentation-address servers.
 
-Started by ``tests/world.py`` as ``python tests/world_server.py --dir DIR --parent PID``;
-never imported by tests.  It unshares its own namespaces with ``unshare(2)`` (it does not
+Started by :class:`corral.world.World` as ``python -m corral.world.server --dir DIR
+--parent PID``; never imported by the client.  It unshares its own namespaces with ``unshare(2)`` (it does not
 exec afterwards, so it keeps the capabilities it gets over the new namespaces), maps the
 caller's uid/gid to themselves, puts the world's addresses on ``lo`` with pyroute2, binds
 every server, then prints one JSON line ``{"ready": true, ...}`` on stdout.
@@ -32,52 +32,21 @@ import sys
 import time
 import urllib.parse
 
-# Addresses and ports: world.py imports these so both sides agree.
-HTTP_V4 = "198.51.100.10"
-HTTP_V6 = "2001:db8::10"
-DNS_V4 = "198.51.100.53"
-DNS_V6 = "2001:db8::53"
-ECHO_V4 = "198.51.100.7"
-ECHO_V6 = "2001:db8::7"
-OTHER_V4 = ("203.0.113.1", "203.0.113.2", "203.0.113.3")
-OTHER_V6 = ("2001:db8::1:1", "2001:db8::1:2")
-V4_ADDRESSES = (HTTP_V4, DNS_V4, ECHO_V4, *OTHER_V4)
-V6_ADDRESSES = (HTTP_V6, DNS_V6, ECHO_V6, *OTHER_V6)
-
-PORT_HTTP = 80
-PORT_HTTP_ALT = 8080
-PORT_HTTPS = 443
-PORT_ECHO = 7  # TCP and UDP echo
-PORT_CLOSE_AFTER_WRITE = 7001  # writes CLOSE_AFTER_WRITE_MESSAGE, then closes
-PORT_CLOSED = 9  # nothing listens: connects are refused
-PORT_DNS = 53
-
-CLOSE_AFTER_WRITE_MESSAGE = b"bye from the corral world\n"
-HELLO_BODY = b"hello from the corral world\n"
-ZONE = "corral.test."
-TLS_NAMES = ("tls.corral.test", "www.corral.test", "*.corral.test")
-
-# name -> list of (rdtype, value).  Names outside ZONE listed here are answered too, so
-# that realistic allowlists (pypi.org, example.com) can be tested against world servers.
-RECORDS: dict[str, list[tuple[str, str]]] = {
-    "corral.test.": [("A", HTTP_V4), ("AAAA", HTTP_V6), ("TXT", "corral world zone apex")],
-    "www.corral.test.": [("A", HTTP_V4), ("AAAA", HTTP_V6)],
-    "tls.corral.test.": [("A", HTTP_V4), ("AAAA", HTTP_V6)],
-    "ns.corral.test.": [("A", DNS_V4), ("AAAA", DNS_V6)],
-    "echo.corral.test.": [("A", ECHO_V4), ("AAAA", ECHO_V6)],
-    "v4only.corral.test.": [("A", HTTP_V4)],
-    "v6only.corral.test.": [("AAAA", HTTP_V6)],
-    "alias.corral.test.": [("CNAME", "www.corral.test.")],
-    "txt.corral.test.": [("TXT", "corral world says hi")],
-    "host1.corral.test.": [("A", OTHER_V4[0]), ("AAAA", OTHER_V6[0])],
-    "host2.corral.test.": [("A", OTHER_V4[1]), ("AAAA", OTHER_V6[1])],
-    "host3.corral.test.": [("A", OTHER_V4[2])],
-    "multi.corral.test.": [("A", OTHER_V4[0]), ("A", OTHER_V4[1]), ("A", OTHER_V4[2])],
-    "example.com.": [("A", OTHER_V4[0]), ("AAAA", OTHER_V6[0])],
-    "example.org.": [("A", OTHER_V4[1]), ("AAAA", OTHER_V6[1])],
-    "pypi.org.": [("A", OTHER_V4[2])],
-    "files.pythonhosted.org.": [("A", OTHER_V4[2])],
-}
+from .addresses import (
+    CLOSE_AFTER_WRITE_MESSAGE,
+    DNS_V4,
+    DNS_V6,
+    HELLO_BODY,
+    PORT_CLOSE_AFTER_WRITE,
+    PORT_DNS,
+    PORT_ECHO,
+    PORT_HTTP,
+    PORT_HTTPS,
+    PORT_HTTP_ALT,
+    RECORDS,
+    V4_ADDRESSES,
+    V6_ADDRESSES,
+)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
