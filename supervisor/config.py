@@ -162,6 +162,7 @@ class Config:
     monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit
+    quiet: bool = False  # no "denied …, allow with --allow …" hints on stderr
     audit: bool = False
 
     @hostname.validator
