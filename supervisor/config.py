@@ -95,7 +95,9 @@ class Config:
     ``overlay``/``tmpfs``/``hide`` path lists (when the same path is named
     twice, the later option wins: the CLI keeps the order in ``path_order``),
     ``cwd`` (default: the caller's), ``scratch`` (where overlay changes are
-    kept while the sandbox runs), ``keep_changes`` (copy them there at exit).
+    kept while the sandbox runs), ``keep_changes`` (copy them there at exit),
+    ``allow_socket`` (host unix sockets the command may connect to; every
+    other one is unreachable).
 
     Process: ``root`` (map the caller to uid 0 inside), ``hostname``,
     ``env`` (``NAME`` keeps a variable that would be scrubbed, ``NAME=VALUE``
@@ -123,6 +125,7 @@ class Config:
         default=(), converter=lambda v: tuple(tuple(i) for i in v), repr=False
     )
     hide_secrets: bool = True
+    allow_socket: tuple = attrs.field(default=(), converter=_tuple_of_str)  # host unix sockets shown
     cwd: str | None = None
     scratch: str | None = None
     keep_changes: str | None = None

@@ -28,7 +28,8 @@ HOME = "/home/u"
 class FakeFs:
     """``tree``: path -> Stat or ("symlink", target)."""
 
-    def __init__(self, tree):
+    def __init__(self, tree, bound=()):
+        self.bound = bound  # what /proc/net/unix lists
         self.tree = {"/": Stat("dir")}
         for path, entry in tree.items():
             parent = path
@@ -53,6 +54,13 @@ class FakeFs:
 
     def uid(self):
         return 1000
+
+    def unix_sockets(self):
+        return list(self.bound)
+
+    def find_sockets(self, top, limit):
+        found = [p for p, e in self.tree.items() if e == Stat("socket") and p.startswith(top + "/")]
+        return found[:limit], len(found) <= limit
 
 
 def host(**extra):
@@ -182,7 +190,7 @@ def test_cwd_is_a_writable_bind_after_the_base_view():
     assert plan.warnings == ()
 
 
-@pytest.mark.parametrize("access, op, ro", [("ro", "bind", True), ("overlay", "overlay", None)])
+@pytest.mark.parametrize("access, op, ro", [("ro", "overlay", True), ("overlay", "overlay", None)])
 def test_cwd_access(access, op, ro):
     plan = plan_of(cwd_access=access)
     (cwd,) = ops(plan, op, HOME + "/proj")
@@ -237,7 +245,7 @@ def test_secrets_can_be_left_visible():
 
 def test_user_option_on_a_secret_wins():
     plan = plan_of(paths=(("ro", HOME + "/.ssh"),))
-    assert ops(plan, "bind", HOME + "/.ssh")[0]["ro"]
+    assert ops(plan, "overlay", HOME + "/.ssh")[0]["ro"]
     assert not ops(plan, "tmpfs", HOME + "/.ssh")  # covered anyway: not mounted
 
 
@@ -282,15 +290,16 @@ def test_same_path_through_a_symlink_is_the_same_path():
 
 def test_parent_before_child_whatever_the_order():
     plan = plan_of(paths=(("ro", HOME + "/proj/.git"), ("rw", HOME + "/proj")), cwd=HOME)
-    assert index(plan, "bind", HOME + "/proj") < index(plan, "bind", HOME + "/proj/.git")
+    assert index(plan, "bind", HOME + "/proj") < index(plan, "overlay", HOME + "/proj/.git")
 
 
-@pytest.mark.parametrize("action, op", [("rw", "bind"), ("ro", "bind"), ("overlay", "overlay"),
+@pytest.mark.parametrize("action, op", [("rw", "bind"), ("ro", "overlay"), ("overlay", "overlay"),
                                         ("tmpfs", "tmpfs"), ("hide", "tmpfs")])
 def test_each_action(action, op):
     (o,) = ops(plan_of(paths=((action, "/etc"),)), op, "/etc")[-1:]
     if action in ("rw", "ro"):
         assert o["ro"] is (action == "ro")
+        assert "upper" not in o
     if action == "hide":
         assert o["ro"]
 
@@ -334,21 +343,24 @@ def test_symlink_loop_is_a_config_error():
 # ------------------------------------------------------------------ modes
 
 
-def test_readonly_mode_has_no_overlays_and_still_hides_secrets():
+def test_readonly_mode_has_only_read_only_overlays_and_still_hides_secrets():
     plan = plan_of(mode="readonly")
     assert plan.to_json()[0] == {"op": "root", "scratch": "/tmp/corral-1000/sb-1", "mode": "readonly"}
-    assert not ops(plan, "overlay")
+    overlays = ops(plan, "overlay")
+    assert {"/usr", "/etc", "/home"} <= {o["path"] for o in overlays}
+    assert all(o["ro"] and "upper" not in o for o in overlays)  # nothing writable...
+    assert [o["path"] for o in ops(plan, "bind") if not o["ro"]] == [HOME + "/proj"]  # ...but cwd
     assert ops(plan, "tmpfs", HOME + "/.ssh")
     assert ops(plan, "bind", HOME + "/proj")[0]["ro"] is False
 
 
 def test_hermetic_mode_shows_only_what_is_named():
     plan = plan_of(mode="hermetic", paths=(("ro", "/bin"), ("ro", "/lib64")))
-    assert not ops(plan, "overlay")
     assert not ops(plan, "sys")
-    binds = {o["path"]: o for o in ops(plan, "bind")}
-    assert set(binds) == {"/usr/bin", "/usr/lib64", HOME + "/proj"}
-    assert all(o["create"] for o in binds.values())
+    shown = {o["path"]: o for o in ops(plan, "bind") + ops(plan, "overlay")}
+    assert set(shown) == {"/usr/bin", "/usr/lib64", HOME + "/proj"}
+    assert all(o["create"] for o in shown.values())
+    assert all(o["ro"] for o in ops(plan, "overlay"))
     # the symlinks on the way are recreated so that /bin/sh still works
     assert ops(plan, "symlink", "/bin") and ops(plan, "symlink", "/lib64")
 
