@@ -170,3 +170,21 @@ def test_host_abstract_socket_is_unreachable_with_net_host_via_landlock(host):
            "b = socket.socket(socket.AF_UNIX); b.connect(name); print('ok')")
     result = corral("run", "--net", "host", "--", PY, "-I", "-c", own, cwd=host.cwd)
     assert result.stdout == b"ok\n", result.stderr.decode()
+
+
+def test_doctor_reports_which_socket_layers_are_active():
+    result = corral("doctor", text=True)
+    (line,) = [line for line in result.stdout.splitlines() if "unix sockets" in line]
+    assert "host sockets: the mount layer" in line
+    if _landlock_abi() >= 6:
+        assert line.startswith("ok") and "Landlock scope (ABI %d)" % _landlock_abi() in line
+
+
+def test_doctor_warns_when_landlock_cannot_scope_abstract_sockets(monkeypatch):
+    from corral import doctor
+    from corral.spawn import harden
+
+    monkeypatch.setattr(harden, "landlock_abi", lambda: (0, "not built into this kernel"))
+    (check,) = [c for c in doctor.checks() if c.name == "unix sockets"]
+    assert check.status == "warn"
+    assert "network namespace only" in check.detail and "--net host" in check.detail
