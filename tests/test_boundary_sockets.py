@@ -188,3 +188,37 @@ def test_doctor_warns_when_landlock_cannot_scope_abstract_sockets(monkeypatch):
     (check,) = [c for c in doctor.checks() if c.name == "unix sockets"]
     assert check.status == "warn"
     assert "network namespace only" in check.detail and "--net host" in check.detail
+
+
+def test_masked_socket_in_cwd_cannot_be_moved_linked_or_unmasked(host):
+    sock = host.sockets["cwd"]
+    script = ("rm -f run/agent.sock 2>/dev/null; mv run/agent.sock run/moved 2>/dev/null; "
+              "ln run/agent.sock run/hl 2>/dev/null; mv run r2 2>/dev/null; "
+              "umount run/agent.sock 2>/dev/null; "
+              "%s -I -c '%s' run/agent.sock run/moved run/hl r2/agent.sock" % (PY, PROBE))
+    result = corral("run", "--net", "none", "--", "sh", "-c", script, cwd=host.cwd)
+    assert result.returncode == 0, result.stderr.decode()
+    assert "connected" not in result.stdout.decode()
+    assert os.path.exists(sock) or os.path.exists(os.path.join(host.cwd, "r2", "agent.sock"))
+
+
+def test_overlay_that_falls_back_to_a_bind_masks_the_sockets_it_carries(tmp_path):
+    from test_fs_mounts import Box, ok
+
+    box = Box("/var/tmp", tmp_path)
+    try:
+        data = box.path("data")
+        os.mkdir(data)
+        sock = os.path.join(data, "agent.sock")
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(sock)
+        server.listen(2)
+        plan = box.plan().to_json()
+        plan.insert(-1, {"op": "overlay", "path": data, "upper": "/proc/nope/upper",
+                         "work": "/proc/nope/work", "sockets": [sock]})
+        out = ok(box.run('"%s" -I -c \'%s\' "%s"' % (PY, PROBE, sock), plan=plan))
+        assert out.startswith("refused"), out
+        assert data in box.manifest()["fallbacks"]
+        server.close()
+    finally:
+        shutil.rmtree(box.home, ignore_errors=True)

@@ -398,3 +398,78 @@ def test_home_and_var_tmp_get_overlays_of_their_own():
     assert not ops(plan_of(paths=(("rw", "/home"),)), "overlay", HOME)
     assert not ops(plan_of(cwd=HOME), "overlay", HOME)
     assert not ops(plan_of(mode="readonly"), "overlay", HOME)
+
+
+# ------------------------------------------------------------------ host sockets (issue 9)
+
+SOCK = Stat("socket")
+
+
+def test_host_sockets_below_a_bind_are_masked_and_allowed_ones_are_bound():
+    a, b = HOME + "/proj/run/a.sock", HOME + "/proj/run/b.sock"
+    fs = FakeFs(host(**{a: SOCK, b: SOCK}).tree, bound=(a, b, "@abstract", HOME + "/gone.sock"))
+    plan = plan_of(fs, allow_sockets=(b,))
+    (cwd,) = ops(plan, "bind", HOME + "/proj")
+    assert cwd["sockets"] == [a]
+    (allowed,) = ops(plan, "bind", b)
+    assert allowed["src"] == b and allowed["dir"] is False
+    assert index(plan, "bind", HOME + "/proj") < index(plan, "bind", b)
+
+
+def test_host_socket_through_a_symlinked_directory_is_found_at_its_real_path():
+    a = HOME + "/proj/run/a.sock"
+    fs = FakeFs(host(**{a: SOCK}).tree, bound=(HOME + "/link-to-proj/run/a.sock",))
+    assert ops(plan_of(fs), "bind", HOME + "/proj")[0]["sockets"] == [a]
+
+
+def test_socket_of_another_user_is_skipped_not_a_crash():
+    class Denied(FakeFs):
+        def lstat(self, path):
+            if path.startswith("/var/tmp/other"):
+                raise PermissionError(13, "Permission denied", path)
+            return super().lstat(path)
+
+    fs = Denied(host().tree, bound=("/var/tmp/other/x.sock",))
+    assert "sockets" not in ops(plan_of(fs, mode="readonly"), "bind", HOME + "/proj")[0]
+
+
+def test_socket_bound_by_relative_path_triggers_a_bounded_walk(monkeypatch):
+    a = HOME + "/proj/deep/er/rel.sock"
+    fs = FakeFs(host(**{a: SOCK}).tree, bound=("rel.sock",))
+    plan = plan_of(fs)
+    assert ops(plan, "bind", HOME + "/proj")[0]["sockets"] == [a]
+    assert plan.warnings == ()
+    monkeypatch.setattr(fsplan, "SCAN_LIMIT", 0)
+    (warning,) = plan_of(fs).warnings
+    assert HOME + "/proj has more than 0 entries" in warning
+
+
+def test_read_only_views_are_overlays_and_binds_that_stay_carry_their_sockets():
+    run_sock, nfs_sock, etc_sock = "/run/x.sock", "/mnt/nfs share/data/y.sock", "/etc/z.sock"
+    fs = FakeFs(host(**{run_sock: SOCK, nfs_sock: SOCK, etc_sock: SOCK}).tree,
+                bound=(run_sock, nfs_sock, etc_sock))
+    # /run holds a mount (/run/user/1000): a recursive read-only bind, sockets masked
+    plan = plan_of(fs, paths=(("ro", "/run"),))
+    (run,) = ops(plan, "bind", "/run")
+    assert run["ro"] and run["sockets"] == [run_sock]
+    # nfs cannot be overlaid: a read-only bind, sockets masked
+    plan = plan_of(fs, mode="readonly")
+    (nfs,) = ops(plan, "bind", "/mnt/nfs share")
+    assert nfs["ro"] and nfs["sockets"] == [nfs_sock]
+    # an overlay carries its sockets, masked if it falls back to a bind
+    (etc,) = ops(plan, "overlay", "/etc")
+    assert etc["ro"] and etc["sockets"] == [etc_sock]
+    # a directory split into its entries leaves the host's sockets out
+    assert not ops(plan, path=run_sock)
+
+
+@pytest.mark.parametrize("action", ["ro", "rw", "overlay"])
+def test_a_socket_named_by_a_path_option_is_refused(action):
+    fs = host(**{HOME + "/agent.sock": SOCK})
+    with pytest.raises(ConfigError, match="--allow-socket"):
+        plan_of(fs, paths=((action, HOME + "/agent.sock"),))
+
+
+def test_allow_socket_must_name_a_socket():
+    with pytest.raises(ConfigError, match="not a socket"):
+        plan_of(allow_sockets=(HOME + "/.bashrc",))

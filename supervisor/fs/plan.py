@@ -349,10 +349,13 @@ class _Planner:
                     self.relative_sockets = True
                     continue
                 parent, base = os.path.split(os.path.normpath(name))
-                if parent not in dirs:
-                    dirs[parent] = self.resolve(parent)
-                real = os.path.join(dirs[parent], base)
-                st = self.fs.lstat(real)
+                try:
+                    if parent not in dirs:
+                        dirs[parent] = self.resolve(parent)
+                    real = os.path.join(dirs[parent], base)
+                    st = self.fs.lstat(real)
+                except OSError:  # another user's: out of our reach inside too
+                    continue
                 if st is not None and st.kind == "socket":
                     found.add(real)
             self.host_sockets = found
