@@ -473,3 +473,12 @@ def test_a_socket_named_by_a_path_option_is_refused(action):
 def test_allow_socket_must_name_a_socket():
     with pytest.raises(ConfigError, match="not a socket"):
         plan_of(allow_sockets=(HOME + "/.bashrc",))
+
+
+def test_allow_socket_in_the_hidden_runtime_dir_is_bound_and_the_dir_sealed():
+    fs = host(**{"/run/user/1000/bus": SOCK})
+    plan = plan_of(fs, allow_sockets=("/run/user/1000/bus",), runtime_dir="/run/user/1000")
+    (runtime,) = ops(plan, "tmpfs", "/run/user/1000")
+    (bus,) = ops(plan, "bind", "/run/user/1000/bus")
+    assert bus["create"] and index(plan, "tmpfs", "/run/user/1000") < index(plan, "bind", bus["path"])
+    assert runtime["ro"] is False and ops(plan, "remount_ro", "/run/user/1000")
