@@ -45,6 +45,9 @@ def _add_sandbox_options(p):
     ):
         fs.add_argument("--" + name, action=_PathOption, default=[], metavar="PATH",
                         help=text + " (repeatable; later options win)")
+    fs.add_argument("--allow-socket", action="append", default=[], metavar="PATH",
+                    help="let the command connect to this host unix socket, e.g. "
+                    "\"$SSH_AUTH_SOCK\" (repeatable; every other one is unreachable)")
     fs.add_argument("--no-hide-secrets", dest="hide_secrets", action="store_false",
                     help="show ~/.ssh, ~/.aws, … (hidden by default)")
     fs.add_argument("--cwd", metavar="DIR",

@@ -115,7 +115,9 @@ class Config:
     ``overlay``/``tmpfs``/``hide`` path lists (when the same path is named
     twice, the later option wins: the CLI keeps the order in ``path_order``),
     ``cwd`` (default: the caller's), ``scratch`` (where overlay changes are
-    kept while the sandbox runs), ``keep_changes`` (copy them there at exit).
+    kept while the sandbox runs), ``keep_changes`` (copy them there at exit),
+    ``allow_socket`` (host unix sockets the command may connect to; every
+    other one is unreachable).
 
     Process: ``root`` (map the caller to uid 0 inside), ``hostname``,
     ``env`` (``NAME`` keeps a variable that would be scrubbed, ``NAME=VALUE``
@@ -141,6 +143,7 @@ class Config:
     hide: tuple = attrs.field(default=(), converter=_paths)
     path_order: tuple = attrs.field(default=(), converter=_path_order, repr=False)
     hide_secrets: bool = True
+    allow_socket: tuple = attrs.field(default=(), converter=_paths)  # host unix sockets shown
     cwd: str | None = attrs.field(default=None, converter=_path_or_none)
     scratch: str | None = None
     keep_changes: str | None = None

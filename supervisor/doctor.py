@@ -184,6 +184,20 @@ def checks():
         "corral …) on a cgroup v2 host",
     ))
 
+    from .spawn.harden import LANDLOCK_SCOPE_ABI, landlock_abi
+
+    abi, why = landlock_abi()
+    scoped = abi >= LANDLOCK_SCOPE_ABI
+    results.append(Check(  # optional: the network namespace already separates abstract sockets
+        name="unix sockets", ok=scoped, optional=True,
+        detail="host sockets: the mount layer (overlays, sockets in binds masked); abstract "
+        "sockets: network namespace + Landlock scope (ABI %d)" % abi if scoped else
+        "host sockets: the mount layer (overlays, sockets in binds masked); abstract sockets: "
+        "network namespace only (Landlock %s): under --net host the command can reach the "
+        "host's abstract sockets" % ("ABI %d < %d" % (abi, LANDLOCK_SCOPE_ABI) if abi else why),
+        fix="Linux >= 6.12 with Landlock enabled (lsm=...,landlock)",
+    ))
+
     try:
         from .bindings import load
 

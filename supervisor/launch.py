@@ -153,6 +153,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             resolv_conf=SANDBOX_RESOLV_CONF if config.net == "filtered" else None,
             runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
             tmp_size=config.tmp_size,
+            allow_sockets=config.allow_socket,
         )
         plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
     except BaseException:
@@ -222,6 +223,10 @@ def exec_stage1(launch, stdio=(None, None, None)):
 
 def error_from(report):
     code = report.get("exit_code")
+    if code == 127 and report.get("step", "").startswith("exec: missing"):
+        # the command is there, its ELF loader or #! interpreter is not
+        return SandboxError(report["step"], report.get("errno"), exit_code=code,
+                            message="%s. Fix: %s" % (report.get("detail"), report.get("fix")))
     if code in (126, 127):  # like a shell: "CMD: command not found"
         return SandboxError(
             "exec", report.get("errno"), exit_code=code,

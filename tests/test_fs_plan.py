@@ -28,7 +28,8 @@ HOME = "/home/u"
 class FakeFs:
     """``tree``: path -> Stat or ("symlink", target)."""
 
-    def __init__(self, tree):
+    def __init__(self, tree, bound=()):
+        self.bound = bound  # what /proc/net/unix lists
         self.tree = {"/": Stat("dir")}
         for path, entry in tree.items():
             parent = path
@@ -53,6 +54,13 @@ class FakeFs:
 
     def uid(self):
         return 1000
+
+    def unix_sockets(self):
+        return list(self.bound)
+
+    def find_sockets(self, top, limit):
+        found = [p for p, e in self.tree.items() if e == Stat("socket") and p.startswith(top + "/")]
+        return found[:limit], len(found) <= limit
 
 
 def host(**extra):
@@ -182,7 +190,7 @@ def test_cwd_is_a_writable_bind_after_the_base_view():
     assert plan.warnings == ()
 
 
-@pytest.mark.parametrize("access, op, ro", [("ro", "bind", True), ("overlay", "overlay", None)])
+@pytest.mark.parametrize("access, op, ro", [("ro", "overlay", True), ("overlay", "overlay", None)])
 def test_cwd_access(access, op, ro):
     plan = plan_of(cwd_access=access)
     (cwd,) = ops(plan, op, HOME + "/proj")
@@ -237,7 +245,7 @@ def test_secrets_can_be_left_visible():
 
 def test_user_option_on_a_secret_wins():
     plan = plan_of(paths=(("ro", HOME + "/.ssh"),))
-    assert ops(plan, "bind", HOME + "/.ssh")[0]["ro"]
+    assert ops(plan, "overlay", HOME + "/.ssh")[0]["ro"]
     assert not ops(plan, "tmpfs", HOME + "/.ssh")  # covered anyway: not mounted
 
 
@@ -282,15 +290,16 @@ def test_same_path_through_a_symlink_is_the_same_path():
 
 def test_parent_before_child_whatever_the_order():
     plan = plan_of(paths=(("ro", HOME + "/proj/.git"), ("rw", HOME + "/proj")), cwd=HOME)
-    assert index(plan, "bind", HOME + "/proj") < index(plan, "bind", HOME + "/proj/.git")
+    assert index(plan, "bind", HOME + "/proj") < index(plan, "overlay", HOME + "/proj/.git")
 
 
-@pytest.mark.parametrize("action, op", [("rw", "bind"), ("ro", "bind"), ("overlay", "overlay"),
+@pytest.mark.parametrize("action, op", [("rw", "bind"), ("ro", "overlay"), ("overlay", "overlay"),
                                         ("tmpfs", "tmpfs"), ("hide", "tmpfs")])
 def test_each_action(action, op):
     (o,) = ops(plan_of(paths=((action, "/etc"),)), op, "/etc")[-1:]
     if action in ("rw", "ro"):
         assert o["ro"] is (action == "ro")
+        assert "upper" not in o
     if action == "hide":
         assert o["ro"]
 
@@ -334,21 +343,24 @@ def test_symlink_loop_is_a_config_error():
 # ------------------------------------------------------------------ modes
 
 
-def test_readonly_mode_has_no_overlays_and_still_hides_secrets():
+def test_readonly_mode_has_only_read_only_overlays_and_still_hides_secrets():
     plan = plan_of(mode="readonly")
     assert plan.to_json()[0] == {"op": "root", "scratch": "/tmp/corral-1000/sb-1", "mode": "readonly"}
-    assert not ops(plan, "overlay")
+    overlays = ops(plan, "overlay")
+    assert {"/usr", "/etc", "/home"} <= {o["path"] for o in overlays}
+    assert all(o["ro"] and "upper" not in o for o in overlays)  # nothing writable...
+    assert [o["path"] for o in ops(plan, "bind") if not o["ro"]] == [HOME + "/proj"]  # ...but cwd
     assert ops(plan, "tmpfs", HOME + "/.ssh")
     assert ops(plan, "bind", HOME + "/proj")[0]["ro"] is False
 
 
 def test_hermetic_mode_shows_only_what_is_named():
     plan = plan_of(mode="hermetic", paths=(("ro", "/bin"), ("ro", "/lib64")))
-    assert not ops(plan, "overlay")
     assert not ops(plan, "sys")
-    binds = {o["path"]: o for o in ops(plan, "bind")}
-    assert set(binds) == {"/usr/bin", "/usr/lib64", HOME + "/proj"}
-    assert all(o["create"] for o in binds.values())
+    shown = {o["path"]: o for o in ops(plan, "bind") + ops(plan, "overlay")}
+    assert set(shown) == {"/usr/bin", "/usr/lib64", HOME + "/proj"}
+    assert all(o["create"] for o in shown.values())
+    assert all(o["ro"] for o in ops(plan, "overlay"))
     # the symlinks on the way are recreated so that /bin/sh still works
     assert ops(plan, "symlink", "/bin") and ops(plan, "symlink", "/lib64")
 
@@ -386,3 +398,87 @@ def test_home_and_var_tmp_get_overlays_of_their_own():
     assert not ops(plan_of(paths=(("rw", "/home"),)), "overlay", HOME)
     assert not ops(plan_of(cwd=HOME), "overlay", HOME)
     assert not ops(plan_of(mode="readonly"), "overlay", HOME)
+
+
+# ------------------------------------------------------------------ host sockets (issue 9)
+
+SOCK = Stat("socket")
+
+
+def test_host_sockets_below_a_bind_are_masked_and_allowed_ones_are_bound():
+    a, b = HOME + "/proj/run/a.sock", HOME + "/proj/run/b.sock"
+    fs = FakeFs(host(**{a: SOCK, b: SOCK}).tree, bound=(a, b, "@abstract", HOME + "/gone.sock"))
+    plan = plan_of(fs, allow_sockets=(b,))
+    (cwd,) = ops(plan, "bind", HOME + "/proj")
+    assert cwd["sockets"] == [a]
+    (allowed,) = ops(plan, "bind", b)
+    assert allowed["src"] == b and allowed["dir"] is False
+    assert index(plan, "bind", HOME + "/proj") < index(plan, "bind", b)
+
+
+def test_host_socket_through_a_symlinked_directory_is_found_at_its_real_path():
+    a = HOME + "/proj/run/a.sock"
+    fs = FakeFs(host(**{a: SOCK}).tree, bound=(HOME + "/link-to-proj/run/a.sock",))
+    assert ops(plan_of(fs), "bind", HOME + "/proj")[0]["sockets"] == [a]
+
+
+def test_socket_of_another_user_is_skipped_not_a_crash():
+    class Denied(FakeFs):
+        def lstat(self, path):
+            if path.startswith("/var/tmp/other"):
+                raise PermissionError(13, "Permission denied", path)
+            return super().lstat(path)
+
+    fs = Denied(host().tree, bound=("/var/tmp/other/x.sock",))
+    assert "sockets" not in ops(plan_of(fs, mode="readonly"), "bind", HOME + "/proj")[0]
+
+
+def test_socket_bound_by_relative_path_triggers_a_bounded_walk(monkeypatch):
+    a = HOME + "/proj/deep/er/rel.sock"
+    fs = FakeFs(host(**{a: SOCK}).tree, bound=("rel.sock",))
+    plan = plan_of(fs)
+    assert ops(plan, "bind", HOME + "/proj")[0]["sockets"] == [a]
+    assert plan.warnings == ()
+    monkeypatch.setattr(fsplan, "SCAN_LIMIT", 0)
+    (warning,) = plan_of(fs).warnings
+    assert HOME + "/proj has more than 0 entries" in warning
+
+
+def test_read_only_views_are_overlays_and_binds_that_stay_carry_their_sockets():
+    run_sock, nfs_sock, etc_sock = "/run/x.sock", "/mnt/nfs share/data/y.sock", "/etc/z.sock"
+    fs = FakeFs(host(**{run_sock: SOCK, nfs_sock: SOCK, etc_sock: SOCK}).tree,
+                bound=(run_sock, nfs_sock, etc_sock))
+    # /run holds a mount (/run/user/1000): a recursive read-only bind, sockets masked
+    plan = plan_of(fs, paths=(("ro", "/run"),))
+    (run,) = ops(plan, "bind", "/run")
+    assert run["ro"] and run["sockets"] == [run_sock]
+    # nfs cannot be overlaid: a read-only bind, sockets masked
+    plan = plan_of(fs, mode="readonly")
+    (nfs,) = ops(plan, "bind", "/mnt/nfs share")
+    assert nfs["ro"] and nfs["sockets"] == [nfs_sock]
+    # an overlay carries its sockets, masked if it falls back to a bind
+    (etc,) = ops(plan, "overlay", "/etc")
+    assert etc["ro"] and etc["sockets"] == [etc_sock]
+    # a directory split into its entries leaves the host's sockets out
+    assert not ops(plan, path=run_sock)
+
+
+@pytest.mark.parametrize("action", ["ro", "rw", "overlay"])
+def test_a_socket_named_by_a_path_option_is_refused(action):
+    fs = host(**{HOME + "/agent.sock": SOCK})
+    with pytest.raises(ConfigError, match="--allow-socket"):
+        plan_of(fs, paths=((action, HOME + "/agent.sock"),))
+
+
+def test_allow_socket_must_name_a_socket():
+    with pytest.raises(ConfigError, match="not a socket"):
+        plan_of(allow_sockets=(HOME + "/.bashrc",))
+
+
+def test_allow_socket_in_the_hidden_runtime_dir_is_bound_and_the_dir_sealed():
+    fs = host(**{"/run/user/1000/bus": SOCK})
+    plan = plan_of(fs, allow_sockets=("/run/user/1000/bus",), runtime_dir="/run/user/1000")
+    (runtime,) = ops(plan, "tmpfs", "/run/user/1000")
+    (bus,) = ops(plan, "bind", "/run/user/1000/bus")
+    assert bus["create"] and index(plan, "tmpfs", "/run/user/1000") < index(plan, "bind", bus["path"])
+    assert runtime["ro"] is False and ops(plan, "remount_ro", "/run/user/1000")

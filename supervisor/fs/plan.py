@@ -20,11 +20,25 @@ Modes
     again), symlinks are copied, files are bound read-only, sockets, fifos and
     devices are left out.
 ``readonly``
-    The whole host, bound recursively and read-only.
+    The same view as ``default``, but every overlay is read-only: lower
+    layers only, no upper layer (``lowerdir=DIR:EMPTY``).
 ``hermetic``
     An empty root: only the working directory and what ``--rw``/``--ro``/
     ``--overlay``/``--tmpfs`` name (plus ``/proc``, ``/dev``, ``/tmp``).  The
-    symlinks on the way to those paths (``/bin -> usr/bin``...) are recreated.
+    symlinks on the way to those paths, and the host's top-level symlinks
+    whose targets are shown (``/bin -> usr/bin``, ``/lib64``...), are recreated.
+
+Host unix sockets
+-----------------
+``connect()`` on a path reaches the listening socket bound to that inode,
+whatever the network namespace.  Through overlayfs it never does (the
+overlay's inode is not the socket's), so host directories are shown read-only
+as lowerdir-only overlays (``--ro``, readonly mode) rather than read-only
+binds, which pass ``connect()`` through.  Where a bind must stay (the
+writable working directory, ``--rw``, filesystems overlayfs cannot stack on,
+a directory with mounts below), the listening sockets that the host's
+``/proc/net/unix`` lists under it are masked with an empty file.  Only
+``--allow-socket PATH`` shows a host socket (a bind of the socket itself).
 
 In every mode ``/proc`` is fresh (the sandbox's pid namespace), ``/dev`` is
 minimal, ``/tmp`` is an empty tmpfs and ``/sys`` is read-only (not in
@@ -65,6 +79,9 @@ PSEUDO_FS = frozenset((
 NO_OVERLAY = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "fuseblk", "9p", "ceph")
 
 HOME_WRITABLE = "the whole home directory is writable (secrets still hidden)"
+# Entries a bind's walk for sockets looks at, at most (only when some socket
+# was bound by a relative path): ~2-5 us each on a busy 2-core machine.
+SCAN_LIMIT = 20000
 
 
 @attrs.frozen(kw_only=True)
@@ -83,6 +100,7 @@ class FsSpec:
     resolv_conf: str | None = None
     tmp_size: int | None = None  # bytes for each tmpfs (/tmp, /dev/shm, --tmpfs); None: kernel default
     runtime_dir: str | None = None  # $XDG_RUNTIME_DIR; None: /run/user/<uid> if it exists
+    allow_sockets: tuple = attrs.field(default=(), converter=tuple)  # host sockets shown
 
 
 @attrs.frozen(kw_only=True)
@@ -103,7 +121,7 @@ class Plan:
 
 @attrs.frozen
 class Stat:
-    kind: str  # "dir" | "file" | "symlink" | "other"
+    kind: str  # "dir" | "file" | "symlink" | "socket" | "other"
     mode: int = 0o755
 
 
@@ -122,6 +140,8 @@ class HostFs:
             kind = "symlink"
         elif stat.S_ISREG(mode):
             kind = "file"
+        elif stat.S_ISSOCK(mode):
+            kind = "socket"
         else:
             kind = "other"
         return Stat(kind, stat.S_IMODE(mode))
@@ -137,6 +157,47 @@ class HostFs:
 
     def uid(self):
         return os.getuid()
+
+    def unix_sockets(self):
+        """The paths of the unix sockets bound in our network namespace, as
+        ``/proc/net/unix`` shows them: as given to bind(2), so relative when
+        bound by a relative path."""
+        try:
+            with open("/proc/net/unix", "rb") as f:
+                lines = f.read().split(b"\n")[1:]
+        except OSError:
+            return ()
+        paths = []
+        for line in lines:
+            fields = line.split(None, 7)
+            if len(fields) == 8 and not fields[7].startswith(b"@"):  # @: abstract
+                paths.append(os.fsdecode(fields[7]))
+        return paths
+
+    def find_sockets(self, top, limit):
+        """The sockets below directory ``top``, looking at no more than
+        ``limit`` entries (d_type, stat only for types readdir does not give).
+        Returns (paths, complete)."""
+        found, seen, todo = [], 0, [top]
+        while todo:
+            try:
+                it = os.scandir(todo.pop())
+            except OSError:
+                continue
+            with it:
+                for entry in it:
+                    seen += 1
+                    if seen > limit:
+                        return found, False
+                    if entry.is_dir(follow_symlinks=False):
+                        todo.append(entry.path)
+                    elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
+                        try:
+                            if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                                found.append(entry.path)
+                        except OSError:
+                            pass
+        return found, True
 
 
 @attrs.frozen
@@ -218,6 +279,9 @@ class _Planner:
                 path = os.path.dirname(path)
                 self.holds_mounts.add(path)
         self.scratch = self.resolve(_absolute(spec.scratch, "scratch"))
+        self.allowed_sockets = set()
+        self.host_sockets = None  # [real path], read on first use
+        self.relative_sockets = False
 
     # ---------------------------------------------------------------- paths
 
@@ -271,18 +335,71 @@ class _Planner:
     def emit(self, op, **fields):
         self.ops.append({"op": op, **fields})
 
-    def overlay(self, path, mode, create):
-        n = self.overlays
-        self.overlays += 1
-        scratch = self.spec.scratch
-        self.emit("overlay", path=path, upper="%s/upper/%d" % (scratch, n),
-                  work="%s/work/%d" % (scratch, n), mode=mode, create=create)
+    # ---------------------------------------------------------------- sockets
 
-    def overlay_tree(self, path, st, create):
-        """Show host ``path`` writable-but-not-to-the-host: an overlay, or a
-        read-only bind where overlayfs cannot stack, or — when mounts lie
-        below it — its entries one by one on a directory of the root tmpfs.
-        ``create``: the mount points are not there yet (a tmpfs)."""
+    def sockets_under(self, path, scan):
+        """Host sockets below directory ``path`` that a bind of it would let
+        the command connect to: the ones ``/proc/net/unix`` names there and,
+        when ``scan`` and some socket was bound by a relative path (which
+        says nowhere where it is), the ones a bounded walk of ``path`` finds."""
+        if self.host_sockets is None:
+            found, dirs = set(), {}
+            for name in self.fs.unix_sockets():
+                if not name.startswith("/"):
+                    self.relative_sockets = True
+                    continue
+                parent, base = os.path.split(os.path.normpath(name))
+                try:
+                    if parent not in dirs:
+                        dirs[parent] = self.resolve(parent)
+                    real = os.path.join(dirs[parent], base)
+                    st = self.fs.lstat(real)
+                except OSError:  # another user's: out of our reach inside too
+                    continue
+                if st is not None and st.kind == "socket":
+                    found.add(real)
+            self.host_sockets = found
+        found = {p for p in self.host_sockets if p != path and _under(p, path)}
+        if scan and self.relative_sockets:
+            more, complete = self.fs.find_sockets(path, SCAN_LIMIT)
+            found.update(more)
+            if not complete:
+                self.warnings.append(
+                    "%s has more than %d entries: unix sockets bound there by a relative path "
+                    "and not found in the first %d stay reachable (docs/security.md)"
+                    % (path, SCAN_LIMIT, SCAN_LIMIT))
+        return sorted(found - self.allowed_sockets)
+
+    def bind_dir(self, path, ro, create):
+        """A bind of host directory ``path``, with the host sockets below it masked."""
+        op = {"src": path, "path": path, "ro": ro, "dir": True, "create": create}
+        sockets = self.sockets_under(path, scan=True)
+        if sockets:
+            op["sockets"] = sockets
+        self.emit("bind", **op)
+
+    # ---------------------------------------------------------------- base
+
+    def overlay(self, path, mode, create, ro=False):
+        fields = {"path": path, "mode": mode, "create": create}
+        if ro:
+            fields["ro"] = True
+        else:
+            n = self.overlays
+            self.overlays += 1
+            scratch = self.spec.scratch
+            fields.update(upper="%s/upper/%d" % (scratch, n), work="%s/work/%d" % (scratch, n))
+        # masked only if the overlay fails and becomes a read-only bind
+        sockets = self.sockets_under(path, scan=False)
+        if sockets:
+            fields["sockets"] = sockets
+        self.emit("overlay", **fields)
+
+    def overlay_tree(self, path, st, create, ro=False):
+        """Show host ``path`` writable-but-not-to-the-host (``ro``: read-only):
+        an overlay, or a read-only bind where overlayfs cannot stack, or — when
+        mounts lie below it — its entries one by one on a directory of the
+        root tmpfs.  ``create``: the mount points are not there yet (a tmpfs)."""
         if st.kind != "dir":
             self.emit("bind", src=path, path=path, ro=True, dir=False, create=create)
             return
@@ -290,14 +407,27 @@ class _Planner:
             if path != "/":
                 self.emit("mkdir", path=path, mode=st.mode)
             for name in self.fs.listdir(path):
-                self.entry(os.path.join(path, name), create)
+                self.entry(os.path.join(path, name), create, ro)
             return
         if self.fstype_of(path).split(".")[0] in NO_OVERLAY:
-            self.emit("bind", src=path, path=path, ro=True, dir=True, create=create)
+            self.bind_dir(path, ro=True, create=create)
         else:
-            self.overlay(path, st.mode, create)
+            self.overlay(path, st.mode, create, ro)
 
-    def entry(self, path, create):
+    def ro_tree(self, path, st, create):
+        """Show host ``path`` read-only: a lowerdir-only overlay, or a
+        recursive read-only bind (sockets masked) where mounts lie below it or
+        overlayfs cannot stack."""
+        if (st.kind != "dir" or path in self.holds_mounts
+                or self.fstype_of(path).split(".")[0] in NO_OVERLAY):
+            if st.kind == "dir":
+                self.bind_dir(path, ro=True, create=create)
+            else:
+                self.emit("bind", src=path, path=path, ro=True, dir=False, create=create)
+        else:
+            self.overlay(path, st.mode, create, ro=True)
+
+    def entry(self, path, create, ro=False):
         if path in FRESH or _under(path, self.scratch):
             return
         st = self.fs.lstat(path)
@@ -310,14 +440,14 @@ class _Planner:
         if st.kind == "symlink":
             self.emit("symlink", path=path, target=self.fs.readlink(path))
         elif st.kind in ("dir", "file"):
-            self.overlay_tree(path, st, create)
+            self.overlay_tree(path, st, create, ro)
         # sockets, fifos and device nodes of the host are left out
 
     def base(self):
         mode = self.spec.mode
         self.emit("root", scratch=self.spec.scratch, mode=mode)
-        if mode == "default":
-            self.overlay_tree("/", Stat("dir"), create=True)
+        if mode != "hermetic":
+            self.overlay_tree("/", Stat("dir"), create=True, ro=mode == "readonly")
         self.emit("proc")
         self.emit("dev", size=self.spec.tmp_size)
         if mode != "hermetic":
@@ -372,6 +502,10 @@ class _Planner:
                 if hermetic:
                     self.resolve(_absolute(path, option), links)
                 real, st = self.existing(path, option)
+                if st.kind == "socket" and action != "hide":
+                    raise ConfigError("%s %s: a unix socket (connecting to it would reach the "
+                                      "host). Fix: --allow-socket %s, if the command may use it"
+                                      % (option, path, path))
             if real == "/":
                 raise ConfigError("%s /: the root cannot be %s. Fix: choose the mode with --mode, "
                                   "or name a directory below /" % (option, action))
@@ -379,6 +513,17 @@ class _Planner:
             latest[real] = (action, st)
         for real, (action, st) in latest.items():
             items.append((real, 2, action, st))
+        for path in spec.allow_sockets:
+            if hermetic:
+                self.resolve(_absolute(path, "--allow-socket"), links)
+            real, st = self.existing(path, "--allow-socket")
+            if st.kind != "socket":
+                raise ConfigError("--allow-socket %s: not a socket. Fix: name the socket's path "
+                                  "(e.g. \"$SSH_AUTH_SOCK\")" % path)
+            self.allowed_sockets.add(real)
+            items.append((real, 2, "socket", st))
+        if hermetic:
+            self.top_level_links(items, links)
         # Overlayfs in a user namespace cannot copy up a directory owned by an
         # unmapped user (root): with /home as the only overlay, writing
         # /data/users/me/.bashrc would fail (EOVERFLOW) on the copy-up of
@@ -396,6 +541,20 @@ class _Planner:
         # parents first; on one path: symlink, secret, cwd, then the user's option
         items.sort(key=lambda item: (_depth(item[0]), item[1]))
         return items
+
+    def top_level_links(self, items, links):
+        """Hermetic mode: the host's top-level symlinks (``/bin -> usr/bin``,
+        ``/lib64 -> usr/lib64``...) whose targets are shown, so that
+        programs and their ELF loader are found at the paths they name."""
+        shown = [item[0] for item in items if item[2] in ("rw", "ro", "overlay")]
+        for name in self.fs.listdir("/"):
+            path = "/" + name
+            st = self.fs.lstat(path)
+            if st is None or st.kind != "symlink":
+                continue
+            real = self.resolve(path)
+            if real != path and any(_under(real, top) for top in shown):
+                links.append((path, self.fs.readlink(path)))
 
     def exposes_host(self, path, done):
         """Whether ``path`` shows host content after the layers in ``done``."""
@@ -444,8 +603,17 @@ class _Planner:
             elif action == "overlay":
                 self.overlay_tree(path, st, create)
                 done.append((path, True))
+            elif action == "socket":
+                # create: a directory split into its entries leaves sockets out
+                self.emit("bind", src=path, path=path, ro=True, dir=False, create=True)
+            elif action == "ro":
+                self.ro_tree(path, st, create)
+                done.append((path, True))
+            elif is_dir:
+                self.bind_dir(path, ro=False, create=create)
+                done.append((path, True))
             else:
-                self.emit("bind", src=path, path=path, ro=action == "ro", dir=is_dir, create=create)
+                self.emit("bind", src=path, path=path, ro=False, dir=False, create=create)
                 done.append((path, True))
             # a read-only tmpfs that gets mounts inside is sealed at the end
             for top, op in list(tmpfs_ops.items()):

@@ -1,6 +1,7 @@
 """What the command's process (E) loses just before execve (issue 5):
-resource limits, every capability, and the seccomp filter.  Standard library
-only.
+resource limits, every capability, the abstract unix sockets of others
+(Landlock scoping, where the kernel has it) and the seccomp filter.  Standard
+library only.
 
 :func:`prepare` runs in pid 1 before the fork (so a problem is a set-up error
 reported to the supervisor, and the command never runs); :func:`apply` runs in
@@ -12,6 +13,7 @@ E after ``no_new_privs``.  The spec (built by ``corral.hardening.spec``)::
 
 import ctypes
 import errno
+import os
 import resource
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -22,6 +24,13 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 OPTION_OF = {"AS": "--memory", "NPROC": "--pids", "CPU": "--cpu-time", "NOFILE": "--nofile",
              "FSIZE": "--fsize"}
 
+# Landlock (the same system call numbers on every architecture).
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET = 1  # ABI 6 (Linux 6.12)
+LANDLOCK_SCOPE_ABI = 6
+
 
 class HardenError(OSError):
     def __init__(self, err, message, fix=None):
@@ -30,9 +39,60 @@ class HardenError(OSError):
 
 
 class Prepared:
-    def __init__(self, rlimits, seccomp_filter):
+    def __init__(self, rlimits, seccomp_filter, landlock_fd=None):
         self.rlimits = rlimits  # [(resource constant, value)]
         self.filter = seccomp_filter
+        self.landlock_fd = landlock_fd  # a ruleset scoping abstract unix sockets, or None
+
+
+class _RulesetAttr(ctypes.Structure):
+    _fields_ = [("handled_access_fs", ctypes.c_uint64), ("handled_access_net", ctypes.c_uint64),
+                ("scoped", ctypes.c_uint64)]
+
+
+def landlock_abi():
+    """(ABI version, None), or (0, why) when this kernel has no usable Landlock."""
+    from . import libc
+
+    version = libc._libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None,
+                                 ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+    if version < 0:
+        err = ctypes.get_errno()
+        why = {errno.ENOSYS: "not built into this kernel",
+               errno.EOPNOTSUPP: "built in but not enabled (add landlock to the lsm= boot option)"}
+        return 0, why.get(err, errno.errorcode.get(err, str(err)))
+    return version, None
+
+
+def _abstract_socket_scope():
+    """A Landlock ruleset that handles no access right but scopes abstract
+    unix sockets: once restricted, the command can connect() or sendto()
+    only abstract sockets created inside the sandbox.  None when the kernel
+    lacks it (Landlock ABI < 6): the network namespace is the only layer
+    then, and ``--net host`` shares the host's abstract sockets."""
+    abi, _why = landlock_abi()
+    if abi < LANDLOCK_SCOPE_ABI:
+        return None
+    from . import libc
+
+    attr = _RulesetAttr(0, 0, LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET)
+    fd = libc._libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), ctypes.byref(attr),
+                            ctypes.c_size_t(ctypes.sizeof(attr)), ctypes.c_uint32(0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise HardenError(err, "landlock_create_ruleset (scope abstract unix sockets): %s"
+                          % errno.errorcode.get(err, err), "report this as a corral bug")
+    return fd
+
+
+def _restrict_self(fd):
+    from . import libc
+
+    rc = libc._libc.syscall(ctypes.c_long(_SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(fd),
+                            ctypes.c_uint32(0))
+    if rc != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, "landlock_restrict_self: %s" % errno.errorcode.get(err, err))
 
 
 def prepare(spec):
@@ -57,15 +117,19 @@ def prepare(spec):
 
         seccomp_filter = seccomp.Filter(seccomp.rules(spec.get("deny", ()),
                                                       spec.get("allow_nested", False)))
-    return Prepared(rlimits, seccomp_filter)
+    return Prepared(rlimits, seccomp_filter, _abstract_socket_scope())
 
 
 def apply(prepared):
-    """In E: limits, then no capabilities at all, then the filter (last: it
-    may deny what comes before it)."""
+    """In E: limits, then no capabilities at all, then the Landlock scope
+    (needs no_new_privs, set before), then the filter (last: it may deny what
+    comes before it)."""
     for which, value in prepared.rlimits:
         resource.setrlimit(which, (value, value))
     drop_capabilities()
+    if prepared.landlock_fd is not None:
+        _restrict_self(prepared.landlock_fd)
+        os.close(prepared.landlock_fd)
     if prepared.filter is not None:
         prepared.filter.load()
 

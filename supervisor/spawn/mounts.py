@@ -8,11 +8,15 @@ Any failure raises :class:`MountError` — the command never runs with less
 isolation than asked — except an overlay that cannot be mounted, which
 becomes a read-only bind (recorded in ``<scratch>/overlays.json`` with the
 upper directory of every overlay and the host path it records changes to).
+A bind passes ``connect()`` through to the host's unix sockets, so the
+sockets a bind or overlay op lists (``"sockets"``) are covered with an empty
+file after a bind.
 """
 
 import errno as _errno
 import json
 import os
+import stat
 
 from . import libc
 
@@ -99,9 +103,9 @@ class _Builder:
     def __init__(self):
         self.root = None
         self.scratch = None
-        self.mode = None
         self.setattr_works = True
         self.empty_file = None
+        self.empty_dir = None
         self.files = 0
         self.layer_dirs = False
         self.overlays = {}
@@ -173,11 +177,33 @@ class _Builder:
         if ro:
             self.make_ro(target, op["path"], recursive)
 
+    def empty(self):
+        """An empty read-only file in the scratch dir, to bind over things."""
+        if self.empty_file is None:
+            self.empty_file = self.scratch + "/empty"
+            try:
+                os.close(os.open(self.empty_file, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
+            except OSError as exc:
+                raise MountError("create", self.empty_file, exc.errno) from None
+        return self.empty_file
+
+    def mask_sockets(self, op):
+        """Cover the host sockets ``op`` lists with an empty file; one that
+        is gone (or no longer a socket) since the plan was made is skipped."""
+        for path in op.get("sockets", ()):
+            target = self.at(path)
+            try:
+                if not stat.S_ISSOCK(os.lstat(target).st_mode):
+                    continue
+            except OSError:
+                continue
+            self.bind("mask the host socket", {"path": path}, self.empty(), target, ro=True,
+                      recursive=False)
+
     # ---------------------------------------------------------------- ops
 
     def op_root(self, op):
         self.scratch = op["scratch"]
-        self.mode = op["mode"]
         self.root = self.scratch + "/root"
         self.mount("make / private", "/", None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
         try:
@@ -186,11 +212,7 @@ class _Builder:
             pass
         except OSError as exc:
             raise MountError("mkdir", self.root, exc.errno) from None
-        if self.mode == "readonly":
-            self.mount("bind the host root", "/", "/", self.root, None, libc.MS_BIND | libc.MS_REC)
-            self.make_ro(self.root, "/", recursive=True)
-        else:
-            self.mount("mount the root tmpfs", "/", "tmpfs", self.root, "tmpfs", _NOSUID_NODEV, "mode=0755")
+        self.mount("mount the root tmpfs", "/", "tmpfs", self.root, "tmpfs", _NOSUID_NODEV, "mode=0755")
 
     def op_mkdir(self, op):
         self.mkdir(self.at(op["path"]), op.get("mode", 0o755))
@@ -211,6 +233,9 @@ class _Builder:
             raise MountError("symlink", op["path"], exc.errno) from None
 
     def op_overlay(self, op):
+        if op.get("ro"):
+            self.ro_overlay(op)
+            return
         path, upper, work = op["path"], op["upper"], op["work"]
         target = self.at(path)
         self.create(op, target)
@@ -225,15 +250,38 @@ class _Builder:
             self.mkdir(work, 0o700)
             libc.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
         except (OSError, MountError) as exc:
-            self.fallbacks[path] = _errno.errorcode.get(exc.errno, str(exc.errno))
-            self.bind("bind read-only (overlay refused)", op, path, target, ro=True)
+            self.overlay_refused(op, target, exc)
             return
         self.overlays[upper] = path
+
+    def ro_overlay(self, op):
+        """A read-only view of a host directory that, unlike a read-only
+        bind, does not let connect() reach the host's sockets in it: an
+        overlay of lower layers only (overlayfs wants two: the directory and
+        an empty one)."""
+        path = op["path"]
+        target = self.at(path)
+        self.create(op, target)
+        try:
+            if self.empty_dir is None:
+                self.mkdir(self.scratch + "/empty-lower", 0o755)
+                self.empty_dir = self.scratch + "/empty-lower"
+            libc.mount("overlay", target, "overlay", _NOSUID_NODEV | libc.MS_RDONLY,
+                       "lowerdir=%s:%s" % (_overlay_escape(path), _overlay_escape(self.empty_dir)))
+        except (OSError, MountError) as exc:
+            self.overlay_refused(op, target, exc)
+
+    def overlay_refused(self, op, target, exc):
+        path = op["path"]
+        self.fallbacks[path] = _errno.errorcode.get(exc.errno, str(exc.errno))
+        self.bind("bind read-only (overlay refused)", op, path, target, ro=True)
+        self.mask_sockets(op)
 
     def op_bind(self, op):
         target = self.at(op["path"])
         self.create(op, target)
         self.bind("bind read-only" if op["ro"] else "bind", op, op["src"], target, op["ro"])
+        self.mask_sockets(op)
 
     def op_tmpfs(self, op):
         target = self.at(op["path"])
@@ -243,15 +291,9 @@ class _Builder:
                    _tmpfs_data("mode=%o" % op.get("mode", 0o755), op))
 
     def op_hide_file(self, op):
-        if self.empty_file is None:
-            self.empty_file = self.scratch + "/empty"
-            try:
-                os.close(os.open(self.empty_file, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o444))
-            except OSError as exc:
-                raise MountError("create", self.empty_file, exc.errno) from None
         target = self.at(op["path"])
         self.create(dict(op, dir=False), target)
-        self.bind("hide", op, self.empty_file, target, ro=True, recursive=False)
+        self.bind("hide", op, self.empty(), target, ro=True, recursive=False)
 
     def op_proc(self, op):
         target = self.root + "/proc"
@@ -318,8 +360,7 @@ class _Builder:
                     json.dump({"overlays": overlays, "fallbacks": self.fallbacks}, f)
             except OSError as exc:
                 raise MountError("write", self.scratch + "/" + MANIFEST, exc.errno) from None
-        if self.mode != "readonly":
-            self.make_ro(self.root, "/", recursive=False)
+        self.make_ro(self.root, "/", recursive=False)
         try:
             os.chdir(self.root)
         except OSError as exc:

@@ -333,12 +333,71 @@ def _spawn_command(ctl, spec, lifeline, hardened):
         if failed_step:
             raise StepError("preparing the command (cwd, limits, capabilities, seccomp)", err,
                             os.strerror(err), fix="report this as a corral bug")
+        missing = _missing_to_start(argv[0], env.get("PATH", os.defpath)) if err == errno.ENOENT else None
+        if missing:
+            raise StepError(
+                "exec: missing " + missing[1], err, "%s: cannot start: %s %s is missing inside "
+                "the sandbox (the command itself is there)" % (argv[0], missing[1], missing[0]),
+                exit_code=127, fix="show the directory that holds it (e.g. --ro %s)"
+                % os.path.dirname(missing[0]),
+            )
         raise StepError(
             "exec", err, argv[0], exit_code=127 if err == errno.ENOENT else 126,
             fix="check the command name, and that it exists and is executable inside "
             "the sandbox's view",
         )
     return pid
+
+
+def _missing_to_start(name, path):
+    """execve gives ENOENT both when the command is missing and when what it
+    needs to start is: the ELF loader it names (PT_INTERP, e.g.
+    /lib64/ld-linux-x86-64.so.2 in a hermetic view without /lib64) or the
+    interpreter on its ``#!`` line.  Return (path, "ELF loader" or
+    "#! interpreter") in the second case, None in the first."""
+    try:
+        program = _which(name, path)
+        with open(program, "rb") as f:
+            head = f.read(256)
+            if head.startswith(b"#!"):
+                words = head[2:].split(b"\n", 1)[0].split()
+                needed, what = (os.fsdecode(words[0]) if words else None), "#! interpreter"
+            elif head.startswith(b"\x7fELF"):
+                needed, what = _elf_interpreter(f, head), "ELF loader"
+            else:
+                return None
+    except (OSError, ValueError, struct.error):
+        return None
+    if needed and not os.path.exists(needed):
+        return needed, what
+    return None
+
+
+def _elf_interpreter(f, head):
+    """The PT_INTERP path of the ELF file ``f`` (``head``: its first bytes), or None."""
+    wide, order = head[4] == 2, "<" if head[5] == 1 else ">"
+    if wide:
+        phoff, = struct.unpack_from(order + "Q", head, 32)
+        entsize, count = struct.unpack_from(order + "HH", head, 54)
+        layout = order + "II QQQ QQQ"  # p_type p_flags p_offset p_vaddr p_paddr p_filesz ...
+    else:
+        phoff, = struct.unpack_from(order + "I", head, 28)
+        entsize, count = struct.unpack_from(order + "HH", head, 42)
+        layout = order + "I I III I"  # p_type p_offset p_vaddr p_paddr p_filesz
+    size = struct.calcsize(layout)
+    if entsize < size or count > 512:
+        return None
+    f.seek(phoff)
+    table = f.read(entsize * count)
+    for i in range(len(table) // entsize):
+        fields = struct.unpack_from(layout, table, i * entsize)
+        if fields[0] == 3:  # PT_INTERP
+            offset, length = (fields[2], fields[5]) if wide else (fields[1], fields[4])
+            if length > 4096:
+                return None
+            f.seek(offset)
+            return os.fsdecode(f.read(length).split(b"\0", 1)[0]) or None
+    return None
 
 
 def _which(name, path):

@@ -1,0 +1,77 @@
+"""Issue 9, class 7: hermetic mode on merged-/usr systems, through the CLI.
+
+``--mode hermetic --ro /usr`` must run /usr/bin/python3 (the host's /bin,
+/lib64... symlinks into /usr are recreated), and when exec fails because the
+ELF loader or a #! interpreter is missing, the message says so instead of
+"command not found".
+"""
+
+import os
+import sys
+
+import pytest
+
+from conftest import corral
+
+pytestmark = pytest.mark.namespaces
+
+PY = os.path.realpath(sys.executable)
+MERGED_USR = all(os.path.islink(p) and os.path.realpath(p).startswith("/usr/")
+                 for p in ("/bin", "/lib") if os.path.lexists(p))
+
+
+def run(tmp_path, *args):
+    return corral("run", "--net", "none", "--mode", "hermetic", *args, cwd=tmp_path)
+
+
+@pytest.mark.skipif(not MERGED_USR, reason="needs a merged-/usr host (/bin -> usr/bin)")
+def test_hermetic_ro_usr_runs_python_and_the_shell(tmp_path):
+    result = run(tmp_path, "--ro", "/usr", "--", PY, "-c", "print('hello')")
+    assert (result.returncode, result.stdout) == (0, b"hello\n"), result.stderr
+    # by name through PATH, and /bin/sh through the recreated /bin link
+    result = run(tmp_path, "--ro", "/usr", "--", "/bin/sh", "-c",
+                 "python3 -c 'print(2)'; readlink /bin; test -e /etc || echo no-etc")
+    assert result.stdout.decode().split() == ["2", "usr/bin", "no-etc"], result.stderr
+
+
+def test_top_level_links_are_recreated_only_when_their_target_is_shown():
+    from test_fs_plan import Stat, host, ops, plan_of
+
+    fs = host(**{"/sbin": ("symlink", "usr/sbin"), "/usr/sbin/init": Stat("file"),
+                 "/vmlinuz": ("symlink", "boot/vmlinuz-6"), "/boot/vmlinuz-6": Stat("file"),
+                 "/lib": ("symlink", "/usr/lib"), "/usr/lib/x": Stat("file")})
+    plan = plan_of(fs, mode="hermetic", paths=(("ro", "/usr"),))
+    links = {o["path"]: o["target"] for o in ops(plan, "symlink")}
+    assert links == {"/bin": "usr/bin", "/sbin": "usr/sbin", "/lib64": "usr/lib64",
+                     "/lib": "/usr/lib"}
+    assert ops(plan, "overlay", "/usr")[0]["ro"]
+    # only /usr/bin shown: /bin only
+    plan = plan_of(fs, mode="hermetic", paths=(("ro", "/usr/bin"),))
+    assert {o["path"] for o in ops(plan, "symlink")} == {"/bin"}
+
+
+def test_missing_elf_loader_is_named_not_command_not_found(tmp_path):
+    # /usr/bin alone: python3 is there, its loader (/lib64/ld-linux-...) is not
+    result = run(tmp_path, "--ro", "/usr/bin", "--", PY, "-c", "1")
+    assert result.returncode == 127
+    err = result.stderr.decode()
+    assert "ELF loader" in err and "is missing" in err and "command not found" not in err, err
+    assert "Fix: show the directory that holds it (e.g. --ro /" in err
+    assert err.count("\n") == 1
+
+
+def test_missing_script_interpreter_is_named(tmp_path):
+    script = tmp_path / "tool"
+    script.write_text("#!/opt/nowhere/bin/interp\necho hi\n")
+    script.chmod(0o755)
+    result = corral("run", "--net", "none", "--", "./tool", cwd=tmp_path)
+    assert result.returncode == 127
+    err = result.stderr.decode()
+    assert "#! interpreter /opt/nowhere/bin/interp is missing" in err, err
+    assert "--ro /opt/nowhere/bin" in err
+
+
+def test_a_missing_command_is_still_command_not_found(tmp_path):
+    result = run(tmp_path, "--ro", "/usr", "--", "no-such-command-corral")
+    assert result.returncode == 127
+    assert result.stderr.decode().strip() == "corral: no-such-command-corral: command not found"
