@@ -419,11 +419,13 @@ class Process:
             self.result = _launch._result(
                 self._exit, _exit_status(status), self._timed_out, self._launch, self._status
             )
-        if self._box.wants_report:
-            from .fs.changes import collect_changes
+        try:
+            if self._box.wants_report:
+                from .fs.changes import collect_changes
 
-            self._box.changes = collect_changes(self._launch.scratch)
-        _launch._cleanup_scratch(self._launch)
+                self._box.changes = collect_changes(self._launch.scratch)
+        finally:
+            _launch._cleanup_scratch(self._launch)
 
     async def wait(self):
         """Wait for the command; return its exit code (128+N for signal N).
