@@ -52,7 +52,8 @@ def run(argv, *, config=None, capture_output=False, input=None, on_connect=None,
     config = _config(config, options)
     callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
-            and not any(callbacks.values())):
+            and not any(callbacks.values())
+            and not (config.events or config.report or config.suggest or config.audit)):
         return _launch.run_blocking(config, argv)
     return trio.run(_run_async, config, argv, capture_output, input, callbacks)
 

@@ -160,3 +160,18 @@ def test_keep_changes_symlink_left_by_an_earlier_run_is_refused(work, home):
     assert result.returncode == 2, result.stderr
     assert "--keep-changes" in one_line(result.stderr)
     assert not (work / "ran").exists()
+
+
+def test_api_run_writes_the_outputs_it_is_given_without_a_network(work, home, monkeypatch):
+    import corral
+
+    monkeypatch.chdir(work)
+    (work / "r.json").symlink_to(home / ".bashrc")
+    with pytest.raises(corral.ConfigError, match="--report r.json: is a symlink"):
+        corral.run(["true"], net="none", report="r.json")
+    os.unlink(work / "r.json")
+    result = corral.run(["true"], net="none", report="r.json", events="e.jsonl")
+    assert result.exit_code == 0 and result.report is not None
+    assert json.loads((work / "r.json").read_text())["schema"] == "corral.audit/1"
+    assert (work / "e.jsonl").read_text().count("\n") >= 2
+    assert (home / ".bashrc").read_text() == RC
