@@ -215,7 +215,7 @@ class _Frame:
 class _Walk:
     """Iterative and descriptor-relative: no recursion (an 1,100-level tree from the sandbox
     is walked like a flat one), one name per system call (no path is too long), never a
-    symlink followed.  Past ``limit`` changes or ``char_limit`` characters of paths, changes
+    symlink followed.  Past ``limit`` changes or ``CHAR_LIMIT`` characters of paths, changes
     are counted in ``omitted``, not kept; files that run at login/startup are kept anyway
     (up to ``STARTUP_EXTRA`` more) so the persistence flag survives a flood."""
 
@@ -271,10 +271,13 @@ class _Walk:
                     stack.pop()
                     if stack:
                         parent = stack[-1]
-                        if parent.upper_fd is None:
+                        if parent.upper_fd is None and frame.upper_fd is not None:
                             parent.upper_fd = _open_dir("..", frame.upper_fd)
-                        if parent.host_fd is None and parent.host_is_dir:
+                        if parent.host_fd is None and parent.host_is_dir and frame.host_fd is not None:
                             parent.host_fd = _open_dir("..", frame.host_fd)
+                        if parent.upper_fd is None:  # cannot come back: skip the rest there
+                            self.error("", "cannot reopen")
+                            parent.names.clear()
                     _close(frame.upper_fd)
                     _close(frame.host_fd)
                     continue
