@@ -52,7 +52,8 @@ def run(argv, *, config=None, capture_output=False, input=None, on_connect=None,
     config = _config(config, options)
     callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
-            and not any(callbacks.values())):
+            and not any(callbacks.values())
+            and not (config.events or config.report or config.suggest or config.audit)):
         return _launch.run_blocking(config, argv)
     return trio.run(_run_async, config, argv, capture_output, input, callbacks)
 
@@ -140,11 +141,17 @@ class Sandbox:
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
     report: dict | None = None
+    _outputs: dict = attrs.field(factory=dict, repr=False)  # --report/--suggest/--pcap
 
     def __attrs_post_init__(self):
         self.stream.add_sink(self._recorded)
+        self._prepare_outputs()
         if self.config.events:
-            sink = JsonlSink.open(self.config.events)
+            try:
+                sink = JsonlSink.open(self.config.events)
+            except BaseException:
+                self._close_outputs()
+                raise
             self._sinks.append(sink)
             self.stream.add_sink(sink)
         if self.config.net == "filtered" and not self.config.audit and not self.config.quiet:
@@ -160,6 +167,27 @@ class Sandbox:
             self._on_warning(text)
         else:
             log.warning("%s", text)
+
+    def _prepare_outputs(self):
+        """Hold every output file's directory before anything starts: a missing
+        directory or a planted symlink is refused before the command runs, and
+        nothing the sandbox does later redirects the write (corral.fs.outputs)."""
+        from .fs.outputs import OutputFile
+
+        config = self.config
+        wanted = {"report": config.report, "suggest": config.suggest,
+                  "pcap": config.pcap if config.net == "filtered" else None}
+        try:
+            for key, path in wanted.items():
+                if path:
+                    self._outputs[key] = OutputFile.prepare(path, "--" + key)
+        except BaseException:
+            self._close_outputs()
+            raise
+
+    def _close_outputs(self):
+        for output in self._outputs.values():
+            output.close()
 
     @property
     def recorded_events(self):
@@ -240,8 +268,11 @@ class Sandbox:
             sink.close()
         if self._registration is not None:
             self._registration.close()
-        if self.wants_report:
-            self._write_report(result)
+        try:
+            if self.wants_report:
+                self._write_report(result)
+        finally:
+            self._close_outputs()
 
     @property
     def wants_report(self):
@@ -255,13 +286,10 @@ class Sandbox:
             self.recorded_events, changes=self.changes,
             exit_code=result.exit_code if result is not None else None,
         )
-        if self.config.report:
-            with open(self.config.report, "w") as f:
-                json.dump(self.report, f, indent=2)
-                f.write("\n")
-        if self.config.suggest:
-            with open(self.config.suggest, "w") as f:
-                f.write(reporting.render_allowlist(self.report))
+        if "report" in self._outputs:
+            self._outputs["report"].replace_with((json.dumps(self.report, indent=2) + "\n").encode())
+        if "suggest" in self._outputs:
+            self._outputs["suggest"].replace_with(reporting.render_allowlist(self.report).encode())
 
 
 class Process:
@@ -383,7 +411,7 @@ class Process:
 
         box = self._box
         box.network = await service.start(box._nursery, box.config, box._netplan, tap_fd,
-                                          box.stream)
+                                          box.stream, pcap=box._outputs.get("pcap"))
 
     async def _wait_stage1(self):
         pidfd = os.pidfd_open(self._popen.pid)
@@ -405,11 +433,13 @@ class Process:
             self.result = _launch._result(
                 self._exit, _exit_status(status), self._timed_out, self._launch, self._status
             )
-        if self._box.wants_report:
-            from .fs.changes import collect_changes
+        try:
+            if self._box.wants_report:
+                from .fs.changes import collect_changes
 
-            self._box.changes = collect_changes(self._launch.scratch)
-        _launch._cleanup_scratch(self._box.config, self._launch.scratch)
+                self._box.changes = collect_changes(self._launch.scratch)
+        finally:
+            _launch._cleanup_scratch(self._launch)
 
     async def wait(self):
         """Wait for the command; return its exit code (128+N for signal N).

@@ -357,11 +357,16 @@ def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
                           f"fetched what looks like an executable or script ({verdict})")
 
 
+def runs_at_startup(path: str) -> bool:
+    """Whether a file at *path* runs at login or startup (the ``persistence`` flag)."""
+    return os.path.basename(path) in _STARTUP_NAMES or any(d in path for d in _STARTUP_DIRS)
+
+
 def _flag_files(flags: _Flags, changes: list[dict]) -> None:
     for c in changes:
         path = c["path"]
         if c["change"] in ("created", "modified") and c["kind"] == "file":
-            if os.path.basename(path) in _STARTUP_NAMES or any(d in path for d in _STARTUP_DIRS):
+            if runs_at_startup(path):
                 flags.add("persistence", "high", path, f"{c['change']} a file that runs at login/startup")
             elif c["executable"] and c.get("content_changed") is not False:
                 flags.add("executable-written", "medium", path, f"{c['change']} an executable file")
