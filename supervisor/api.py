@@ -332,7 +332,8 @@ class Process:
                     self._register()
                     self._box.stream.emit(SandboxStartEvent(
                         argv=self._launch.spec["argv"] or (), pid=self.pid, sandbox_id=self._box.id,
-                        mode="audit" if self._box.config.audit else "run"))
+                        mode="audit" if self._box.config.audit else "run",
+                        env_dropped=self._launch.env_dropped))
                     started = True
                     task_status.started()
                 elif "exit" in message:

@@ -21,25 +21,94 @@ NET_MODES = ("filtered", "none", "host")
 DATA_PATHS = ("direct", "pump")
 PATH_ACTIONS = ("rw", "ro", "overlay", "tmpfs", "hide")
 
-# Environment variables that look like credentials are dropped unless kept with
-# --env NAME.  Matched case-insensitively against the whole name.
+# The environment scrub (docs/security.md, "Environment"): a variable is dropped when
+# its NAME matches a rule below (case-insensitively, whole name, fnmatch) and is not one
+# of the harmless names, or when its VALUE has the shape of a credential.  ``--env NAME``
+# keeps one anyway.  Each rule: (pattern, what it catches).
 SECRET_ENV_PATTERNS = (
-    "*_TOKEN", "*_TOKENS", "*TOKEN_*", "TOKEN",
-    "*SECRET*",
-    "*_KEY", "*_KEYS", "*_KEY_*", "*APIKEY*", "*API_KEY*",
-    "*PASSWORD*", "*PASSWD*", "*_PASS", "*_PWD",
-    "*CREDENTIAL*", "*_AUTH", "*_AUTH_*",
-    "AWS_*", "AZURE_*", "GOOGLE_APPLICATION_CREDENTIALS", "GCLOUD_*",
-    "GITHUB_TOKEN", "GH_TOKEN", "GITLAB_*TOKEN*", "NPM_CONFIG__AUTH*",
-    "SSH_AUTH_SOCK", "SSH_AGENT_PID", "DBUS_SESSION_BUS_ADDRESS",
-    "GPG_AGENT_INFO", "KRB5CCNAME", "VAULT_*", "DOCKER_AUTH_CONFIG",
+    ("*TOKEN*", "tokens: GITHUB_TOKEN, NPM_AUTHTOKEN, CARGO_REGISTRY_TOKEN"),
+    ("*SECRET*", "secrets: AWS_SECRET_ACCESS_KEY, CLIENT_SECRET"),
+    ("*PASSW*", "passwords: DB_PASSWORD, PGPASSWORD, MYSQL_PWD's cousins"),
+    ("*PASSPHRASE*", "passphrases: GPG_PASSPHRASE"),
+    ("*_PASS", "passwords: SMTP_PASS"),
+    ("*_PWD", "passwords: MYSQL_PWD (PWD and OLDPWD are kept)"),
+    ("PAT", "personal access tokens"),
+    ("*_PAT", "personal access tokens: GH_PAT, GITHUB_PAT"),
+    ("*JWT*", "JSON web tokens: CI_JOB_JWT"),
+    ("KEY", "keys"),
+    ("*_KEY", "keys: OPENAI_API_KEY, DEPLOY_KEY"),
+    ("*_KEYS", "keys"),
+    ("*_KEY_*", "keys: AWS_ACCESS_KEY_ID"),
+    ("*APIKEY*", "API keys: SENDGRID_APIKEY"),
+    ("*AUTH*", "auth material: NPM_CONFIG__AUTH, HTTP_AUTHORIZATION, SSH_AUTH_SOCK"),
+    ("*COOKIE*", "cookies: COOKIE, SESSION_COOKIE"),
+    ("*WEBHOOK*", "webhook URLs (the URL is the credential): SLACK_WEBHOOK_URL"),
+    ("*CREDENTIAL*", "credentials: GOOGLE_APPLICATION_CREDENTIALS, AWS_SHARED_CREDENTIALS_FILE"),
+    ("*CREDS*", "credentials: DOCKER_CREDS"),
+    ("*PRIVATE*", "private keys: PRIVATE_KEY_PEM, SIGNING_PRIVATE"),
+    ("NPM_CONFIG_//*", "npm per-registry settings (_authToken, _auth, _password, certfile)"),
+    ("YARN_NPM_*", "yarn registry settings: YARN_NPM_AUTH_IDENT"),
+    ("POETRY_HTTP_BASIC_*", "poetry repository logins: POETRY_HTTP_BASIC_PRIVATE_USERNAME"),
+    ("POETRY_PYPI_*", "poetry upload tokens"),
+    ("UV_INDEX_*_USERNAME", "uv index logins"),
+    ("TWINE_USERNAME", "twine upload login"),
+    ("DOCKER_AUTH_CONFIG", "docker registry logins"),
+    ("AWS_*", "AWS: AWS_PROFILE, AWS_SESSION_TOKEN"),
+    ("AZURE_*", "Azure: AZURE_CLIENT_ID"),
+    ("GCLOUD_*", "Google Cloud"),
+    ("VAULT_*", "HashiCorp Vault: VAULT_ADDR, VAULT_TOKEN"),
+    ("GPG_AGENT_INFO", "the GPG agent"),
+    ("DBUS_SESSION_BUS_ADDRESS", "the D-Bus session bus"),
+    ("KRB5CCNAME", "Kerberos tickets"),
+)
+# Harmless names a pattern above would catch: kept.
+HARMLESS_ENV_NAMES = (
+    ("XAUTHORITY", "a path to the X cookie file, not the cookie (X is unreachable inside anyway)"),
+    ("ICEAUTHORITY", "a path to the ICE cookie file, as XAUTHORITY"),
+    ("GIT_AUTHOR_*", "git identity: GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL, GIT_AUTHOR_DATE"),
+    ("TOKENIZERS_PARALLELISM", "a Hugging Face tokenizers setting"),
+)
+# Value shapes of credentials, whatever the name: (name, regular expression).
+SECRET_ENV_VALUES = (
+    ("url-password", r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]+@"),
+    ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
+    ("github-token", r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
+    ("gitlab-token", r"\bgl(?:pat|dt|rt|cbt|ptt|ft)-[A-Za-z0-9_-]{16,}"),
+    ("slack-token", r"\bxox[abposr]-[A-Za-z0-9-]{8,}"),
+    ("aws-access-key", r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    ("api-key", r"\b(?:sk|rk)-[A-Za-z0-9_-]{20,}"),
+    ("stripe-key", r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}"),
+    ("npm-token", r"\bnpm_[A-Za-z0-9]{30,}"),
+    ("pypi-token", r"\bpypi-AgE[A-Za-z0-9_-]{16,}"),
+    ("huggingface-token", r"\bhf_[A-Za-z0-9]{30,}"),
+    ("google-api-key", r"\bAIza[A-Za-z0-9_-]{35}"),
+    ("private-key", r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
 )
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_env_matchers = None
 
 
-def looks_secret(name):
+def _matchers():
+    global _env_matchers
+    if _env_matchers is None:  # compiled on first use: config.py is on the start-up path
+        def one(patterns):
+            return re.compile("|".join("(?:%s)" % fnmatch.translate(p) for p, _ in patterns))
+
+        _env_matchers = (
+            one(SECRET_ENV_PATTERNS),
+            one(HARMLESS_ENV_NAMES),
+            re.compile("|".join("(?P<%s>%s)" % (n.replace("-", "_"), r) for n, r in SECRET_ENV_VALUES)),
+        )
+    return _env_matchers
+
+
+def looks_secret(name, value=None):
+    """True when the variable *name* (with *value*, if given) looks like a credential."""
+    names, harmless, values = _matchers()
     upper = name.upper()
-    return any(fnmatch.fnmatchcase(upper, pattern) for pattern in SECRET_ENV_PATTERNS)
+    if names.match(upper) and not harmless.match(upper):
+        return True
+    return value is not None and values.search(value) is not None
 
 
 def _tuple_of_str(value):
@@ -184,15 +253,21 @@ class Config:
     def sandbox_env(self, environ=None):
         """The command's environment: the caller's, minus credential-looking
         variables, plus what ``env`` keeps or sets."""
+        return self.scrub_env(environ)[0]
+
+    def scrub_env(self, environ=None):
+        """``(environment, dropped)``: :meth:`sandbox_env` and the sorted NAMES of the
+        caller's variables it left out (never their values)."""
         environ = os.environ if environ is None else environ
-        result = {}
+        keep = {item.partition("=")[0] for item in self.env}
+        result, dropped = {}, []
         for name, value in environ.items():
-            if not looks_secret(name):
+            if name in keep or not looks_secret(name, value):
                 result[name] = value
+            else:
+                dropped.append(name)
         for item in self.env:
             name, sep, value = item.partition("=")
             if sep:
                 result[name] = value
-            elif name in environ:
-                result[name] = environ[name]
-        return result
+        return result, sorted(dropped)

@@ -59,6 +59,7 @@ class Launch:
     spec: dict
     scratch: str
     warnings: tuple = ()
+    env_dropped: tuple = ()  # names of the caller's variables the scrub left out
 
 
 def default_scratch_root():
@@ -160,9 +161,10 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         raise
     if stdin_is_tty is None:
         stdin_is_tty = os.isatty(0)
+    env, env_dropped = config.scrub_env(environ)
     spec = {
         "argv": argv,
-        "env": config.sandbox_env(environ),
+        "env": env,
         "cwd": cwd,
         "hostname": config.hostname,
         "root": config.root,
@@ -173,7 +175,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         "tap": TAP,
         "harden": harden,
     }
-    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings))
+    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings), env_dropped=tuple(env_dropped))
 
 
 def _read(path):
@@ -423,7 +425,8 @@ def _register(launch, d_pid, child):
     if entry is None:
         return []
     entry.write_event({"type": "sandbox_start", "argv": launch.spec["argv"] or [], "pid": child,
-                       "sandbox_id": entry.id, "mode": "run", "ts": time.time()})
+                       "sandbox_id": entry.id, "mode": "run", "env_dropped": list(launch.env_dropped),
+                       "ts": time.time()})
     return [entry]
 
 
