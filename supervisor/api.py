@@ -132,6 +132,11 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
     tasks live in this context; leaving it kills whatever still runs inside."""
     _check_callbacks(on_connect, on_dns, on_packet)
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise ConfigError("corral.open_sandbox runs under trio (trio.run); from asyncio use "
+                          "corral.aio.open_sandbox, which has the same shape") from None
     config = _config(config, options)
     try:
         async with trio.open_nursery() as nursery:
