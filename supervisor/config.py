@@ -7,7 +7,7 @@ filesystem (does a path exist?) happen when the mount plan is built, and both
 raise :class:`corral.errors.ConfigError`.
 """
 
-import fnmatch
+import functools
 import os
 import re
 
@@ -22,7 +22,7 @@ DATA_PATHS = ("direct", "pump")
 PATH_ACTIONS = ("rw", "ro", "overlay", "tmpfs", "hide")
 
 # The environment scrub (docs/security.md, "Environment"): a variable is dropped when
-# its NAME matches a rule below (case-insensitively, whole name, fnmatch) and is not one
+# its NAME matches a rule below (case-insensitively, the whole name; `*` matches anything) and is not one
 # of the harmless names, or when its VALUE has the shape of a credential.  ``--env NAME``
 # keeps one anyway.  Each rule: (pattern, what it catches).
 SECRET_ENV_PATTERNS = (
@@ -68,47 +68,71 @@ HARMLESS_ENV_NAMES = (
     ("GIT_AUTHOR_*", "git identity: GIT_AUTHOR_NAME, GIT_AUTHOR_EMAIL, GIT_AUTHOR_DATE"),
     ("TOKENIZERS_PARALLELISM", "a Hugging Face tokenizers setting"),
 )
-# Value shapes of credentials, whatever the name: (name, regular expression).
+# Value shapes of credentials, whatever the name: (name, literal markers, regular
+# expression).  A regex is compiled and tried only for a value holding one of its
+# markers (most environments hold none: no compile cost on the start-up path).
 SECRET_ENV_VALUES = (
-    ("url-password", r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]+@"),
-    ("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
-    ("github-token", r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
-    ("gitlab-token", r"\bgl(?:pat|dt|rt|cbt|ptt|ft)-[A-Za-z0-9_-]{16,}"),
-    ("slack-token", r"\bxox[abposr]-[A-Za-z0-9-]{8,}"),
-    ("aws-access-key", r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
-    ("api-key", r"\b(?:sk|rk)-[A-Za-z0-9_-]{20,}"),
-    ("stripe-key", r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}"),
-    ("npm-token", r"\bnpm_[A-Za-z0-9]{30,}"),
-    ("pypi-token", r"\bpypi-AgE[A-Za-z0-9_-]{16,}"),
-    ("huggingface-token", r"\bhf_[A-Za-z0-9]{30,}"),
-    ("google-api-key", r"\bAIza[A-Za-z0-9_-]{35}"),
-    ("private-key", r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    ("url-password", ("://",), r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s]*:[^/?#@\s]+@"),
+    ("jwt", ("eyJ",), r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]*"),
+    ("github-token", ("gh", "github_pat_"), r"\b(?:gh[pousr]_[A-Za-z0-9]{20,}|github_pat_[A-Za-z0-9_]{20,})"),
+    ("gitlab-token", ("gl",), r"\bgl(?:pat|dt|rt|cbt|ptt|ft)-[A-Za-z0-9_-]{16,}"),
+    ("slack-token", ("xox",), r"\bxox[abposr]-[A-Za-z0-9-]{8,}"),
+    ("aws-access-key", ("AKIA", "ASIA"), r"\b(?:AKIA|ASIA)[A-Z0-9]{16}\b"),
+    ("api-key", ("sk-", "rk-"), r"\b(?:sk|rk)-[A-Za-z0-9_-]{20,}"),
+    ("stripe-key", ("_live_", "_test_"), r"\b(?:sk|rk|pk)_(?:live|test)_[A-Za-z0-9]{16,}"),
+    ("npm-token", ("npm_",), r"\bnpm_[A-Za-z0-9]{30,}"),
+    ("pypi-token", ("pypi-AgE",), r"\bpypi-AgE[A-Za-z0-9_-]{16,}"),
+    ("huggingface-token", ("hf_",), r"\bhf_[A-Za-z0-9]{30,}"),
+    ("google-api-key", ("AIza",), r"\bAIza[A-Za-z0-9_-]{35}"),
+    ("private-key", ("PRIVATE KEY",), r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
 )
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_env_matchers = None
 
 
-def _matchers():
-    global _env_matchers
-    if _env_matchers is None:  # compiled on first use: config.py is on the start-up path
-        def one(patterns):
-            return re.compile("|".join("(?:%s)" % fnmatch.translate(p) for p, _ in patterns))
+def _glob(upper, pattern):
+    """fnmatch for the ``*``-only patterns above, without compiling a regex."""
+    first, *rest = pattern.split("*")
+    if not rest:
+        return upper == pattern
+    *middle, last = rest
+    if len(upper) < len(first) + len(last) or not upper.startswith(first) or not upper.endswith(last):
+        return False
+    pos, end = len(first), len(upper) - len(last)
+    for part in middle:
+        pos = upper.find(part, pos, end)
+        if pos < 0:
+            return False
+        pos += len(part)
+    return True
 
-        _env_matchers = (
-            one(SECRET_ENV_PATTERNS),
-            one(HARMLESS_ENV_NAMES),
-            re.compile("|".join("(?P<%s>%s)" % (n.replace("-", "_"), r) for n, r in SECRET_ENV_VALUES)),
-        )
-    return _env_matchers
+
+def _literals(patterns):
+    # (the longest literal part, pattern): a cheap substring test before the glob
+    return tuple((max(p.split("*"), key=len), p) for p, _ in patterns)
+
+
+_NAME_RULES = _literals(SECRET_ENV_PATTERNS)
+_HARMLESS_RULES = _literals(HARMLESS_ENV_NAMES)
+
+
+@functools.lru_cache(maxsize=None)
+def _value_regex(name):
+    return re.compile(next(r for n, _, r in SECRET_ENV_VALUES if n == name))
 
 
 def looks_secret(name, value=None):
     """True when the variable *name* (with *value*, if given) looks like a credential."""
-    names, harmless, values = _matchers()
     upper = name.upper()
-    if names.match(upper) and not harmless.match(upper):
+    if any(lit in upper and _glob(upper, p) for lit, p in _NAME_RULES) and not any(
+        lit in upper and _glob(upper, p) for lit, p in _HARMLESS_RULES
+    ):
         return True
-    return value is not None and values.search(value) is not None
+    if value is None:
+        return False
+    return any(
+        any(m in value for m in markers) and _value_regex(shape).search(value)
+        for shape, markers, _ in SECRET_ENV_VALUES
+    )
 
 
 def _tuple_of_str(value):
