@@ -323,7 +323,6 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
     for asyncio. Leaving the block (normally, by an exception or by cancellation) kills
     whatever still runs inside before it returns."""
     check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
-    config = api._config(config, options)
     bridge = await _Bridge.acquire()
     try:
         loop = asyncio.get_running_loop()
@@ -332,7 +331,8 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
 
         async def hold():
             async with api.open_sandbox(config, on_connect=_for_trio(bridge, on_connect),
-                                        on_dns=_for_trio(bridge, on_dns), on_packet=on_packet) as box:
+                                        on_dns=_for_trio(bridge, on_dns), on_packet=on_packet,
+                                        **options) as box:
                 if not opened.done():
                     opened.set_result(box)
                 await leave.wait()

@@ -60,6 +60,8 @@ SECRET_ENV_PATTERNS = (
     ("GPG_AGENT_INFO", "the GPG agent"),
     ("DBUS_SESSION_BUS_ADDRESS", "the D-Bus session bus"),
     ("KRB5CCNAME", "Kerberos tickets"),
+    ("OP_SESSION_*", "1Password CLI session tokens"),
+    ("BW_SESSION", "Bitwarden CLI session key"),
 )
 # Harmless names a pattern above would catch: kept.
 HARMLESS_ENV_NAMES = (

@@ -118,6 +118,10 @@ def test_aio_rejects_wrong_callbacks_before_anything_starts():
                 raise AssertionError("the body ran")
         with pytest.raises(CallbackTypeError, match="on_dns"):
             await corral.aio.run(["true"], on_dns=42)
+        with pytest.raises(corral.ConfigError, match="mode"):
+            await corral.aio.run(["true"], mode="bogus")
+        with pytest.raises(corral.ConfigError, match="/no/such/dir-xyz"):
+            await corral.aio.run(["true"], net="none", rw=["/no/such/dir-xyz"])
 
     asyncio.run(main())
 
