@@ -30,6 +30,34 @@ from .spawn import stage1
 log = logging.getLogger("corral.api")
 
 
+def _check_callbacks(on_connect, on_dns, on_packet):
+    from .policy import check_callbacks
+
+    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+
+
+class _FirstPolicyError:
+    """A sink that says, once per sandbox, that a policy callback failed: through the
+    caller's warning callback (the CLI: one line on stderr), else the log."""
+
+    def __init__(self, box):
+        self._box = box
+        self._said = False
+
+    def write(self, event):
+        if self._said or getattr(event, "TYPE", None) != "policy_error":
+            return
+        self._said = True
+        what = "flow %s" % event.subject if event.callback == "on_connect" else event.subject
+        text = ("policy callback %s failed on %s: %s; it was denied (later failures only as "
+                "policy_error events)" % (event.callback, what, "timed out" if event.timed_out else event.error))
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # names from the sandbox
+        if self._box._on_warning:
+            self._box._on_warning(text)
+        else:
+            log.warning("%s", text)
+
+
 def _config(config, options):
     if config is None:
         return Config(**options)
@@ -49,6 +77,7 @@ def run(argv, *, config=None, capture_output=False, input=None, on_connect=None,
     ``net="none"``…) or a ready ``config``.  ``capture_output=True`` fills
     ``Result.stdout``/``stderr``; ``input`` (bytes) is fed to stdin.
     """
+    _check_callbacks(on_connect, on_dns, on_packet)
     config = _config(config, options)
     callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
@@ -103,6 +132,12 @@ async def _forward_signals(receiver, proc):
 async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, **options):
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
     tasks live in this context; leaving it kills whatever still runs inside."""
+    _check_callbacks(on_connect, on_dns, on_packet)
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise ConfigError("corral.open_sandbox runs under trio (trio.run); from asyncio use "
+                          "corral.aio.open_sandbox, which has the same shape") from None
     config = _config(config, options)
     try:
         async with trio.open_nursery() as nursery:
@@ -145,6 +180,7 @@ class Sandbox:
 
     def __attrs_post_init__(self):
         self.stream.add_sink(self._recorded)
+        self.stream.add_sink(_FirstPolicyError(self))
         self._prepare_outputs()
         if self.config.events:
             try:
@@ -373,7 +409,8 @@ class Process:
                     self._register()
                     self._box.stream.emit(SandboxStartEvent(
                         argv=self._launch.spec["argv"] or (), pid=self.pid, sandbox_id=self._box.id,
-                        mode="audit" if self._box.config.audit else "run"))
+                        mode="audit" if self._box.config.audit else "run",
+                        env_dropped=self._launch.env_dropped))
                     started = True
                     task_status.started()
                 elif "exit" in message:

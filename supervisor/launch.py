@@ -59,6 +59,7 @@ class Launch:
     scratch: str
     warnings: tuple = ()
     keep: object = None  # --keep-changes: a corral.fs.outputs.KeptDir held from before the start
+    env_dropped: tuple = ()  # names of the caller's variables the scrub left out
 
 
 def default_scratch_root():
@@ -172,9 +173,10 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         raise
     if stdin_is_tty is None:
         stdin_is_tty = os.isatty(0)
+    env, env_dropped = config.scrub_env(environ)
     spec = {
         "argv": argv,
-        "env": config.sandbox_env(environ),
+        "env": env,
         "cwd": cwd,
         "hostname": config.hostname,
         "root": config.root,
@@ -185,7 +187,8 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         "tap": TAP,
         "harden": harden,
     }
-    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings), keep=keep)
+    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings), keep=keep,
+                  env_dropped=tuple(env_dropped))
 
 
 def _read(path):
@@ -504,7 +507,8 @@ def _register(launch, d_pid, child):
     if entry is None:
         return []
     entry.write_event({"type": "sandbox_start", "argv": launch.spec["argv"] or [], "pid": child,
-                       "sandbox_id": entry.id, "mode": "run", "ts": time.time()})
+                       "sandbox_id": entry.id, "mode": "run", "env_dropped": list(launch.env_dropped),
+                       "ts": time.time()})
     return [entry]
 
 

@@ -28,7 +28,7 @@ FIELDS = {
                 "http_host", "http_method", "http_path", "verdict", "rule", "reason", "dial", "ts"],
     "close": ["type", "id", "bytes_out", "bytes_in", "duration", "reason", "ts"],
     "policy_error": ["type", "callback", "subject", "error", "timed_out", "ts"],
-    "sandbox_start": ["type", "argv", "pid", "sandbox_id", "mode", "ts"],
+    "sandbox_start": ["type", "argv", "pid", "sandbox_id", "mode", "env_dropped", "ts"],
     "sandbox_exit": ["type", "exit_code", "signal", "sandbox_id", "ts"],
 }
 

@@ -111,6 +111,7 @@ def load_policy_file(path):
     found = {name: namespace.get(name) for name in CALLBACK_NAMES}
     if not any(found.values()):
         raise ConfigError("--policy %s defines none of %s" % (path, ", ".join(CALLBACK_NAMES)))
+    pol.check_callbacks(**found, where="--policy %s" % path)
     return found
 
 
@@ -302,11 +303,15 @@ class NetworkService:
                 decision = pol.from_callback(await self.on_connect(req))
             except Exception as exc:  # a raising callback is a deny and an event
                 decision = pol.from_callback_error("on_connect raised %s: %s" % (type(exc).__name__, exc))
-                self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
+                self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
                                                   error="%s: %s" % (type(exc).__name__, exc)))
+            else:
+                if decision.rule == pol.CALLBACK_ERROR:  # it returned something not a Verdict
+                    self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
+                                                      error=decision.verdict.reason))
         if decision is None:
             decision = pol.from_callback_error("on_connect timed out after %gs" % self.policy_timeout)
-            self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
+            self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
                                               error="timed out", timed_out=True))
         if decision.allowed and self._peekable(req) and not flow.reported:
             flow.asked = decision
