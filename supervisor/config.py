@@ -95,7 +95,9 @@ class Config:
     ``overlay``/``tmpfs``/``hide`` path lists (when the same path is named
     twice, the later option wins: the CLI keeps the order in ``path_order``),
     ``cwd`` (default: the caller's), ``scratch`` (where overlay changes are
-    kept while the sandbox runs), ``keep_changes`` (copy them there at exit).
+    kept while the sandbox runs), ``keep_changes`` (copy them there at exit),
+    ``allow_persist`` (let the command change what the host runs later — git hooks
+    and config in writable directories; see docs/security.md).
 
     Process: ``root`` (map the caller to uid 0 inside), ``hostname``,
     ``env`` (``NAME`` keeps a variable that would be scrubbed, ``NAME=VALUE``
@@ -126,6 +128,7 @@ class Config:
     cwd: str | None = None
     scratch: str | None = None
     keep_changes: str | None = None
+    allow_persist: bool = False  # startup files, .git/hooks and .git/config in writable dirs
 
     root: bool = False
     hostname: str = attrs.field(default="corral")

@@ -153,6 +153,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             resolv_conf=SANDBOX_RESOLV_CONF if config.net == "filtered" else None,
             runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
             tmp_size=config.tmp_size,
+            allow_persist=config.allow_persist,
         )
         plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
     except BaseException:

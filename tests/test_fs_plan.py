@@ -190,9 +190,11 @@ def test_cwd_access(access, op, ro):
         assert cwd["ro"] is ro
 
 
-def test_cwd_is_home_warns_that_the_whole_home_is_writable():
+def test_cwd_is_home_is_an_overlay_with_one_notice():
     plan = plan_of(cwd=HOME)
-    assert fsplan.HOME_WRITABLE in plan.warnings
+    assert ops(plan, "overlay", HOME) and not ops(plan, "bind", HOME)
+    (notice,) = plan.warnings
+    assert "holds your home directory" in notice
     assert ops(plan, "hide_file", HOME + "/.netrc")  # secrets still hidden
 
 
@@ -314,7 +316,7 @@ def test_hide_a_file_and_tmpfs_a_missing_dir():
     ({"paths": (("tmpfs", "/etc/passwd"),)}, ["not a directory"]),
     ({"cwd": "/does/not/exist"}, ["/does/not/exist", "--cwd"]),
     ({"cwd": "proj"}, ["absolute"]),
-    ({"cwd": "/"}, ["whole host"]),
+    ({"cwd": "/", "mode": "readonly"}, ["whole host"]),
 ])
 def test_bad_input_is_a_one_line_config_error(kw, words):
     with pytest.raises(ConfigError) as info:
@@ -337,16 +339,16 @@ def test_symlink_loop_is_a_config_error():
 def test_readonly_mode_has_no_overlays_and_still_hides_secrets():
     plan = plan_of(mode="readonly")
     assert plan.to_json()[0] == {"op": "root", "scratch": "/tmp/corral-1000/sb-1", "mode": "readonly"}
-    assert not ops(plan, "overlay")
+    assert [o["path"] for o in ops(plan, "overlay")] == [HOME + "/proj/.git/hooks"]  # persist.py
     assert ops(plan, "tmpfs", HOME + "/.ssh")
     assert ops(plan, "bind", HOME + "/proj")[0]["ro"] is False
 
 
 def test_hermetic_mode_shows_only_what_is_named():
     plan = plan_of(mode="hermetic", paths=(("ro", "/bin"), ("ro", "/lib64")))
-    assert not ops(plan, "overlay")
+    assert [o["path"] for o in ops(plan, "overlay")] == [HOME + "/proj/.git/hooks"]  # persist.py
     assert not ops(plan, "sys")
-    binds = {o["path"]: o for o in ops(plan, "bind")}
+    binds = {o["path"]: o for o in ops(plan, "bind") if o["path"] != HOME + "/proj/.git"}  # persist.py
     assert set(binds) == {"/usr/bin", "/usr/lib64", HOME + "/proj"}
     assert all(o["create"] for o in binds.values())
     # the symlinks on the way are recreated so that /bin/sh still works
@@ -384,5 +386,5 @@ def test_home_and_var_tmp_get_overlays_of_their_own():
     assert index(plan, "overlay", HOME) < index(plan, "bind", HOME + "/proj")
     # not when the user's options cover home
     assert not ops(plan_of(paths=(("rw", "/home"),)), "overlay", HOME)
-    assert not ops(plan_of(cwd=HOME), "overlay", HOME)
+    assert len(ops(plan_of(cwd=HOME), "overlay", HOME)) == 1  # the cwd's own
     assert not ops(plan_of(mode="readonly"), "overlay", HOME)

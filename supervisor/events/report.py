@@ -21,6 +21,7 @@ import time
 from typing import Any, Iterable, Mapping
 
 from corral.errors import ConfigError
+from corral.fs.persist import is_persistence
 from corral.policy import Rule, always_denied, claimed_name, normalize_ip, normalize_name
 
 __all__ = [
@@ -72,13 +73,6 @@ WATCHED_SERVICES: dict[str, str] = {
 
 EXECUTABLE_SUFFIXES = (".sh", ".bash", ".exe", ".elf", ".bin", ".py", ".pl", ".ps1", ".bat", ".cmd",
                        ".dll", ".so", ".dylib", ".jar", ".msi", ".appimage", ".run", ".deb", ".rpm", ".apk")
-
-# Files whose change makes a command run again later (persistence).
-_STARTUP_NAMES = frozenset((".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile", ".zshrc",
-                            ".zprofile", ".zshenv", ".zlogin", "config.fish", "authorized_keys",
-                            ".pam_environment", ".xprofile", ".xinitrc", "crontab", "rc.local"))
-_STARTUP_DIRS = ("/.config/autostart/", "/.config/systemd/user/", "/etc/cron", "/var/spool/cron/",
-                 "/etc/systemd/", "/etc/profile.d/", "/.ssh/", "/etc/init.d/", "/.config/fish/conf.d/")
 
 _SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
 
@@ -361,8 +355,9 @@ def _flag_files(flags: _Flags, changes: list[dict]) -> None:
     for c in changes:
         path = c["path"]
         if c["change"] in ("created", "modified") and c["kind"] == "file":
-            if os.path.basename(path) in _STARTUP_NAMES or any(d in path for d in _STARTUP_DIRS):
-                flags.add("persistence", "high", path, f"{c['change']} a file that runs at login/startup")
+            why = is_persistence(path)  # files whose change makes code run again later
+            if why:
+                flags.add("persistence", "high", path, f"{c['change']} {why}")
             elif c["executable"] and c.get("content_changed") is not False:
                 flags.add("executable-written", "medium", path, f"{c['change']} an executable file")
 

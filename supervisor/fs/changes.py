@@ -18,6 +18,13 @@ sandbox's scratch directory; ``<scratch>/overlays.json`` (written by
   kernel writes the ``user.`` name) **replaced** the host directory: its host entries that
   are not in the upper layer are reported deleted (one level, not recursively).
 
+Files the host runs later inside writable directories (:mod:`corral.fs.persist`) are
+recorded in the manifest too: ``"copies"`` maps a private copy (bound over a host file
+such as ``.git/config``) to that file, and a copy that differs from it was **modified**;
+``"watched"`` holds fingerprints of such paths left writable on purpose, taken before the
+command ran, and what differs from them now was **created**, **modified** or **deleted**
+(on the host: those writes were allowed).
+
 Paths in the report are host paths. The walk never follows symlinks and stops after
 ``limit`` entries (``truncated`` is then set). This reads files; it runs in the
 supervisor after the command has exited.
@@ -115,6 +122,49 @@ def read_manifest(scratch: str | os.PathLike) -> tuple[list[tuple[str, str]], di
     # Upper dirs are recorded relative to the scratch dir (it may have moved:
     # --keep-changes); os.path.join keeps an absolute one as it is.
     return [(os.path.join(os.fspath(scratch), upper), target) for upper, target in pairs], fallbacks
+
+
+def _persist_changes(scratch: str) -> list[FileChange]:
+    """Changes to the private copies and watched paths of the manifest (see above)."""
+    from corral.spawn.mounts import fingerprint
+
+    try:
+        with open(os.path.join(scratch, MANIFEST), encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    out = []
+    for copy, host in sorted(data.get("copies", {}).items()):
+        st, hst = _lstat(os.path.join(scratch, copy)), _lstat(host)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        same = None
+        if hst is not None and stat.S_ISREG(hst.st_mode) and max(st.st_size, hst.st_size) <= COMPARE_LIMIT:
+            same = st.st_size == hst.st_size and _same_content(os.path.join(scratch, copy), host)
+        if same and hst is not None and mode == stat.S_IMODE(hst.st_mode):
+            continue
+        out.append(FileChange(
+            path=host, change="modified", kind="file", size=st.st_size, mode=f"{mode:04o}",
+            executable=bool(mode & 0o111), host_size=hst.st_size if hst is not None else None,
+            content_changed=None if same is None else not same,
+        ))
+    for root, before in sorted(data.get("watched", {}).items()):
+        after = fingerprint(root)
+        for path in sorted(set(before) | set(after)):
+            old, new = before.get(path), after.get(path)
+            if old == new or (old and new and old[0] == new[0] == "dir"):
+                continue
+            info = new or old
+            change = "created" if old is None else "deleted" if new is None else "modified"
+            out.append(FileChange(
+                path=path, change=change, kind=info[0], size=new[1] if new and new[0] == "file" else None,
+                host_size=old[1] if old and old[0] == "file" else None, mode=f"{info[5]:04o}",
+                executable=info[0] == "file" and bool(info[5] & 0o111),
+            ))
+    return out
 
 
 def _is_whiteout(st: os.stat_result) -> bool:
@@ -260,7 +310,7 @@ def collect_changes(scratch: str | os.PathLike, *, limit: int = DEFAULT_LIMIT) -
     walk = _Walk(limit)
     for upper, host_path in sorted(overlays, key=lambda item: item[1]):
         walk.scan(upper, host_path)
-    changes = tuple(sorted(walk.out, key=lambda c: c.path))
+    changes = tuple(sorted(walk.out + _persist_changes(os.fspath(scratch)), key=lambda c: c.path))
     if walk.truncated:
         log.warning("file-change report truncated at %d entries", limit)
     return ChangeSet(changes=changes, fallbacks=fallbacks, truncated=walk.truncated, errors=tuple(walk.errors))

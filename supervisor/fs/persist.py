@@ -1,0 +1,253 @@
+"""Files the host runs later, inside the directories the sandbox may write (DESIGN §3).
+
+A writable working directory or ``--rw PATH`` would let the command plant code that
+runs on the host after corral has exited: a line in ``~/.bashrc``, a desktop autostart
+entry, a systemd user unit, a git hook, a ``core.fsmonitor`` in ``.git/config`` (git
+runs it on the next ``git status``).  Pure, like the rest of the mount plan: this module
+decides from a filesystem probe (``lstat``/``listdir``, and ``entries`` when the probe
+has it) and returns what to mount; :mod:`corral.fs.plan` places it.
+
+Two rules:
+
+**A working directory that holds your home, or the startup files in it, is an
+overlay** — writes there are discarded (and recorded in the overlay's upper layer,
+which the audit reads) — unless ``--rw`` names it.  That covers ``cd ~``, ``cd /home``
+and ``cd ~/.config``.  An explicit ``--rw`` of such a directory is taken as consent:
+a startup file that does not exist yet (``~/.bash_login``) cannot be protected
+without creating it on the host — which changes which file the shell reads — so
+corral does not pretend to; it fingerprints them before the start and the audit
+reports what changed.
+
+**In every writable directory, the git repositories found stay protected**: for each
+git directory (``.git``, and below it ``modules/*`` of submodules, nested ones too)
+the directory is bound onto itself (a mount point cannot be renamed or removed, so
+``mv .git x; mkdir .git`` fails with EBUSY), ``hooks/`` becomes an overlay (new hooks
+land in its upper layer), ``config`` and ``config.worktree`` are replaced by private
+copies bound over them (written in the sandbox, compared at exit).  A ``.git`` *file*
+(a submodule's or worktree's ``gitdir: ...`` pointer) gets a private copy too.
+``--allow-persist`` turns this off; the same paths are then fingerprinted instead, so
+the audit still flags what changed.
+
+Finding repositories costs start-up time, so the search is bounded: directories up to
+:data:`SCAN_DEPTH` levels below each writable directory, at most :data:`SCAN_ENTRIES`
+directory entries in all, skipping :data:`SCAN_SKIP` (dependency and cache trees).
+What it does not cover (docs/security.md): a repository deeper than that, and a *new*
+repository the command creates (``mkdir sub/.git`` with a config of its own) —
+no mount can forbid a name that does not exist yet.
+"""
+
+import os
+import re
+
+import attrs
+
+# Relative to the home directory.  Files a shell, the desktop session or a tool runs
+# (or reads commands from) when the user logs in or starts it.
+HOME_STARTUP_FILES = (
+    ".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile",
+    ".zshrc", ".zshenv", ".zprofile", ".zlogin", ".zlogout",
+    ".login", ".logout", ".cshrc", ".tcshrc", ".kshrc", ".mkshrc",
+    ".xprofile", ".xsessionrc", ".xsession", ".xinitrc", ".pam_environment",
+    ".gitconfig", ".vimrc", ".exrc", ".emacs", ".inputrc",
+)
+# Directories whose content runs (or configures what runs) at login or start.
+HOME_STARTUP_DIRS = (
+    ".config/autostart", ".config/autostart-scripts", ".config/systemd/user",
+    ".local/share/systemd/user", ".config/environment.d", ".config/plasma-workspace/env",
+    ".config/plasma-workspace/shutdown", ".kde/Autostart", ".config/fish", ".config/git",
+    ".config/nvim", ".vim", ".emacs.d",
+)
+
+SCAN_DEPTH = 3  # directory levels below a writable directory searched for .git
+SCAN_ENTRIES = 4000  # directory entries read in all, per sandbox
+MODULES_DEPTH = 6  # levels of .git/modules/ (a submodule's name may contain '/')
+SCAN_SKIP = frozenset((
+    "node_modules", ".venv", "venv", "__pycache__", ".tox", ".nox", ".mypy_cache",
+    ".pytest_cache", ".ruff_cache", ".cache", ".gradle", ".cargo", ".rustup", ".npm",
+))
+
+# Actions the plan places (see corral.fs.plan._Planner.place): bind a git directory
+# onto itself, a private copy over a file, an overlay over a directory.
+KEEP, COPY, DISCARD = "persist-keep", "persist-copy", "persist-discard"
+ACTIONS = (KEEP, COPY, DISCARD)
+
+_GIT_PATH = re.compile(
+    r"(?:^|/)\.git(?:/modules/.+?)?(?:/worktrees/[^/]+)?/(?:config|config\.worktree|hooks/.+)$"
+)
+
+
+@attrs.frozen(kw_only=True)
+class Protection:
+    """What to place for the writable directories: ``items`` as
+    ``(path, action, kind)`` — ``kind`` "dir", "file" or "missing" — and ``watch``:
+    host paths left writable on purpose, fingerprinted before the start."""
+
+    items: tuple = ()
+    watch: tuple = ()
+
+
+def _under(path, top):
+    return path == top or top == "/" or path.startswith(top + "/")
+
+
+def home_startup_paths(home):
+    """The absolute startup files and directories of ``home``."""
+    home = home.rstrip("/") or "/"
+    return tuple(os.path.join(home, rel) for rel in HOME_STARTUP_FILES + HOME_STARTUP_DIRS)
+
+
+def holds_startup(path, home):
+    """Whether a writable ``path`` would expose the home directory or a startup file:
+    ``path`` is the home, above it, above a startup path, or inside a startup dir."""
+    if _under(home, path):
+        return True
+    return any(_under(p, path) or _under(path, p) for p in home_startup_paths(home))
+
+
+def cwd_notice(cwd, home, allow_persist):
+    """The one line that says why the working directory ``cwd`` is an overlay rather
+    than writable, or None when it is writable."""
+    if cwd == "/":
+        return ("the working directory is /: writes are discarded (the host view is an "
+                "overlay); cd to a project directory to keep them")
+    if _under(home, cwd):
+        return ("the working directory %s holds your home directory: it is an overlay, "
+                "writes are discarded (--rw %s keeps them)" % (cwd, cwd))
+    if not allow_persist and holds_startup(cwd, home):
+        return ("the working directory %s holds files the host runs at login or start-up: "
+                "it is an overlay, writes are discarded (--rw %s or --allow-persist keeps them)"
+                % (cwd, cwd))
+    return None
+
+
+def is_persistence(path):
+    """Why a change to host ``path`` would make code run later, or None."""
+    name = os.path.basename(path)
+    if name in _STARTUP_NAMES or any(d in path for d in _STARTUP_DIRS):
+        return "a file that runs at login/startup"
+    if _GIT_PATH.search(path):
+        return "a git hook or config (git on the host runs what it names)"
+    if name == ".git":
+        return "a repository's .git (git on the host follows it)"
+    return None
+
+
+# Names and path fragments the audit flags wherever they are (the home may be
+# another one than the supervisor's, and system paths count too).
+_STARTUP_NAMES = frozenset(
+    tuple(os.path.basename(f) for f in HOME_STARTUP_FILES)
+    + ("config.fish", "authorized_keys", "crontab", "rc.local")
+)
+_STARTUP_DIRS = tuple("/%s/" % d for d in HOME_STARTUP_DIRS) + (
+    "/etc/cron", "/var/spool/cron/", "/etc/systemd/", "/etc/profile.d/", "/.ssh/",
+    "/etc/init.d/", "/etc/xdg/autostart/",
+)
+
+
+class _Scan:
+    """The bounded search for git directories below the writable directories."""
+
+    def __init__(self, fs):
+        self.fs = fs
+        self.budget = SCAN_ENTRIES
+        self.truncated = False
+
+    def entries(self, path):
+        """``[(name, kind)]`` of a directory, charged to the budget."""
+        lister = getattr(self.fs, "entries", None)
+        if lister is not None:
+            found = lister(path)
+        else:
+            found = []
+            for name in self.fs.listdir(path):
+                st = self.fs.lstat(os.path.join(path, name))
+                if st is not None:
+                    found.append((name, st.kind))
+        self.budget -= len(found)
+        if self.budget < 0:
+            self.truncated = True
+        return found
+
+    def git_entries(self, root):
+        """``[(path of a .git, kind)]`` at most SCAN_DEPTH levels below ``root``."""
+        found, level = [], [root]
+        for depth in range(SCAN_DEPTH + 1):
+            below = []
+            for directory in level:
+                if self.truncated:
+                    return found
+                for name, kind in self.entries(directory):
+                    if name == ".git":
+                        found.append((os.path.join(directory, name), kind))
+                    elif kind == "dir" and depth < SCAN_DEPTH and name not in SCAN_SKIP:
+                        below.append(os.path.join(directory, name))
+            level = below
+        return found
+
+    def gitdirs(self, gitdir, depth=0):
+        """``gitdir`` and the submodule git directories below its ``modules/``."""
+        out = [gitdir]
+        modules = os.path.join(gitdir, "modules")
+        st = self.fs.lstat(modules)
+        if st is None or st.kind != "dir" or depth >= MODULES_DEPTH:
+            return out
+        level = [modules]
+        for _ in range(MODULES_DEPTH):
+            below = []
+            for directory in level:
+                if self.truncated:
+                    return out
+                names = dict(self.entries(directory))
+                if names.get("config") == "file" and names.get("HEAD") == "file":
+                    out.extend(self.gitdirs(directory, depth + 1))
+                    continue
+                below.extend(os.path.join(directory, n) for n, k in names.items() if k == "dir")
+            level = below
+        return out
+
+
+def _gitdir_items(fs, gitdir, scan):
+    items = [(gitdir, KEEP, "dir")]
+    for name in ("config", "config.worktree"):
+        path = os.path.join(gitdir, name)
+        st = fs.lstat(path)
+        if st is not None and st.kind == "file":
+            items.append((path, COPY, "file"))
+    hooks = os.path.join(gitdir, "hooks")
+    st = fs.lstat(hooks)
+    if st is None:
+        items.append((hooks, DISCARD, "missing"))
+    elif st.kind == "dir":
+        items.append((hooks, DISCARD, "dir"))
+    worktrees = os.path.join(gitdir, "worktrees")
+    st = fs.lstat(worktrees)
+    if st is not None and st.kind == "dir":
+        for name, kind in scan.entries(worktrees):
+            path = os.path.join(worktrees, name, "config.worktree")
+            st = fs.lstat(path) if kind == "dir" else None
+            if st is not None and st.kind == "file":
+                items.append((path, COPY, "file"))
+    return items
+
+
+def protect(fs, writable, home, allow_persist):
+    """The :class:`Protection` for the writable directories ``writable`` (real paths,
+    directories that show the host read-write)."""
+    scan = _Scan(fs)
+    items, watch = [], []
+    for root in writable:
+        if holds_startup(root, home):
+            # an explicit --rw of the home or of a startup directory: consent
+            watch.extend(p for p in home_startup_paths(home) if _under(p, root))
+        for path, kind in scan.git_entries(root):
+            if kind == "file":
+                items.append((path, COPY, "file"))
+            elif kind == "dir":
+                for gitdir in scan.gitdirs(path):
+                    items.extend(_gitdir_items(fs, gitdir, scan))
+            if scan.truncated:
+                break
+    if allow_persist:
+        watch.extend(path for path, action, _ in items if action != KEEP)
+        items = []
+    return Protection(items=tuple(dict.fromkeys(items)), watch=tuple(dict.fromkeys(watch)))
