@@ -162,6 +162,7 @@ printf 'gitdir: ../evil\n' > lib/inner/.git
 mv .git .git-old 2>/dev/null && echo MOVED
 mv .git/hooks .git/hooks-old 2>/dev/null && echo MOVED
 rm .git/config 2>/dev/null && echo REMOVED
+mkdir -p vendor/planted && git -C vendor/planted init -q
 echo ok
 """
 
@@ -199,6 +200,8 @@ def test_git_hooks_and_config_planted_in_repo_submodules_and_nested_repo_stay_of
         assert str(g / "config") in flags, g
     for f in files:
         assert str(f) in flags, f
+    # a new repository cannot be forbidden (its name did not exist), but it is reported
+    assert flags[str(repo / "vendor" / "planted" / ".git")]["severity"] == "medium"
 
 
 @pytest.mark.namespaces
@@ -315,12 +318,19 @@ def test_plan_allow_persist_watches_instead_of_protecting():
     assert set(watch["paths"]) == {"/home/u/proj/.git/config", "/home/u/proj/.git/hooks"}
 
 
-def test_plan_repo_search_is_bounded_by_depth():
-    tree = {**_repo_tree("/home/u/proj/a/b/c"), **_repo_tree("/home/u/proj/a/b/c/d"),
+def test_plan_repo_search_is_bounded_by_depth_and_directories():
+    tree = {**_repo_tree("/home/u/proj/a/b"), **_repo_tree("/home/u/proj/a/b/c"),
             "/tmp/corral-1000/sb-1": Stat("dir")}
     paths = {o.get("path") for o in _plan(tree).to_json()}
-    assert "/home/u/proj/a/b/c/.git/config" in paths  # 3 levels below cwd
-    assert "/home/u/proj/a/b/c/d/.git/config" not in paths
+    assert "/home/u/proj/a/b/.git/config" in paths  # 2 levels below cwd
+    assert "/home/u/proj/a/b/c/.git/config" not in paths
+    tree = {"/home/u/proj/d%03d/x" % i: Stat("file") for i in range(persist.SCAN_DIRS + 50)}
+    fs = Tree(tree)
+    read = []
+    listdir = fs.listdir
+    fs.listdir = lambda path: read.append(path) or listdir(path)
+    persist.protect(fs, ["/home/u/proj"], "/home/u", False)
+    assert len(read) == persist.SCAN_DIRS
 
 
 def test_plan_repo_search_skips_dependency_trees():
@@ -341,18 +351,21 @@ def test_plan_home_cwd_is_an_overlay_unless_named_rw():
 
 
 def test_repo_search_in_a_tree_of_thousands_of_files_is_fast(tmp_path):
-    for i in range(40):
-        d = tmp_path / ("pkg%d" % i) / "sub" / "deeper" / "deepest"
+    for i in range(60):
+        d = tmp_path / ("pkg%d" % i) / "sub" / "deeper"
         d.mkdir(parents=True)
-        for j in range(50):
-            (d.parent.parent / ("f%d.py" % j)).write_text("")
+        for j in range(80):
+            (d.parent / ("f%d.py" % j)).write_text("")
             (d / ("g%d.py" % j)).write_text("")
     (tmp_path / ".git" / "hooks").mkdir(parents=True)
     (tmp_path / ".git" / "config").write_text("")
+    (tmp_path / "pkg0" / "sub" / ".git" / "hooks").mkdir(parents=True)  # a nested repo
+    (tmp_path / "pkg0" / "sub" / ".git" / "config").write_text("")
     fs = HostFs()
     persist.protect(fs, [str(tmp_path)], "/nonexistent-home", False)  # warm the dentry cache
     start = time.perf_counter()
     found = persist.protect(fs, [str(tmp_path)], "/nonexistent-home", False)
     elapsed = time.perf_counter() - start
     assert (str(tmp_path / ".git" / "config"), persist.COPY, "file") in found.items
-    assert elapsed < 0.05, elapsed  # ~4 ms on the 2-core dev VM
+    assert (str(tmp_path / "pkg0" / "sub" / ".git" / "config"), persist.COPY, "file") in found.items
+    assert elapsed < 0.05, elapsed  # 10,000 files: ~1 ms on a quiet 2-core VM

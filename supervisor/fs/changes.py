@@ -23,7 +23,9 @@ recorded in the manifest too: ``"copies"`` maps a private copy (bound over a hos
 such as ``.git/config``) to that file, and a copy that differs from it was **modified**;
 ``"watched"`` holds fingerprints of such paths left writable on purpose, taken before the
 command ran, and what differs from them now was **created**, **modified** or **deleted**
-(on the host: those writes were allowed).
+(on the host: those writes were allowed); ``"repos"`` lists the writable directories
+and the ``.git`` entries found in them before the run: one found now that was not there
+was **created** (a new repository, whose config the host's git would obey).
 
 Paths in the report are host paths. The walk never follows symlinks and stops after
 ``limit`` entries (``truncated`` is then set). This reads files; it runs in the
@@ -164,6 +166,15 @@ def _persist_changes(scratch: str) -> list[FileChange]:
                 host_size=old[1] if old and old[0] == "file" else None, mode=f"{info[5]:04o}",
                 executable=info[0] == "file" and bool(info[5] & 0o111),
             ))
+    repos = data.get("repos") or {}
+    if repos.get("roots"):
+        from corral.fs.persist import git_entries
+        from corral.fs.plan import HostFs
+
+        known = set(repos.get("known", ()))
+        for path, kind in git_entries(HostFs(), repos["roots"]):
+            if path not in known:
+                out.append(FileChange(path=path, change="created", kind=kind))
     return out
 
 

@@ -220,6 +220,7 @@ class _Planner:
         self.emit_later = []
         self.cwd_notice = None
         self.persist_watch = ()
+        self.persist_repos = None
         self.copies = 0
         mounts = visible_mounts(parse_mountinfo(mountinfo))
         self.mount_types = {m.point: m.fstype for m in mounts}
@@ -439,6 +440,7 @@ class _Planner:
             if top is not None and top[2] == "rw" and top[0] != path:  # a user option there wins
                 out.append((path, 3, action, Stat(kind)))
         self.persist_watch = tuple(p for p in found.watch if (cover(p) or (0, 0, ""))[2] == "rw")
+        self.persist_repos = {"roots": roots, "known": list(found.repos)}
         return out
 
     def place_persist(self, path, action, st):
@@ -517,8 +519,8 @@ class _Planner:
             self.warnings.append(HOME_WRITABLE)
         if self.cwd_notice and final.get((self.cwd, False), (0, 1))[1] == 1:
             self.warnings.append(self.cwd_notice)
-        if self.persist_watch:
-            self.emit("watch", paths=list(self.persist_watch))
+        if self.persist_watch or self.persist_repos:
+            self.emit("watch", paths=list(self.persist_watch), repos=self.persist_repos)
         for path, group, action, _ in final.values():
             if group == 0 and action == "hide" and _under(self.cwd, path):
                 self.warnings.append("the working directory %s is inside %s, which corral "

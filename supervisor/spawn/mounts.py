@@ -135,6 +135,7 @@ class _Builder:
         self.fallbacks = {}
         self.copies = {}
         self.watched = {}
+        self.repos = None
 
     # ---------------------------------------------------------------- helpers
 
@@ -360,15 +361,17 @@ class _Builder:
         self.copies[copy] = op["path"]
 
     def op_watch(self, op):
-        """Fingerprint host paths left writable on purpose (before the command runs)."""
+        """Fingerprint host paths left writable on purpose (before the command runs);
+        keep the git repositories found for the audit (corral.fs.changes)."""
         for path in op["paths"]:
             self.watched[path] = fingerprint(path)
+        self.repos = op.get("repos")
 
     def op_remount_ro(self, op):
         self.make_ro(self.at(op["path"]), op["path"], recursive=False)
 
     def op_enter(self, op):
-        if self.overlays or self.fallbacks or self.copies or self.watched:
+        if self.overlays or self.fallbacks or self.copies or self.watched or self.repos:
             try:
                 with open(self.scratch + "/" + MANIFEST, "w") as f:
                     # Upper dirs relative to scratch: --keep-changes moves it.
@@ -377,7 +380,7 @@ class _Builder:
                     copies = {os.path.relpath(copy, self.scratch): host
                               for copy, host in self.copies.items()}
                     json.dump({"overlays": overlays, "fallbacks": self.fallbacks,
-                               "copies": copies, "watched": self.watched}, f)
+                               "copies": copies, "watched": self.watched, "repos": self.repos}, f)
             except OSError as exc:
                 raise MountError("write", self.scratch + "/" + MANIFEST, exc.errno) from None
         if self.mode != "readonly":
