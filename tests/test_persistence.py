@@ -163,6 +163,7 @@ mv .git .git-old 2>/dev/null && echo MOVED
 mv .git/hooks .git/hooks-old 2>/dev/null && echo MOVED
 rm .git/config 2>/dev/null && echo REMOVED
 mkdir -p vendor/planted && git -C vendor/planted init -q
+echo ../../evil > .git/commondir
 echo ok
 """
 
@@ -200,8 +201,10 @@ def test_git_hooks_and_config_planted_in_repo_submodules_and_nested_repo_stay_of
         assert str(g / "config") in flags, g
     for f in files:
         assert str(f) in flags, f
-    # a new repository cannot be forbidden (its name did not exist), but it is reported
+    # a new repository or a commondir redirecting git's config cannot be forbidden
+    # (their names did not exist), but they are reported
     assert flags[str(repo / "vendor" / "planted" / ".git")]["severity"] == "medium"
+    assert flags[str(repo / ".git" / "commondir")]["severity"] == "high"
 
 
 @pytest.mark.namespaces
@@ -300,6 +303,8 @@ def test_plan_user_option_on_a_protected_path_wins():
     tree = {**_repo_tree("/home/u/proj"), "/tmp/corral-1000/sb-1": Stat("dir")}
     ops = _plan(tree, paths=(("rw", "/home/u/proj/.git/hooks"),)).to_json()
     assert not [o for o in ops if o["op"] == "overlay" and o["path"] == "/home/u/proj/.git/hooks"]
+    (watch,) = [o for o in ops if o["op"] == "watch"]
+    assert "/home/u/proj/.git/hooks" in watch["paths"]  # still flagged by the audit
     ops = _plan(tree, paths=(("ro", "/home/u/proj/.git"),)).to_json()
     assert not [o for o in ops if o["op"] == "protect_file"]  # read-only already
 
@@ -315,7 +320,8 @@ def test_plan_allow_persist_watches_instead_of_protecting():
     ops = _plan(tree, allow_persist=True).to_json()
     assert not [o for o in ops if o["op"] in ("protect_file", "overlay") and "/.git" in o["path"]]
     (watch,) = [o for o in ops if o["op"] == "watch"]
-    assert set(watch["paths"]) == {"/home/u/proj/.git/config", "/home/u/proj/.git/hooks"}
+    assert set(watch["paths"]) == {"/home/u/proj/.git/config", "/home/u/proj/.git/hooks",
+                                   "/home/u/proj/.git/commondir"}
 
 
 def test_plan_repo_search_is_bounded_by_depth_and_directories():

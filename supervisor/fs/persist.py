@@ -24,7 +24,9 @@ the directory is bound onto itself (a mount point cannot be renamed or removed, 
 ``mv .git x; mkdir .git`` fails with EBUSY), ``hooks/`` becomes an overlay (new hooks
 land in its upper layer), ``config`` and ``config.worktree`` are replaced by private
 copies bound over them (written in the sandbox, compared at exit).  A ``.git`` *file*
-(a submodule's or worktree's ``gitdir: ...`` pointer) gets a private copy too.
+(a submodule's or worktree's ``gitdir: ...`` pointer) and a ``commondir`` (where a linked worktree's git reads
+its config from) get private copies too; a ``commondir`` created in a git directory
+would redirect its config, and is reported.
 ``--allow-persist`` turns this off; the same paths are then fingerprinted instead, so
 the audit still flags what changed.
 
@@ -74,12 +76,13 @@ SCAN_SKIP = frozenset((
 ))
 
 # Actions the plan places (see corral.fs.plan._Planner.place): bind a git directory
-# onto itself, a private copy over a file, an overlay over a directory.
-KEEP, COPY, DISCARD = "persist-keep", "persist-copy", "persist-discard"
+# onto itself, a private copy over a file, an overlay over a directory; WATCH: no
+# mount (a name that does not exist yet), fingerprinted for the audit instead.
+KEEP, COPY, DISCARD, WATCH = "persist-keep", "persist-copy", "persist-discard", "persist-watch"
 ACTIONS = (KEEP, COPY, DISCARD)
 
 _GIT_PATH = re.compile(
-    r"(?:^|/)\.git(?:/modules/.+?)?(?:/worktrees/[^/]+)?/(?:config|config\.worktree|hooks/.+)$"
+    r"(?:^|/)\.git(?:/modules/.+?)?(?:/worktrees/[^/]+)?/(?:config|config\.worktree|commondir|hooks/.+)$"
 )
 
 
@@ -216,11 +219,15 @@ class _Scan:
 
 def _gitdir_items(fs, gitdir, scan):
     items = [(gitdir, KEEP, "dir")]
-    for name in ("config", "config.worktree"):
+    # commondir: where git reads the config from (a linked worktree's points to
+    # the main .git); one created in any git directory redirects it.
+    for name in ("config", "config.worktree", "commondir"):
         path = os.path.join(gitdir, name)
         st = fs.lstat(path)
         if st is not None and st.kind == "file":
             items.append((path, COPY, "file"))
+        elif st is None and name == "commondir":
+            items.append((path, WATCH, "missing"))
     hooks = os.path.join(gitdir, "hooks")
     st = fs.lstat(hooks)
     if st is None:
@@ -231,10 +238,11 @@ def _gitdir_items(fs, gitdir, scan):
     st = fs.lstat(worktrees)
     if st is not None and st.kind == "dir":
         for name, kind in scan.entries(worktrees):
-            path = os.path.join(worktrees, name, "config.worktree")
-            st = fs.lstat(path) if kind == "dir" else None
-            if st is not None and st.kind == "file":
-                items.append((path, COPY, "file"))
+            for leaf in ("config.worktree", "commondir"):
+                path = os.path.join(worktrees, name, leaf)
+                st = fs.lstat(path) if kind == "dir" else None
+                if st is not None and st.kind == "file":
+                    items.append((path, COPY, "file"))
     return items
 
 
@@ -270,6 +278,6 @@ def protect(fs, writable, home, allow_persist):
                     items.extend(_gitdir_items(fs, gitdir, inside))
     if allow_persist:
         watch.extend(path for path, action, _ in items if action != KEEP)
-        items = []
+        items = [item for item in items if item[1] == WATCH]
     return Protection(items=tuple(dict.fromkeys(items)), watch=tuple(dict.fromkeys(watch)),
                       repos=tuple(repos))

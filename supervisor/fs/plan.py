@@ -434,12 +434,18 @@ class _Planner:
         if not roots:
             return []
         found = persist.protect(self.fs, roots, home, self.spec.allow_persist)
-        out = []
+        out, named = [], []
         for path, action, kind in found.items:
             top = cover(path)
-            if top is not None and top[2] == "rw" and top[0] != path:  # a user option there wins
-                out.append((path, 3, action, Stat(kind)))
-        self.persist_watch = tuple(p for p in found.watch if (cover(p) or (0, 0, ""))[2] == "rw")
+            if top is not None and top[2] == "rw":
+                if action == persist.WATCH:
+                    named.append(path)
+                elif top[0] != path:
+                    out.append((path, 3, action, Stat(kind)))
+                elif action != persist.KEEP:
+                    named.append(path)  # --rw of the protected path itself wins
+        watch = [p for p in found.watch if (cover(p) or (0, 0, ""))[2] == "rw"]
+        self.persist_watch = tuple(dict.fromkeys(watch + named))
         self.persist_repos = {"roots": roots, "known": list(found.repos)}
         return out
 
