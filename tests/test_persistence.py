@@ -309,6 +309,21 @@ def test_plan_user_option_on_a_protected_path_wins():
     assert not [o for o in ops if o["op"] == "protect_file"]  # read-only already
 
 
+def test_plan_cwd_inside_a_git_dir_or_a_bare_repo_is_protected():
+    tree = {**_repo_tree("/home/u/proj"), "/home/u/proj/.git/objects": Stat("dir"),
+            "/home/u/proj/.git/refs": Stat("dir"), "/tmp/corral-1000/sb-1": Stat("dir")}
+    ops = _plan(tree, cwd="/home/u/proj/.git").to_json()
+    assert [o for o in ops if o["op"] == "protect_file" and o["path"] == "/home/u/proj/.git/config"]
+    ops = _plan(tree, cwd="/home/u/proj/.git/hooks").to_json()
+    assert [o for o in ops if o["op"] == "overlay" and o["path"] == "/home/u/proj/.git/hooks"]
+    assert not [o for o in ops if o["op"] == "bind" and o["path"] == "/home/u/proj/.git/hooks"]
+    bare = {"/home/u/proj/remote.git/" + name: Stat(kind) for name, kind in
+            (("HEAD", "file"), ("config", "file"), ("objects", "dir"), ("refs", "dir"), ("hooks", "dir"))}
+    ops = _plan({**bare, "/tmp/corral-1000/sb-1": Stat("dir")}).to_json()
+    assert [o for o in ops if o["op"] == "protect_file" and o["path"] == "/home/u/proj/remote.git/config"]
+    assert [o for o in ops if o["op"] == "overlay" and o["path"] == "/home/u/proj/remote.git/hooks"]
+
+
 def test_plan_missing_hooks_dir_is_created_as_an_overlay():
     tree = {"/home/u/proj/.git/config": Stat("file"), "/tmp/corral-1000/sb-1": Stat("dir")}
     (hooks,) = [o for o in _plan(tree).to_json() if o.get("path") == "/home/u/proj/.git/hooks"]

@@ -174,7 +174,7 @@ def _persist_changes(scratch: str) -> list[FileChange]:
         known = set(repos.get("known", ()))
         for path, kind in git_entries(HostFs(), repos["roots"]):
             if path not in known:
-                out.append(FileChange(path=path, change="created", kind=kind))
+                out.append(FileChange(path=path, change="created", kind="dir" if kind == "gitdir" else kind))
     return out
 
 

@@ -156,6 +156,11 @@ _STARTUP_DIRS = tuple("/%s/" % d for d in HOME_STARTUP_DIRS) + (
 )
 
 
+# What a git directory holds; a directory that holds all of it is a bare repository
+# (a push to it runs its hooks on the host).
+_BARE = {("HEAD", "file"), ("config", "file"), ("objects", "dir"), ("refs", "dir")}
+
+
 class _Scan:
     """A bounded reader of directories: at most ``dirs`` directories and ``entries``
     entries; past that, directories read as empty."""
@@ -184,12 +189,19 @@ class _Scan:
 
     def git_entries(self, root):
         """``[(path of a .git, kind)]`` at most SCAN_DEPTH levels below ``root``,
-        breadth first (what a search cut short misses is the deepest)."""
+        breadth first (what a search cut short misses is the deepest); a bare
+        repository (or ``root`` inside a git directory) has kind "gitdir"."""
         found, level = [], [root]
+        if "/.git/" in root + "/":
+            found.append((root[:(root + "/").index("/.git/") + 5], "gitdir"))
         for depth in range(SCAN_DEPTH + 1):
             below = []
             for directory in level:
-                for name, kind in self.entries(directory):
+                entries = self.entries(directory)
+                if _BARE <= set(entries):
+                    found.append((directory, "gitdir"))
+                    continue
+                for name, kind in entries:
                     if name == ".git":
                         found.append((os.path.join(directory, name), kind))
                     elif kind == "dir" and depth < SCAN_DEPTH and name not in SCAN_SKIP:
@@ -273,7 +285,7 @@ def protect(fs, writable, home, allow_persist):
             repos.append(path)
             if kind == "file":
                 items.append((path, COPY, "file"))
-            elif kind == "dir":
+            elif kind in ("dir", "gitdir"):
                 for gitdir in inside.gitdirs(path):
                     items.extend(_gitdir_items(fs, gitdir, inside))
     if allow_persist:

@@ -437,28 +437,28 @@ class _Planner:
         out, named = [], []
         for path, action, kind in found.items:
             top = cover(path)
-            if top is not None and top[2] == "rw":
-                if action == persist.WATCH:
+            if top is None or top[2] != "rw":
+                continue
+            if action == persist.WATCH or (top[0] == path and top[1] == 2):
+                if action != persist.KEEP:  # --rw of the protected path itself wins
                     named.append(path)
-                elif top[0] != path:
-                    out.append((path, 3, action, Stat(kind)))
-                elif action != persist.KEEP:
-                    named.append(path)  # --rw of the protected path itself wins
+            else:
+                out.append((path, 3, action, Stat(kind)))
         watch = [p for p in found.watch if (cover(p) or (0, 0, ""))[2] == "rw"]
         self.persist_watch = tuple(dict.fromkeys(watch + named))
         self.persist_repos = {"roots": roots, "known": list(found.repos)}
         return out
 
-    def place_persist(self, path, action, st):
+    def place_persist(self, path, action, st, create):
         if action == persist.KEEP:  # a mount point cannot be renamed away
-            self.emit("bind", src=path, path=path, ro=False, dir=True, create=False)
+            self.emit("bind", src=path, path=path, ro=False, dir=True, create=create)
         elif action == persist.COPY:
             self.emit("protect_file", path=path, copy="%s/persist/%d" % (self.spec.scratch, self.copies))
             self.copies += 1
         elif st.kind == "missing":
             self.overlay(path, 0o755, create=True)
         else:
-            self.overlay_tree(path, st, create=False)
+            self.overlay_tree(path, st, create)
 
     def exposes_host(self, path, done):
         """Whether ``path`` shows host content after the layers in ``done``."""
@@ -508,7 +508,7 @@ class _Planner:
                 self.overlay_tree(path, st, create)
                 done.append((path, True))
             elif action in persist.ACTIONS:
-                self.place_persist(path, action, st)
+                self.place_persist(path, action, st, create)
                 done.append((path, True))
             else:
                 self.emit("bind", src=path, path=path, ro=action == "ro", dir=is_dir, create=create)
