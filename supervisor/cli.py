@@ -54,6 +54,10 @@ def _add_sandbox_options(p):
                     help="working directory inside (default: the current one, writable)")
     fs.add_argument("--scratch", metavar="DIR", help="where overlay changes live while running")
     fs.add_argument("--keep-changes", metavar="DIR", help="keep the overlay changes in DIR")
+    fs.add_argument("--allow-persist", action="store_true",
+                    help="let the command change what the host runs later in writable dirs "
+                    "(.git/hooks, .git/config; a cwd holding startup files): protected by "
+                    "default, still flagged by the audit")
     proc = p.add_argument_group("process")
     proc.add_argument("--root", action="store_true", help="map your uid to 0 inside")
     proc.add_argument("--hostname", default="corral", metavar="NAME",

@@ -212,7 +212,9 @@ class Config:
     ``cwd`` (default: the caller's), ``scratch`` (where overlay changes are
     kept while the sandbox runs), ``keep_changes`` (copy them there at exit),
     ``allow_socket`` (host unix sockets the command may connect to; every
-    other one is unreachable).
+    other one is unreachable), ``allow_persist`` (let the command change what the
+    host runs later — git hooks and config in writable directories; see
+    docs/security.md).
 
     Process: ``root`` (map the caller to uid 0 inside), ``hostname``,
     ``env`` (``NAME`` keeps a variable that would be scrubbed, ``NAME=VALUE``
@@ -242,6 +244,7 @@ class Config:
     cwd: str | None = attrs.field(default=None, converter=_path_or_none)
     scratch: str | None = None
     keep_changes: str | None = None
+    allow_persist: bool = False  # startup files, .git/hooks and .git/config in writable dirs
 
     root: bool = False
     hostname: str = attrs.field(default="corral")

@@ -164,6 +164,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
             tmp_size=config.tmp_size,
             allow_sockets=config.allow_socket,
+            allow_persist=config.allow_persist,
         )
         plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
     except BaseException:

@@ -21,6 +21,7 @@ import time
 from typing import Any, Iterable, Mapping
 
 from corral.errors import ConfigError
+from corral.fs.persist import is_persistence
 from corral.policy import Rule, always_denied, claimed_name, normalize_ip, normalize_name
 
 __all__ = [
@@ -72,13 +73,6 @@ WATCHED_SERVICES: dict[str, str] = {
 
 EXECUTABLE_SUFFIXES = (".sh", ".bash", ".exe", ".elf", ".bin", ".py", ".pl", ".ps1", ".bat", ".cmd",
                        ".dll", ".so", ".dylib", ".jar", ".msi", ".appimage", ".run", ".deb", ".rpm", ".apk")
-
-# Files whose change makes a command run again later (persistence).
-_STARTUP_NAMES = frozenset((".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile", ".zshrc",
-                            ".zprofile", ".zshenv", ".zlogin", "config.fish", "authorized_keys",
-                            ".pam_environment", ".xprofile", ".xinitrc", "crontab", "rc.local"))
-_STARTUP_DIRS = ("/.config/autostart/", "/.config/systemd/user/", "/etc/cron", "/var/spool/cron/",
-                 "/etc/systemd/", "/etc/profile.d/", "/.ssh/", "/etc/init.d/", "/.config/fish/conf.d/")
 
 _SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
 
@@ -357,17 +351,16 @@ def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
                           f"fetched what looks like an executable or script ({verdict})")
 
 
-def runs_at_startup(path: str) -> bool:
-    """Whether a file at *path* runs at login or startup (the ``persistence`` flag)."""
-    return os.path.basename(path) in _STARTUP_NAMES or any(d in path for d in _STARTUP_DIRS)
-
-
 def _flag_files(flags: _Flags, changes: list[dict]) -> None:
     for c in changes:
         path = c["path"]
-        if c["change"] in ("created", "modified") and c["kind"] == "file":
-            if runs_at_startup(path):
-                flags.add("persistence", "high", path, f"{c['change']} a file that runs at login/startup")
+        if c["change"] == "created" and os.path.basename(path) == ".git":
+            flags.add("persistence", "medium", path, "created a git repository: the host's git would obey "
+                      "its config and hooks there (check before running git in it)")
+        elif c["change"] in ("created", "modified") and c["kind"] == "file":
+            why = is_persistence(path)  # files whose change makes code run again later
+            if why:
+                flags.add("persistence", "high", path, f"{c['change']} {why}")
             elif c["executable"] and c.get("content_changed") is not False:
                 flags.add("executable-written", "medium", path, f"{c['change']} an executable file")
 

@@ -18,6 +18,15 @@ sandbox's scratch directory; ``<scratch>/overlays.json`` (written by
   kernel writes the ``user.`` name) **replaced** the host directory: its host entries that
   are not in the upper layer are reported deleted (one level, not recursively).
 
+Files the host runs later inside writable directories (:mod:`corral.fs.persist`) are
+recorded in the manifest too: ``"copies"`` maps a private copy (bound over a host file
+such as ``.git/config``) to that file, and a copy that differs from it was **modified**;
+``"watched"`` holds fingerprints of such paths left writable on purpose, taken before the
+command ran, and what differs from them now was **created**, **modified** or **deleted**
+(on the host: those writes were allowed); ``"repos"`` lists the writable directories
+and the ``.git`` entries found in them before the run: one found now that was not there
+was **created** (a new repository, whose config the host's git would obey).
+
 Paths in the report are host paths. The walk is iterative and relative to directory
 descriptors (any depth, any path length), never follows symlinks, and lists at most
 ``limit`` changes and ``CHAR_LIMIT`` characters of paths: the rest are counted in
@@ -125,14 +134,66 @@ def read_manifest(scratch: str | os.PathLike) -> tuple[list[tuple[str, str]], di
     return [(os.path.join(os.fspath(scratch), upper), target) for upper, target in pairs], fallbacks
 
 
+def _persist_changes(scratch: str) -> list[FileChange]:
+    """Changes to the private copies and watched paths of the manifest (see above)."""
+    from corral.spawn.mounts import fingerprint
+
+    try:
+        with open(os.path.join(scratch, MANIFEST), encoding="utf-8") as f:
+            data = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return []
+    if not isinstance(data, dict):
+        return []
+    out = []
+    for copy, host in sorted(data.get("copies", {}).items()):
+        st, hst = _lstat_path(os.path.join(scratch, copy)), _lstat_path(host)
+        if st is None or not stat.S_ISREG(st.st_mode):
+            continue
+        mode = stat.S_IMODE(st.st_mode)
+        same = None
+        if hst is not None and stat.S_ISREG(hst.st_mode) and max(st.st_size, hst.st_size) <= COMPARE_LIMIT:
+            same = st.st_size == hst.st_size and _same_content(os.path.join(scratch, copy), host)
+        if same and hst is not None and mode == stat.S_IMODE(hst.st_mode):
+            continue
+        out.append(FileChange(
+            path=host, change="modified", kind="file", size=st.st_size, mode=f"{mode:04o}",
+            executable=bool(mode & 0o111), host_size=hst.st_size if hst is not None else None,
+            content_changed=None if same is None else not same,
+        ))
+    for root, before in sorted(data.get("watched", {}).items()):
+        after = fingerprint(root)
+        for path in sorted(set(before) | set(after)):
+            old, new = before.get(path), after.get(path)
+            if old == new or (old and new and old[0] == new[0] == "dir"):
+                continue
+            info = new or old
+            change = "created" if old is None else "deleted" if new is None else "modified"
+            out.append(FileChange(
+                path=path, change=change, kind=info[0], size=new[1] if new and new[0] == "file" else None,
+                host_size=old[1] if old and old[0] == "file" else None, mode=f"{info[5]:04o}",
+                executable=info[0] == "file" and bool(info[5] & 0o111),
+            ))
+    repos = data.get("repos") or {}
+    if repos.get("roots"):
+        from corral.fs.persist import git_entries
+        from corral.fs.plan import HostFs
+
+        known = set(repos.get("known", ()))
+        for path, kind in git_entries(HostFs(), repos["roots"]):
+            if path not in known:
+                out.append(FileChange(path=path, change="created", kind="dir" if kind == "gitdir" else kind))
+    return out
+
+
 def _is_whiteout(st: os.stat_result) -> bool:
     return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
 
 
 def _runs_at_startup(path: str) -> bool:
-    from corral.events.report import runs_at_startup
+    from corral.fs.persist import is_persistence
 
-    return runs_at_startup(path)
+    return is_persistence(path) is not None
 
 
 def _kind(mode: int) -> str:
@@ -159,6 +220,13 @@ def _open_dir(name: str, dir_fd: int | None = None) -> int | None:
 def _close(fd: int | None) -> None:
     if fd is not None:
         os.close(fd)
+
+
+def _lstat_path(path: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
 
 
 def _lstat(name: str, dir_fd: int | None) -> os.stat_result | None:
@@ -398,7 +466,7 @@ def collect_changes(scratch: str | os.PathLike, *, limit: int = DEFAULT_LIMIT) -
     walk = _Walk(limit)
     for upper, host_path in sorted(overlays, key=lambda item: item[1]):
         walk.scan(upper, host_path)
-    changes = tuple(sorted(walk.out, key=lambda c: c.path))
+    changes = tuple(sorted(walk.out + _persist_changes(os.fspath(scratch)), key=lambda c: c.path))
     if walk.truncated:
         log.warning("file-change report truncated: %d changes listed, %d more omitted",
                     len(changes), walk.omitted)
