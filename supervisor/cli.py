@@ -91,6 +91,11 @@ def _add_sandbox_options(p):
                      help="refuse new flows while N are open (a connection flood inside)")
     net.add_argument("--max-rate", type=float, metavar="PER_SECOND",
                      help="refuse new flows beyond this many per second (burst: one second's worth)")
+    net.add_argument("--max-dns-rate", type=float, default=200.0, metavar="PER_SECOND",
+                     help="answer DNS queries beyond this many per second REFUSED (default 200; "
+                     "burst: one second's worth)")
+    net.add_argument("--max-dns-pending", type=int, default=64, metavar="N",
+                     help="answer DNS queries SERVFAIL while N are being resolved (default 64)")
     net.add_argument("--pcap", metavar="FILE", help="write every frame of the sandbox's "
                      "interface, both directions, to FILE (pcap: tshark, Wireshark, scapy)")
     net.add_argument("--monitor", action="store_true",
