@@ -24,13 +24,25 @@ func (st *Stack) dnsReplyTTL() time.Duration {
 
 func isDNSAddr(a netip.Addr) bool { return a == dnsV4 || a == dnsV6 }
 
+// maxDNSPending bounds the queries waiting for dns_reply.  Python refuses
+// beyond its own, lower --max-dns-pending at once; this is the backstop for a
+// supervisor that does not keep up: a query beyond it (or while the event
+// queue is full) is dropped unanswered, counted in stats.drops, and the
+// client's resolver retries later.
+const maxDNSPending = 1024
+
 // query queues a DNS_QUERY event; reply is called exactly once: with the
-// answer, or empty when Python drops the query or it expires.
+// answer, or empty when Python drops the query, it expires or it is beyond
+// maxDNSPending.
 func (st *Stack) query(transport int32, src, dst netip.AddrPort, msg []byte, reply func([]byte)) {
 	id := st.nextID.Add(1)
 	st.mu.Lock()
-	if st.closed {
+	if st.closed || len(st.dnsWait) >= maxDNSPending || st.events.full() {
+		closed := st.closed
 		st.mu.Unlock()
+		if !closed {
+			st.drops.Add(1)
+		}
 		reply(nil)
 		return
 	}

@@ -50,9 +50,15 @@ type Event struct {
 	Payload  []byte
 }
 
-// eventQueue is unbounded: events are never dropped.  Its size is bounded
-// in practice by the flow limits (one NEW_FLOW per pending decision) and
-// is reported in the stats.
+// maxQueuedEvents bounds the queue for new work: while this many events wait
+// for Python, a new DNS query or UDP flow is dropped before it has an event
+// (the client retries: the sandbox is slowed, not the supervisor flooded;
+// counted in stats.drops).  push itself never drops: the events of work
+// already under way (a flow's close, a verdict's request) are bounded by
+// that work (MaxPending, maxDNSPending, the open flows).
+const maxQueuedEvents = 1 << 14
+
+// eventQueue holds events until Python takes them; see maxQueuedEvents.
 type eventQueue struct {
 	notify func()
 	mu     sync.Mutex // guards q
@@ -96,6 +102,11 @@ func (q *eventQueue) takeFitting(n int, fits func(*Event) bool) ([]Event, bool) 
 		q.q = nil // let the backing array go after a burst
 	}
 	return out, stuck
+}
+
+// full reports whether new work should wait: maxQueuedEvents are queued.
+func (q *eventQueue) full() bool {
+	return q.Len() >= maxQueuedEvents
 }
 
 func (q *eventQueue) Len() int {

@@ -19,6 +19,14 @@ import (
 // pending (a resolver's retries, a QUIC handshake burst); more are dropped.
 const maxUDPBacklog = 64
 
+// maxUDPFlows bounds the UDP flows open at once, pending or relaying: each
+// holds a goroutine and, once allowed, a host socket and two more goroutines
+// with 64 KiB buffers.  A datagram that would open one more (or that arrives
+// while the event queue is full, see maxQueuedEvents) is dropped before it
+// becomes a flow, counted in stats.drops: a flood of new 4-tuples slows down
+// instead of growing the supervisor.  Established flows are not affected.
+const maxUDPFlows = 4096
+
 // udpPending is a UDP flow waiting for its verdict.
 type udpPending struct {
 	backlog [][]byte            // payloads before last, in order
@@ -30,8 +38,9 @@ type udpPending struct {
 
 // flowTable is a mutex-guarded map of pending UDP/ICMP flows.
 type flowTable struct {
-	mu sync.Mutex // guards m
-	m  map[any]*udpPending
+	mu   sync.Mutex // guards m
+	m    map[any]*udpPending
+	open atomic.Int64 // UDP: flows between their first datagram and their end
 }
 
 func (t *flowTable) init() { t.m = make(map[any]*udpPending) }
@@ -57,14 +66,20 @@ func (st *Stack) handleUDP(id stack.TransportEndpointID, pkt *stack.PacketBuffer
 		p.last = pkt.Clone()
 		return true
 	}
+	if t.open.Load() >= maxUDPFlows || st.events.full() {
+		st.drops.Add(1)
+		return true
+	}
 	p := &udpPending{last: pkt.Clone(), quote: quoteHeaders(pkt), sock: -1}
 	if !st.enter() {
 		p.last.DecRef()
 		return true
 	}
 	t.m[id] = p
+	t.open.Add(1)
 	go func() {
 		defer st.wg.Done()
+		defer t.open.Add(-1)
 		st.runUDP(id, p)
 	}()
 	return true

@@ -90,6 +90,12 @@ def _add_sandbox_options(p):
     limits.add_argument("--max-rate", type=float, metavar="PER_SECOND",
                         help="refuse new flows beyond this many per second (burst: one "
                         "second's worth)")
+    limits.add_argument("--max-dns-rate", type=float, default=200.0, metavar="PER_SECOND",
+                        help="answer DNS queries beyond this many per second REFUSED "
+                        "(default 200; burst: one second's worth)")
+    limits.add_argument("--max-dns-pending", type=int, default=64, metavar="N",
+                        help="answer DNS queries SERVFAIL while N are being resolved "
+                        "(default 64)")
     net = p.add_argument_group("network")
     net.add_argument("--net", choices=("filtered", "none", "host"), default="filtered",
                      help="filtered (default): every flow through corral's netstack and policy; "

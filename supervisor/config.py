@@ -180,6 +180,11 @@ def _positive_or_none(instance, attribute, value):
         raise ConfigError("%s must be a positive number of seconds, not %r" % (attribute.name, value))
 
 
+def _positive_number_or_none(instance, attribute, value):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise ConfigError("%s must be a positive number (or None: no limit), not %r" % (attribute.name, value))
+
+
 def _env_items(instance, attribute, value):
     for item in value:
         name = item.split("=", 1)[0]
@@ -229,7 +234,8 @@ class Config:
     Network: ``net`` (filtered | none | host), ``allow``/``deny``/
     ``allow_file`` rules, ``allow_host_port``, ``publish``, ``dns_upstream``,
     ``policy`` (a .py file with callbacks), ``policy_timeout``, ``data_path``,
-    ``events`` (JSON-lines file, ``-`` for stderr).
+    ``events`` (JSON-lines file, ``-`` for stderr), limits ``max_conns``, ``max_rate``
+    (flows), ``max_dns_rate``, ``max_dns_pending`` (DNS queries).
     """
 
     mode: str = attrs.field(default="default", validator=_choice(FS_MODES))
@@ -278,6 +284,9 @@ class Config:
     pcap: str | None = None  # pcap file of every frame of the sandbox's interface
     max_conns: int | None = attrs.field(default=None, validator=_positive_or_none)  # open flows
     max_rate: float | None = attrs.field(default=None, validator=_positive_or_none)  # new flows/s
+    # DNS queries per second / at once (None: unlimited); defaults in supervisor/net/dns.py
+    max_dns_rate: float | None = attrs.field(default=200.0, validator=_positive_number_or_none)
+    max_dns_pending: int | None = attrs.field(default=64, validator=_positive_number_or_none)
     monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit

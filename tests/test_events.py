@@ -12,7 +12,9 @@ from corral.events import (
     ConnectEvent,
     DnsEvent,
     EventStream,
+    EventsDroppedEvent,
     JsonlSink,
+    LimitEvent,
     ListSink,
     PolicyErrorEvent,
     SandboxExitEvent,
@@ -23,13 +25,15 @@ from corral.policy import Answer, ConnectRequest, DnsQuery, Policy, decide_conne
 # The documented field names (docs/events.md). Adding a field is fine; renaming one breaks users.
 FIELDS = {
     "dns": ["type", "query_id", "qname", "qtype", "transport", "src_ip", "src_port", "verdict", "rule",
-            "reason", "rcode", "answers", "upstream", "ts"],
+            "reason", "rcode", "answers", "answers_cut", "upstream", "ts"],
     "connect": ["type", "id", "proto", "src_ip", "src_port", "dst_ip", "dst_port", "name", "names", "sni",
                 "http_host", "http_method", "http_path", "verdict", "rule", "reason", "dial", "ts"],
     "close": ["type", "id", "bytes_out", "bytes_in", "duration", "reason", "ts"],
     "policy_error": ["type", "callback", "subject", "error", "timed_out", "ts"],
     "sandbox_start": ["type", "argv", "pid", "sandbox_id", "mode", "env_dropped", "ts"],
     "sandbox_exit": ["type", "exit_code", "signal", "sandbox_id", "ts"],
+    "limit": ["type", "limit", "action", "detail", "count", "since", "ts"],
+    "events_dropped": ["type", "count", "by_type", "ts"],
 }
 
 
@@ -46,6 +50,9 @@ def sample_events():
         PolicyErrorEvent(callback="on_connect", subject="3", error="TooSlowError()", timed_out=True, ts=4.0),
         SandboxStartEvent(argv=["pip", "download", "six"], pid=42, sandbox_id="3f2a", mode="run", ts=0.5),
         SandboxExitEvent(exit_code=137, signal=9, sandbox_id="3f2a", ts=5.0),
+        LimitEvent(limit="max-dns-rate", action="REFUSED", detail="more than 200 DNS queries per second",
+                   count=990, since=5.0, ts=6.0),
+        EventsDroppedEvent(count=7, by_type={"dns": 7}, ts=7.0),
     ]
 
 

@@ -8,6 +8,8 @@ from ._types import CloseEvent as CloseEvent
 from ._types import ConnectEvent as ConnectEvent
 from ._types import DnsEvent as DnsEvent
 from ._types import Event as Event
+from ._types import EventsDroppedEvent as EventsDroppedEvent
+from ._types import LimitEvent as LimitEvent
 from ._types import PolicyErrorEvent as PolicyErrorEvent
 from ._types import SandboxExitEvent as SandboxExitEvent
 from ._types import SandboxStartEvent as SandboxStartEvent
@@ -18,7 +20,9 @@ __all__ = [
     "DnsEvent",
     "Event",
     "EventStream",
+    "EventsDroppedEvent",
     "JsonlSink",
+    "LimitEvent",
     "ListSink",
     "PolicyErrorEvent",
     "SandboxExitEvent",

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import sys
 from typing import IO, Protocol
 
-from ._types import Event
+from ._types import Event, EventsDroppedEvent
 
 __all__ = ["JsonlSink", "ListSink", "Sink"]
 
@@ -60,10 +61,41 @@ class JsonlSink:
 
 
 class ListSink:
-    """Keeps every event in ``events`` (``corral.run(...).events``)."""
+    """Keeps the events of a run in memory, in ``events`` (``corral.run(...).events``), bounded.
 
-    def __init__(self) -> None:
+    A run with at most ``limit`` events keeps them all.  Beyond that ``events`` holds the
+    first ``limit // 2`` and the latest ones — how the run began and how it ended (its
+    ``limit`` and ``sandbox_exit`` records) — and between them one
+    :class:`EventsDroppedEvent` counting, by type, what was left out: a flood inside costs
+    no more memory than ``limit`` events.  ``limit=None``: keep everything.  The JSONL
+    sinks (``--events FILE``, ``corral logs``) always get every event.
+    """
+
+    DEFAULT_LIMIT = 20_000
+
+    def __init__(self, limit: int | None = DEFAULT_LIMIT) -> None:
+        if limit is not None and limit < 2:
+            raise ValueError(f"ListSink limit must be at least 2 or None, not {limit!r}")
+        self._limit = limit
         self.events: list[Event] = []
+        self._dropped: collections.Counter[str] = collections.Counter()
+
+    def __repr__(self) -> str:
+        return f"<ListSink kept={len(self.events)} dropped={self.dropped}>"
+
+    @property
+    def dropped(self) -> int:
+        """How many events were left out."""
+        return sum(self._dropped.values())
 
     def write(self, event: Event) -> None:
-        self.events.append(event)
+        events = self.events
+        if self._limit is None or len(events) < self._limit:
+            events.append(event)
+            return
+        # events = head (limit // 2) + [gap] + the latest: the oldest of those makes room.
+        gap_at = self._limit // 2
+        out = events.pop(gap_at + 1) if self._dropped else events[gap_at]
+        self._dropped[out.TYPE] += 1
+        events[gap_at] = EventsDroppedEvent(count=self.dropped, by_type=dict(self._dropped), ts=out.ts)
+        events.append(event)

@@ -20,6 +20,8 @@ __all__ = [
     "ConnectEvent",
     "DnsEvent",
     "Event",
+    "EventsDroppedEvent",
+    "LimitEvent",
     "PolicyErrorEvent",
     "SandboxExitEvent",
     "SandboxStartEvent",
@@ -77,19 +79,27 @@ class DnsEvent(Event):
     reason: str | None = None
     rcode: str | None = None
     answers: tuple[Answer, ...] = attrs.field(default=(), converter=tuple)
+    answers_cut: int = 0  # records of the answer not listed in ``answers`` (MAX_ANSWERS)
     upstream: str | None = None
     ts: float = attrs.field(factory=_now)
+
+    MAX_ANSWERS: ClassVar[int] = 32
 
     @classmethod
     def from_decision(
         cls, query: DnsQuery, decision: Decision, *, rcode: str | None = None,
         answers: tuple[Answer, ...] = (), upstream: str | None = None, ts: float | None = None,
     ) -> DnsEvent:
+        """The event of one query; ``answers`` beyond MAX_ANSWERS are counted in
+        ``answers_cut``, not listed (a hostile upstream's 3,500-record answer)."""
+        answers = tuple(answers)
+        cut = max(0, len(answers) - cls.MAX_ANSWERS)
         return cls(
             query_id=query.id, qname=query.qname, qtype=query.qtype, transport=query.transport,
             src_ip=str(query.src_ip) if query.src_ip is not None else None, src_port=query.src_port,
             verdict=_verdict_word(decision), rule=decision.rule, reason=decision.verdict.reason,
-            rcode=rcode, answers=answers, upstream=upstream, ts=_now() if ts is None else ts,
+            rcode=rcode, answers=answers[: cls.MAX_ANSWERS], answers_cut=cut, upstream=upstream,
+            ts=_now() if ts is None else ts,
         )
 
 
@@ -159,6 +169,34 @@ class PolicyErrorEvent(Event):
     subject: str
     error: str
     timed_out: bool = False
+    ts: float = attrs.field(factory=_now)
+
+
+@attrs.frozen(kw_only=True)
+class LimitEvent(Event):
+    """A bound was hit: from ``since`` to ``ts`` (wall-clock), ``count`` queries or
+    flows beyond ``limit`` got ``action`` instead of an answer.  One per episode
+    (an episode ends after a second without a refusal, or with the sandbox), never
+    one per refused item: those have no events of their own."""
+
+    TYPE: ClassVar[str] = "limit"
+    limit: str  # the option: "max-dns-rate", "max-dns-pending"
+    action: str  # what the refused ones got: "REFUSED", "SERVFAIL"
+    detail: str  # human text: "more than 200 DNS queries per second"
+    count: int
+    since: float
+    ts: float = attrs.field(factory=_now)
+
+
+@attrs.frozen(kw_only=True)
+class EventsDroppedEvent(Event):
+    """Stands for events a bounded in-memory record (``Result.events``) left out;
+    ``--events FILE`` and ``corral logs`` still have them all.  ``by_type``: how many
+    of each ``type``."""
+
+    TYPE: ClassVar[str] = "events_dropped"
+    count: int
+    by_type: dict = attrs.field(factory=dict, eq=False)
     ts: float = attrs.field(factory=_now)
 
 

@@ -17,13 +17,14 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+import time
 from typing import Awaitable, Callable
 
 import attrs
 import trio
 
 from corral.errors import ConfigError
-from corral.events import DnsEvent, Event, PolicyErrorEvent
+from corral.events import DnsEvent, Event, LimitEvent, PolicyErrorEvent
 from corral.policy import (
     DnsQuery,
     NameTable,
@@ -42,6 +43,12 @@ log = logging.getLogger("corral.dns")
 
 Upstream = tuple[str, int]
 _MAX_STRAY = 64  # datagrams with the wrong id tolerated per query before giving up
+
+# Defaults of --max-dns-rate / --max-dns-pending (docs/cli.md).  A package manager or a
+# build asks a few dozen names a second at its busiest; a flood asks tens of thousands.
+DEFAULT_MAX_RATE = 200.0  # queries per second, burst one second's worth
+DEFAULT_MAX_PENDING = 64  # queries being decided or forwarded at once
+EPISODE_QUIET = 1.0  # seconds without a refusal that end a limit episode
 
 
 def _fmt(upstream: Upstream) -> str:
@@ -175,12 +182,31 @@ OnDns = Callable[[DnsQuery], Awaitable[Verdict]]
 
 
 @attrs.define
+class _Episode:
+    """A run of refusals by one limit: reported once, when it ends."""
+
+    limit: str
+    action: str
+    detail: str
+    since: float  # wall clock
+    last: float  # service clock of the latest refusal
+    count: int = 0
+
+
+@attrs.define
 class DnsService:
     """Policy + forwarding for the sandbox's DNS queries. Owns no sockets.
 
     ``emit`` receives one DnsEvent per query (plus a PolicyErrorEvent when ``on_dns``
     fails). ``on_dns`` is consulted only when no rule decided (``Decision.by_default``).
-    ``policy`` may be replaced at any time. ``clock`` feeds the name table.
+    ``policy`` may be replaced at any time. ``clock`` feeds the name table and the limits.
+
+    Limits (None: none): beyond ``max_rate`` queries per second (a token bucket, burst
+    one second's worth) a query is answered REFUSED; with ``max_pending`` queries already
+    being decided or forwarded, SERVFAIL. Either at once, without policy, upstream or a
+    DnsEvent of its own: a flood must not become a flood of events. Each episode (refusals
+    until ``EPISODE_QUIET`` seconds pass without one, or :meth:`close`) is one LimitEvent
+    with the count.
     """
 
     policy: Policy
@@ -192,6 +218,12 @@ class DnsService:
     upstream_timeout: float = 2.0
     deny_rcode: str = attrs.field(default="REFUSED", validator=attrs.validators.in_(("REFUSED", "NXDOMAIN")))
     clock: Callable[[], float] = trio.current_time
+    max_rate: float | None = DEFAULT_MAX_RATE
+    max_pending: int | None = DEFAULT_MAX_PENDING
+    _tokens: float | None = None  # the max_rate bucket (starts full)
+    _tokens_at: float = 0.0
+    _pending: int = 0
+    _episodes: dict = attrs.field(factory=dict)  # limit -> _Episode
 
     def __repr__(self) -> str:
         return f"<DnsService upstreams={[_fmt(u) for u in self.upstreams]} {self.policy.mode}>"
@@ -205,6 +237,57 @@ class DnsService:
             return dnsmsg.formerr_for(wire)
         if q.opcode != "QUERY":
             return dnsmsg.build_response(q, "NOTIMP")
+        refusal = self._over_limit()
+        if refusal is not None:
+            return dnsmsg.build_response(q, refusal)
+        self._pending += 1
+        try:
+            return await self._answer(q, wire, transport, src_ip, src_port)
+        finally:
+            self._pending -= 1
+
+    def _over_limit(self) -> str | None:
+        """The rcode for a query beyond a limit (counted in its episode), else None."""
+        now = self.clock()
+        for episode in [e for e in self._episodes.values() if now - e.last >= EPISODE_QUIET]:
+            self._report(episode)
+        if self.max_rate is not None:
+            burst = max(1.0, self.max_rate)
+            if self._tokens is None:
+                self._tokens = burst
+            self._tokens = min(burst, self._tokens + (now - self._tokens_at) * self.max_rate)
+            self._tokens_at = now
+            if self._tokens < 1.0:
+                return self._refuse("max-dns-rate", "REFUSED",
+                                    f"more than {self.max_rate:g} DNS queries per second", now)
+        if self.max_pending is not None and self._pending >= self.max_pending:
+            return self._refuse("max-dns-pending", "SERVFAIL",
+                                f"more than {self.max_pending} DNS queries pending at once", now)
+        if self.max_rate is not None:
+            self._tokens -= 1.0
+        return None
+
+    def _refuse(self, limit: str, action: str, detail: str, now: float) -> str:
+        episode = self._episodes.get(limit)
+        if episode is None:
+            episode = self._episodes[limit] = _Episode(limit=limit, action=action, detail=detail,
+                                                       since=time.time(), last=now)
+            log.warning("%s: answering %s (--%s) until the sandbox slows down", detail, action, limit)
+        episode.count += 1
+        episode.last = now
+        return action
+
+    def _report(self, episode: _Episode) -> None:
+        del self._episodes[episode.limit]
+        self.emit(LimitEvent(limit=episode.limit, action=episode.action, detail=episode.detail,
+                             count=episode.count, since=episode.since))
+
+    def close(self) -> None:
+        """Report the limit episodes still open (the sandbox ended during one)."""
+        for episode in list(self._episodes.values()):
+            self._report(episode)
+
+    async def _answer(self, q, wire, transport, src_ip, src_port) -> bytes:
         query = DnsQuery(id=q.id, qname=q.qname, qtype=q.qtype, transport=transport, src_ip=src_ip, src_port=src_port)
         decision = decide_dns(self.policy, query)
         if decision.by_default and self.on_dns is not None:

@@ -394,6 +394,7 @@ class NetworkService:
                 self._register(ev, now)
             elif ev.kind == "flow_closed":
                 self._closed(ev)
+        self.dns.close()  # a limit episode still open is reported
         self._check_pcap()
         self.netstack.close()
         if self.tap_fd >= 0:
@@ -461,7 +462,8 @@ async def start(nursery, config, netplan, tap_fd, stream, pcap=None):
     service = NetworkService(
         netstack=netstack, policy=netplan.policy, names=names,
         dns=dnsmod.DnsService(netplan.policy, names, netplan.upstreams, stream.emit,
-                              on_dns=callbacks.get("on_dns"), policy_timeout=config.policy_timeout),
+                              on_dns=callbacks.get("on_dns"), policy_timeout=config.policy_timeout,
+                              max_rate=config.max_dns_rate, max_pending=config.max_dns_pending),
         stream=stream, policy_timeout=config.policy_timeout,
         on_connect=callbacks.get("on_connect"), on_packet=callbacks.get("on_packet"), tap_fd=tap_fd,
         limits=config,

@@ -45,4 +45,7 @@ RECORDS: dict[str, list[tuple[str, str]]] = {
     "example.org.": [("A", OTHER_V4[1]), ("AAAA", OTHER_V6[1])],
     "pypi.org.": [("A", OTHER_V4[2])],
     "files.pythonhosted.org.": [("A", OTHER_V4[2])],
+    # A hostile upstream's answer: 3,500 A records (198.18.0.0/15, the benchmarking range:
+    # never contacted), ~56 KB on the wire.
+    "huge.corral.test.": [("A", f"198.18.{i // 256}.{i % 256}") for i in range(3500)],
 }
