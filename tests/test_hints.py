@@ -52,6 +52,18 @@ def test_a_scanner_inside_cannot_flood_the_terminal():
     assert "200 destination(s) denied" in lines[-1] and "195 not shown" in lines[-1]
 
 
+def test_a_flood_of_new_names_costs_bounded_memory():
+    from corral.events.hints import TRACKED
+
+    lines = []
+    hints = DenialHints(lines.append)
+    for i in range(TRACKED + 500):
+        hints.write(_dns("r%d.corral.test." % i))
+    assert len(hints._seen) == TRACKED
+    hints.close()
+    assert "500 more denials" in lines[-1]
+
+
 def test_hint_escapes_terminal_control_bytes_from_the_sandbox():
     lines = []
     DenialHints(lines.append).write(_dns("evil\x1b]0;pwned\x07.test."))

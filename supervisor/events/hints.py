@@ -20,6 +20,7 @@ from ._types import ConnectEvent, DnsEvent, Event
 __all__ = ["DenialHints", "LIVE_LIMIT"]
 
 LIVE_LIMIT = 5  # distinct denied destinations shown live; the rest only counted
+TRACKED = 4096  # distinct destinations remembered; a flood of new names past this is counted
 
 _DEFAULT_DENY = "default-deny"
 _ALWAYS_DENIED = "always-denied:"
@@ -40,7 +41,8 @@ class DenialHints:
 
     def __init__(self, warn: Callable[[str], None]) -> None:
         self._warn = warn
-        self._seen: dict[str, int] = {}  # destination key -> times denied
+        self._seen: set[str] = set()  # destination keys denied so far (at most TRACKED)
+        self._untracked = 0  # denials of destinations past TRACKED (a flood of new names)
         self._shown = 0
 
     def write(self, event: Event) -> None:
@@ -59,9 +61,13 @@ class DenialHints:
             rule_hint = "%s:%d" % (name, event.dst_port) if name else dest
         else:
             return
-        count = self._seen.get(key, 0)
-        self._seen[key] = count + 1
-        if count or self._shown >= LIVE_LIMIT:
+        if key in self._seen:
+            return
+        if len(self._seen) >= TRACKED:
+            self._untracked += 1
+            return
+        self._seen.add(key)
+        if self._shown >= LIVE_LIMIT:
             return
         self._shown += 1
         self._warn(self._line(what, event.rule, rule_hint))
@@ -79,6 +85,11 @@ class DenialHints:
     def close(self) -> None:
         """The sandbox ended: one summary line when destinations were denied."""
         hidden = len(self._seen) - self._shown
-        if hidden > 0:
+        if self._untracked:
+            self._warn("%s destination(s) denied in all (%d more denials past the first %d "
+                       "destinations), %d not shown above; see them all with --events FILE or "
+                       "`corral audit`" % ("over %d" % len(self._seen), self._untracked,
+                                           TRACKED, hidden))
+        elif hidden > 0:
             self._warn("%d destination(s) denied in all, %d not shown above; see them all "
                        "with --events FILE or `corral audit`" % (len(self._seen), hidden))
