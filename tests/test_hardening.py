@@ -483,7 +483,10 @@ def test_doctor_says_whether_cgroup_delegation_is_available():
     from corral.hardening import cgroup_delegation
 
     check = next(c for c in doctor.checks() if c.name == "cgroup v2 delegation")
-    assert check.ok and check.detail.startswith("not available") != cgroup_delegation()[0]
+    available = cgroup_delegation()[0]
+    assert check.optional and check.ok == available
+    assert check.detail.startswith("not available") != available
+    assert check.status == ("ok" if available else "warn")
 
 
 def test_library_mode_gets_the_same_hardening():
