@@ -83,6 +83,9 @@ class FsSpec:
     resolv_conf: str | None = None
     tmp_size: int | None = None  # bytes for each tmpfs (/tmp, /dev/shm, --tmpfs); None: kernel default
     runtime_dir: str | None = None  # $XDG_RUNTIME_DIR; None: /run/user/<uid> if it exists
+    # corral's own directories (state and scratch roots; ``scratch`` always): never
+    # visible, never movable inside
+    protect: tuple = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen(kw_only=True)
@@ -218,6 +221,10 @@ class _Planner:
                 path = os.path.dirname(path)
                 self.holds_mounts.add(path)
         self.scratch = self.resolve(_absolute(spec.scratch, "scratch"))
+        protect = {self.scratch}
+        protect.update(self.resolve(_absolute(p, "state directory")) for p in spec.protect)
+        protect = sorted(protect)
+        self.protect = [p for p in protect if not any(q != p and _under(p, q) for q in protect)]
 
     # ---------------------------------------------------------------- paths
 
@@ -411,10 +418,12 @@ class _Planner:
         items = self.layers()
         spec = self.spec
         done = []
-        if spec.mode != "hermetic" and not any(_under(self.scratch, f) for f in FRESH):
-            # the upper layers live there; the sandbox must not see them
-            self.emit("tmpfs", path=self.scratch, mode=0o700, ro=True, create=False)
-            done.append((self.scratch, False))
+        for path, group, _action, _st in items:
+            for top in self.protect:
+                if group > 0 and _under(path, top):
+                    raise ConfigError(
+                        "%s is inside %s, corral's own state and scratch, which no sandbox may "
+                        "see. Fix: name a path outside it" % (path, top))
         tmpfs_ops = {}
         # keep only the last item per path (the later one wins), in order
         final = {}
@@ -447,12 +456,15 @@ class _Planner:
             else:
                 self.emit("bind", src=path, path=path, ro=action == "ro", dir=is_dir, create=create)
                 done.append((path, True))
+                if action == "rw":
+                    self.pin_protected(path, done)
             # a read-only tmpfs that gets mounts inside is sealed at the end
             for top, op in list(tmpfs_ops.items()):
                 if path != top and _under(path, top):
                     op["ro"] = False
                     self.emit_later.append({"op": "remount_ro", "path": top})
                     del tmpfs_ops[top]
+        self.mask_protected(done)
         home = self.resolve(_absolute(spec.home, "home"))
         writable = [p for p, g, a, _ in final.values() if a == "rw"]
         if any(_under(home, p) for p in writable):
@@ -461,6 +473,37 @@ class _Planner:
             if group == 0 and action == "hide" and _under(self.cwd, path):
                 self.warnings.append("the working directory %s is inside %s, which corral "
                                      "would hide; it is visible" % (self.cwd, path))
+
+    def pin_protected(self, top, done):
+        """Under a writable bind ``top``, make every directory on the way to
+        a protected directory a mount point (a bind onto itself): the sandbox
+        cannot rename them, and so cannot put a directory of its own where
+        corral will look for its state."""
+        for protected in self.protect:
+            if protected == top or not _under(protected, top):
+                continue
+            path = os.path.dirname(protected)
+            chain = []
+            while path != top:
+                chain.append(path)
+                path = os.path.dirname(path)
+            for path in reversed(chain):
+                st = self.fs.lstat(path)
+                if st is None or st.kind != "dir":
+                    break
+                self.emit("bind", src=path, path=path, ro=False, dir=True, create=False)
+                done.append((path, True))
+
+    def mask_protected(self, done):
+        """An empty read-only tmpfs over each protected directory that the
+        view shows, last: no working directory or base layer exposes corral's
+        own state and scratch (options naming a path inside were refused)."""
+        for top in self.protect:
+            st = self.fs.lstat(top)
+            if st is None or st.kind != "dir" or not self.exposes_host(top, done):
+                continue
+            self.emit("tmpfs", path=top, mode=0o700, ro=True, create=False)
+            done.append((top, False))
 
     def build(self):
         self.base()
