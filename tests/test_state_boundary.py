@@ -420,3 +420,51 @@ def test_report_of_a_sandbox_in_tmp_lists_its_changes_after_a_rewrite_attempt(tm
     changes = {c["path"]: c["change"] for c in json.loads(report.read_text())["files"]["changes"]}
     shutil.rmtree(home)
     assert changes.get(str(home / ".profile")) == "created", changes
+
+
+# ------------------------------------------------------------------ the plan, pure
+
+
+def _plan(cwd, paths=(), protect=("/tmp/corral-1000", "/run/user/1000/corral"), mode="default"):
+    from corral.fs.plan import FsSpec, Stat, build_plan
+    from test_fs_plan import MOUNTINFO, host
+
+    fs = host(**{"/run/user/1000/corral/ab12cd34": Stat("dir"), "/data/x/y/state": Stat("dir"),
+                 "/home/u/proj/.local/state/corral": Stat("dir")})
+    spec = FsSpec(mode=mode, cwd=cwd, home="/home/u", paths=paths,
+                  scratch="/tmp/corral-1000/sb-1", protect=protect, runtime_dir="/nonexistent")
+    return build_plan(spec, MOUNTINFO, fs).to_json()
+
+
+def _index(ops, op, path):
+    return [i for i, o in enumerate(ops) if o["op"] == op and o["path"] == path]
+
+
+@pytest.mark.parametrize("mode", ["default", "readonly", "hermetic"])
+def test_plan_masks_state_and_scratch_roots_after_every_bind_that_shows_them(mode):
+    ops = _plan("/tmp", paths=[("rw", "/run/user/1000")], mode=mode)
+    for top, bind in (("/tmp/corral-1000", "/tmp"), ("/run/user/1000/corral", "/run/user/1000")):
+        (mask,) = _index(ops, "tmpfs", top)
+        assert ops[mask]["ro"] and not ops[mask]["create"]
+        assert _index(ops, "bind", bind)[-1] < mask, (top, ops)
+
+
+def test_plan_pins_the_directories_between_a_writable_bind_and_a_protected_root():
+    ops = _plan("/data", protect=("/data/x/y/state",))
+    pins = [o["path"] for o in ops if o["op"] == "bind" and o["path"] in ("/data/x", "/data/x/y")]
+    assert pins == ["/data/x", "/data/x/y"]
+    assert all(not o["ro"] for o in ops if o["op"] == "bind" and o["path"] in pins)
+    assert _index(ops, "bind", "/data/x/y")[0] < _index(ops, "tmpfs", "/data/x/y/state")[0]
+    # A read-only view of the same place needs no pins (nothing can be renamed there).
+    ops = _plan("/home/u/proj", paths=[("ro", "/data")], protect=("/data/x/y/state",))
+    assert not _index(ops, "bind", "/data/x")
+
+
+@pytest.mark.parametrize("option", ["rw", "ro", "overlay"])
+def test_plan_refuses_a_path_inside_corrals_own_directories(option):
+    from corral.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="corral's own state and scratch"):
+        _plan("/home/u/proj", paths=[(option, "/run/user/1000/corral/ab12cd34")])
+    with pytest.raises(ConfigError, match="corral's own state and scratch"):
+        _plan("/run/user/1000/corral/ab12cd34")
