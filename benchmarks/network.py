@@ -35,11 +35,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(HERE.parent / "tests"))
 from _harness import (  # noqa: E402
     RESULTS, Unavailable, corral_argv, interleave, machine, plot, save, summarize, table,
 )
-from world import DNS_V4, HTTP_V4, World  # noqa: E402
+from corral.world import DNS_V4, HTTP_V4, World  # noqa: E402
 
 NETBENCH_PORT = 8000
 IPERF_PORT = 5201

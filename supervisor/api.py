@@ -147,6 +147,19 @@ class Sandbox:
             sink = JsonlSink.open(self.config.events)
             self._sinks.append(sink)
             self.stream.add_sink(sink)
+        if self.config.net == "filtered" and not self.config.audit and not self.config.quiet:
+            from .events.hints import DenialHints
+
+            hints = DenialHints(self._warn)
+            self._sinks.append(hints)
+            self.stream.add_sink(hints)
+
+    def _warn(self, text):
+        """One line for the user: the CLI's stderr, the API's ``on_warning``, or the log."""
+        if self._on_warning is not None:
+            self._on_warning(text)
+        else:
+            log.warning("%s", text)
 
     @property
     def recorded_events(self):

@@ -50,6 +50,26 @@ def _tuple_of_str(value):
     return tuple(os.fspath(v) for v in value)
 
 
+def _paths(value):
+    """Mount paths: a relative one is resolved against the caller's working directory
+    now, as every CLI user expects (``rw=["./out"]``)."""
+    return tuple(os.path.abspath(p) for p in _tuple_of_str(value))
+
+
+def _path_order(value):
+    order = []
+    for item in value:
+        item = tuple(item)
+        if len(item) != 2:
+            raise ConfigError("path_order items are (action, path) pairs, not %r" % (item,))
+        order.append((item[0], os.path.abspath(os.fspath(item[1]))))
+    return tuple(order)
+
+
+def _path_or_none(value):
+    return None if value is None else os.path.abspath(os.fspath(value))
+
+
 def _choice(choices):
     def check(instance, attribute, value):
         if value not in choices:
@@ -114,16 +134,14 @@ class Config:
     """
 
     mode: str = attrs.field(default="default", validator=_choice(FS_MODES))
-    rw: tuple = attrs.field(default=(), converter=_tuple_of_str)
-    ro: tuple = attrs.field(default=(), converter=_tuple_of_str)
-    overlay: tuple = attrs.field(default=(), converter=_tuple_of_str)
-    tmpfs: tuple = attrs.field(default=(), converter=_tuple_of_str)
-    hide: tuple = attrs.field(default=(), converter=_tuple_of_str)
-    path_order: tuple = attrs.field(
-        default=(), converter=lambda v: tuple(tuple(i) for i in v), repr=False
-    )
+    rw: tuple = attrs.field(default=(), converter=_paths)
+    ro: tuple = attrs.field(default=(), converter=_paths)
+    overlay: tuple = attrs.field(default=(), converter=_paths)
+    tmpfs: tuple = attrs.field(default=(), converter=_paths)
+    hide: tuple = attrs.field(default=(), converter=_paths)
+    path_order: tuple = attrs.field(default=(), converter=_path_order, repr=False)
     hide_secrets: bool = True
-    cwd: str | None = None
+    cwd: str | None = attrs.field(default=None, converter=_path_or_none)
     scratch: str | None = None
     keep_changes: str | None = None
 
@@ -162,6 +180,7 @@ class Config:
     monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit
+    quiet: bool = False  # no "denied …, allow with --allow …" hints on stderr
     audit: bool = False
 
     @hostname.validator

@@ -19,10 +19,21 @@ MIN_KERNEL = (5, 11)  # overlayfs in user namespaces
 
 @attrs.frozen(kw_only=True)
 class Check:
+    """One line of the doctor's report.  A required check that fails is
+    ``FAIL`` (and the exit status 1); an ``optional`` one that is not
+    available is ``warn``: corral runs, and ``detail`` says what it costs."""
+
     name: str
     ok: bool
     detail: str
     fix: str | None = None
+    optional: bool = False
+
+    @property
+    def status(self):
+        if self.ok:
+            return "ok"
+        return "warn" if self.optional else "FAIL"
 
 
 def _in_child(func):
@@ -165,9 +176,12 @@ def checks():
     from .hardening import cgroup_delegation
 
     delegated, detail = cgroup_delegation()
-    results.append(Check(  # optional: without it the limits are rlimits only
-        name="cgroup v2 delegation", ok=True,
-        detail=detail if delegated else "not available (%s)" % detail,
+    results.append(Check(
+        name="cgroup v2 delegation", ok=delegated, optional=True,
+        detail=detail if delegated else "not available (%s): --memory, --pids and --cpu-time "
+        "are per-process rlimits, not a limit on the whole sandbox" % detail,
+        fix="run under systemd with user delegation (systemd-run --user --scope -p Delegate=yes "
+        "corral …) on a cgroup v2 host",
     ))
 
     try:
@@ -186,10 +200,16 @@ def main():
     results = checks()
     width = max(len(c.name) for c in results)
     for c in results:
-        sys.stdout.write("%s  %-*s  %s\n" % ("ok  " if c.ok else "FAIL", width, c.name, c.detail))
+        sys.stdout.write("%-4s  %-*s  %s\n" % (c.status, width, c.name, c.detail))
         if not c.ok and c.fix:
             sys.stdout.write("      %*s  fix: %s\n" % (width, "", c.fix))
-    failed = [c for c in results if not c.ok]
-    sys.stdout.write("%s\n" % ("all checks passed" if not failed
-                               else "%d check(s) failed" % len(failed)))
+    failed = [c for c in results if c.status == "FAIL"]
+    warned = [c for c in results if c.status == "warn"]
+    if failed:
+        summary = "%d check(s) failed" % len(failed)
+    else:
+        summary = "all required checks passed"
+    if warned:
+        summary += "; %d optional feature(s) unavailable (warn)" % len(warned)
+    sys.stdout.write(summary + "\n")
     return 1 if failed else 0

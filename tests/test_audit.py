@@ -30,7 +30,8 @@ def audited(world, tmp_path_factory):
     (home / ".bashrc").write_text("# rc\n")
     project = home / "project"
     project.mkdir()
-    env = dict(os.environ, HOME=str(home), GITHUB_TOKEN="ghp_fake")
+    # USER fixed: what the installer exfiltrates must not depend on who runs the tests.
+    env = dict(os.environ, HOME=str(home), USER="builder", GITHUB_TOKEN="ghp_fake")
     report, suggest = tmp / "report.json", tmp / "allow.txt"
     result = world.run([sys.executable, "-m", "corral", "audit", "--report", str(report),
                         "--suggest", str(suggest), "--", sys.executable, str(INSTALLER)],

@@ -41,7 +41,7 @@ else:
     from corral.events import DnsEvent, ListSink
     from corral.net.dns import DnsService, forward
     from corral.policy import NameTable, Policy
-    from world_server import DNS_V4, DNS_V6, HTTP_V4, HTTP_V6, OTHER_V4
+    from corral.world.addresses import DNS_V4, DNS_V6, HTTP_V4, HTTP_V6, OTHER_V4
 
     FAKE = (OTHER_V4[2], 5353)
     WORLD = (DNS_V4, 53)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.namespaces
 def test_doctor_passes_on_a_working_machine():
     result = corral("doctor", text=True)
     assert result.returncode == 0, result.stdout
-    assert "all checks passed" in result.stdout
+    assert "all required checks passed" in result.stdout
     for name in ("user namespace", "uid_map", "overlayfs in a user namespace", "/dev/net/tun",
                  "netstack library", "kernel"):
         assert name in result.stdout
@@ -54,3 +54,25 @@ def test_doctor_reports_an_unusable_tun_device(tmp_path):
         os.access = saved
     tun = checks["/dev/net/tun"]
     assert not tun.ok and "chmod 666 /dev/net/tun" in tun.fix
+
+
+def test_doctor_says_warn_not_ok_for_an_optional_feature_it_lacks():
+    """A check that is not available is not "ok" (issue 12 point 9): cgroup v2
+    delegation is optional, so it is `warn` with what it costs, and the exit
+    status stays 0."""
+    from corral import doctor
+
+    real = doctor.checks
+
+    lacking = doctor.Check(name="cgroup v2 delegation", ok=False, optional=True,
+                           detail="not available (cgroup v1): rlimits only")
+    assert lacking.status == "warn"
+    assert doctor.Check(name="x", ok=False, detail="broken").status == "FAIL"
+    assert doctor.Check(name="x", ok=True, detail="fine").status == "ok"
+    cgroup = {c.name: c for c in real()}["cgroup v2 delegation"]
+    if not cgroup.ok:  # this host (cgroup v1 hybrid): must say warn and what it costs
+        assert cgroup.status == "warn" and "rlimits" in cgroup.detail
+    result = corral("doctor", text=True)
+    line = next(l for l in result.stdout.splitlines() if "cgroup v2 delegation" in l)
+    assert not line.startswith("ok") or cgroup.ok
+    assert result.returncode == 0

@@ -27,7 +27,7 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-import world_server as W  # noqa: E402  (constants only)
+from corral.world import addresses as W  # noqa: E402  (constants only)
 
 UNREACHABLE_V4 = "192.0.2.1"
 SANDBOX_PORT = 8000

@@ -1,7 +1,7 @@
 """The world process: a user+net(+mount) namespace full of documentation-address servers.
 
-Started by ``tests/world.py`` as ``python tests/world_server.py --dir DIR --parent PID``;
-never imported by tests.  It unshares its own namespaces with ``unshare(2)`` (it does not
+Started by :class:`corral.world.World` as ``python -m corral.world.server --dir DIR
+--parent PID``; never imported by the client.  It unshares its own namespaces with ``unshare(2)`` (it does not
 exec afterwards, so it keeps the capabilities it gets over the new namespaces), maps the
 caller's uid/gid to themselves, puts the world's addresses on ``lo`` with pyroute2, binds
 every server, then prints one JSON line ``{"ready": true, ...}`` on stdout.
@@ -32,57 +32,27 @@ import sys
 import time
 import urllib.parse
 
-# Addresses and ports: world.py imports these so both sides agree.
-HTTP_V4 = "198.51.100.10"
-HTTP_V6 = "2001:db8::10"
-DNS_V4 = "198.51.100.53"
-DNS_V6 = "2001:db8::53"
-ECHO_V4 = "198.51.100.7"
-ECHO_V6 = "2001:db8::7"
-OTHER_V4 = ("203.0.113.1", "203.0.113.2", "203.0.113.3")
-OTHER_V6 = ("2001:db8::1:1", "2001:db8::1:2")
-V4_ADDRESSES = (HTTP_V4, DNS_V4, ECHO_V4, *OTHER_V4)
-V6_ADDRESSES = (HTTP_V6, DNS_V6, ECHO_V6, *OTHER_V6)
-
-PORT_HTTP = 80
-PORT_HTTP_ALT = 8080
-PORT_HTTPS = 443
-PORT_ECHO = 7  # TCP and UDP echo
-PORT_CLOSE_AFTER_WRITE = 7001  # writes CLOSE_AFTER_WRITE_MESSAGE, then closes
-PORT_CLOSED = 9  # nothing listens: connects are refused
-PORT_DNS = 53
-
-CLOSE_AFTER_WRITE_MESSAGE = b"bye from the corral world\n"
-HELLO_BODY = b"hello from the corral world\n"
-ZONE = "corral.test."
-TLS_NAMES = ("tls.corral.test", "www.corral.test", "*.corral.test")
-
-# name -> list of (rdtype, value).  Names outside ZONE listed here are answered too, so
-# that realistic allowlists (pypi.org, example.com) can be tested against world servers.
-RECORDS: dict[str, list[tuple[str, str]]] = {
-    "corral.test.": [("A", HTTP_V4), ("AAAA", HTTP_V6), ("TXT", "corral world zone apex")],
-    "www.corral.test.": [("A", HTTP_V4), ("AAAA", HTTP_V6)],
-    "tls.corral.test.": [("A", HTTP_V4), ("AAAA", HTTP_V6)],
-    "ns.corral.test.": [("A", DNS_V4), ("AAAA", DNS_V6)],
-    "echo.corral.test.": [("A", ECHO_V4), ("AAAA", ECHO_V6)],
-    "v4only.corral.test.": [("A", HTTP_V4)],
-    "v6only.corral.test.": [("AAAA", HTTP_V6)],
-    "alias.corral.test.": [("CNAME", "www.corral.test.")],
-    "txt.corral.test.": [("TXT", "corral world says hi")],
-    "host1.corral.test.": [("A", OTHER_V4[0]), ("AAAA", OTHER_V6[0])],
-    "host2.corral.test.": [("A", OTHER_V4[1]), ("AAAA", OTHER_V6[1])],
-    "host3.corral.test.": [("A", OTHER_V4[2])],
-    "multi.corral.test.": [("A", OTHER_V4[0]), ("A", OTHER_V4[1]), ("A", OTHER_V4[2])],
-    "example.com.": [("A", OTHER_V4[0]), ("AAAA", OTHER_V6[0])],
-    "example.org.": [("A", OTHER_V4[1]), ("AAAA", OTHER_V6[1])],
-    "pypi.org.": [("A", OTHER_V4[2])],
-    "files.pythonhosted.org.": [("A", OTHER_V4[2])],
-}
+from .addresses import (
+    CLOSE_AFTER_WRITE_MESSAGE,
+    DNS_V4,
+    DNS_V6,
+    HELLO_BODY,
+    PORT_CLOSE_AFTER_WRITE,
+    PORT_DNS,
+    PORT_ECHO,
+    PORT_HTTP,
+    PORT_HTTPS,
+    PORT_HTTP_ALT,
+    RECORDS,
+    V4_ADDRESSES,
+    V6_ADDRESSES,
+)
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
+MS_RDONLY = 1
 PR_SET_PDEATHSIG = 1
 IFA_F_NODAD = 0x02
 
@@ -95,8 +65,10 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"world: {what}: {os.strerror(err)}")
 
 
-def enter_namespaces(resolv_conf: str | None) -> None:
-    """unshare(USER|NET[|NS]), map uid/gid to themselves, optionally bind resolv.conf."""
+def enter_namespaces(resolv_conf: str | None, extra_mounts: int = 0) -> None:
+    """unshare(USER|NET[|NS]), map uid/gid to themselves, optionally bind resolv.conf
+    (what ``ip netns exec`` and every container do) and add ``extra_mounts`` read-only
+    tmpfs mounts under /mnt/snap (what a snap desktop's mount table looks like)."""
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWUSER | CLONE_NEWNET | (CLONE_NEWNS if resolv_conf else 0)
     _check(_libc.unshare(flags), "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
@@ -113,6 +85,13 @@ def enter_namespaces(resolv_conf: str | None) -> None:
             _libc.mount(resolv_conf.encode(), b"/etc/resolv.conf", None, MS_BIND, None),
             "bind-mount the world's resolv.conf over /etc/resolv.conf",
         )
+        if extra_mounts:
+            _check(_libc.mount(b"tmpfs", b"/mnt", b"tmpfs", 0, b"mode=0755"), "mount a tmpfs on /mnt")
+            for i in range(extra_mounts):
+                path = "/mnt/snap/app%d/%d" % (i, 100 + i)
+                os.makedirs(path)
+                _check(_libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY, b"size=64k"),
+                       "mount a read-only tmpfs on " + path)
 
 
 def configure_lo() -> None:
@@ -469,6 +448,7 @@ def main() -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--no-mount-ns", action="store_true")
+    parser.add_argument("--extra-mounts", type=int, default=0)
     args = parser.parse_args()
 
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
@@ -476,7 +456,7 @@ def main() -> None:
         sys.exit("world: parent already gone")
     try:
         resolv = None if args.no_mount_ns else os.path.join(args.dir, "resolv.conf")
-        enter_namespaces(resolv)
+        enter_namespaces(resolv, args.extra_mounts)
         configure_lo()
         asyncio.run(serve(args.dir))
     except OSError as exc:
