@@ -16,7 +16,6 @@ import select
 import shutil
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -78,7 +77,7 @@ def _scratch_place(explicit):
     shared = state.shared_dir()
     if state.claimable(shared):
         return shared
-    fallback = state.private_fallback(os.environ, "scratch")
+    fallback = state.private_fallback(os.environ, "scratch", shared.path)
     return attrs.evolve(fallback, names=fallback.names + ("scratch",))
 
 

@@ -79,15 +79,15 @@ def shared_dir():
     return Place(os.environ.get("TMPDIR") or SHARED, ("corral-%d" % os.getuid(),))
 
 
-def private_fallback(environ, what):
-    """Where corral keeps ``what`` when the shared place belongs to someone
-    else: under $XDG_STATE_HOME (~/.local/state), which no other user can plant."""
+def private_fallback(environ, what, foreign):
+    """Where corral keeps ``what`` when the shared place ``foreign`` belongs
+    to someone else: under $XDG_STATE_HOME (~/.local/state), which no other
+    user can plant."""
     home = environ.get("XDG_STATE_HOME")
     if not home or not os.path.isabs(home):
         home = os.path.join(os.path.expanduser("~"), ".local", "state")
-    shared = shared_dir().path
-    return Place(home, ("corral",), note="%s is not yours (another user created it): corral keeps "
-                 "its %s in %s instead" % (shared, what, os.path.join(home, "corral")))
+    return Place(home, ("corral",), note="%s is not yours (another user's, or a symlink): corral "
+                 "keeps its %s in %s instead" % (foreign, what, os.path.join(home, "corral")))
 
 
 def claimable(place):
@@ -116,7 +116,7 @@ def state_place(environ=None):
     shared = Place(SHARED, ("corral-%d" % os.getuid(), "run"))
     if claimable(shared):
         return shared
-    fallback = private_fallback(environ, "state")
+    fallback = private_fallback(environ, "state", os.path.dirname(shared.path))
     return attrs.evolve(fallback, names=fallback.names + ("run",))
 
 
