@@ -474,7 +474,8 @@ class Process:
             if self._box.wants_report:
                 from .fs.changes import collect_changes
 
-                self._box.changes = collect_changes(self._launch.scratch)
+                self._box.changes = collect_changes(
+                    self._launch.scratch, overlays=_launch.planned_overlays(self._launch))
         finally:
             _launch._cleanup_scratch(self._launch)
 

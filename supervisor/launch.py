@@ -15,7 +15,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 import threading
 import time
@@ -63,41 +62,43 @@ class Launch:
 
 
 def default_scratch_root():
-    return os.path.join(os.environ.get("TMPDIR") or "/tmp", "corral-%d" % os.getuid())
+    return _scratch_place(None).path
 
 
-def _private_dir(path, explicit):
+def _scratch_place(explicit):
+    """Where the per-sandbox scratch directories go: ``--scratch DIR``, else
+    $TMPDIR (or /tmp)/corral-<uid> — a filesystem that takes overlayfs upper
+    layers — unless another user owns that; then a private place (the
+    Place's ``note`` says so)."""
+    from . import state
+
+    if explicit:
+        path = os.path.abspath(explicit)
+        return state.Place(os.path.dirname(path), (os.path.basename(path),))
+    shared = state.shared_dir()
+    if state.claimable(shared):
+        return shared
+    fallback = state.private_fallback(os.environ, "scratch", shared.path)
+    return attrs.evolve(fallback, names=fallback.names + ("scratch",))
+
+
+def _private_dir(place):
     """Create (or check) a directory only we can enter; refuse one that
-    someone else could have planted."""
+    someone else could have planted, or a symlink.  Return its fd."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
-    except OSError as exc:
-        raise ConfigError(
-            "scratch directory %s cannot be created (%s). Fix: pass --scratch DIR "
-            "naming a writable directory" % (path, exc.strerror)
-        ) from None
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-        raise ConfigError(
-            "scratch directory %s is not a directory owned by you. Fix: remove it or pass "
-            "--scratch DIR" % path
-        )
-    if not explicit and stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(
-            "scratch directory %s is not writable. Fix: pass --scratch DIR naming a "
-            "writable directory" % path
-        )
+        return place.open()
+    except SandboxError as exc:
+        raise ConfigError("scratch directory %s: %s. Fix: remove it, or pass --scratch DIR "
+                          "naming a directory of yours" % (place.path, exc.detail or exc.strerror)) from None
 
 
-def _new_private_dir(parent, prefix):
+def _new_private_dir(parent_fd, parent, prefix):
     """mkdtemp without the tempfile module (random, shutil…: ~4 ms of start-up)."""
     for _ in range(100):
-        path = os.path.join(parent, prefix + os.urandom(6).hex())
+        name = prefix + os.urandom(6).hex()
         try:
-            os.mkdir(path, 0o700)
-            return path
+            os.mkdir(name, 0o700, dir_fd=parent_fd)
+            return os.path.join(parent, name)
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no unused name in %s" % parent)
@@ -138,15 +139,20 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         from .fs.outputs import KeptDir
 
         keep = KeptDir.prepare(config.keep_changes)
-    scratch_root = config.scratch or default_scratch_root()
     try:
-        _private_dir(scratch_root, explicit=bool(config.scratch))
-        scratch = _new_private_dir(scratch_root, "sb-")
-    except OSError as exc:
-        raise ConfigError(
-            "scratch directory %s is not writable (%s). Fix: pass --scratch DIR naming a "
-            "writable directory" % (scratch_root, exc.strerror)
-        ) from None
+        place = _scratch_place(config.scratch)
+        root_fd = _private_dir(place)
+        try:
+            scratch = _new_private_dir(root_fd, place.path, "sb-")
+        except OSError as exc:
+            raise ConfigError(
+                "scratch directory %s is not writable (%s). Fix: pass --scratch DIR naming a "
+                "writable directory" % (place.path, exc.strerror)
+            ) from None
+        finally:
+            os.close(root_fd)
+        notes = [p.note for p in (place,) if p.note]
+        protect = [place.path, default_scratch_root(), _state_root(notes)]
     except BaseException:
         if keep is not None:
             keep.close()
@@ -165,6 +171,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             tmp_size=config.tmp_size,
             allow_sockets=config.allow_socket,
             allow_persist=config.allow_persist,
+            protect=protect,
         )
         plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
     except BaseException:
@@ -188,8 +195,29 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         "tap": TAP,
         "harden": harden,
     }
-    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings), keep=keep,
-                  env_dropped=tuple(env_dropped))
+    return Launch(spec=spec, scratch=scratch, warnings=tuple(notes) + tuple(plan.warnings),
+                  keep=keep, env_dropped=tuple(env_dropped))
+
+
+def planned_overlays(launch):
+    """``[(upper, host_path)]`` of every overlay in the plan: what the change
+    report reads, from the supervisor's memory rather than from a file."""
+    return [(op["upper"], op["path"]) for op in launch.spec["plan"] if op["op"] == "overlay" and "upper" in op]
+
+
+def _state_root(notes):
+    """The state directory, created now so that the plan masks it (one made
+    later under a writable directory of the view would be visible inside)."""
+    from . import state
+
+    place = state.state_place()
+    try:
+        os.close(place.open())
+    except SandboxError as exc:
+        notes.append("this sandbox will not appear in `corral ps`: %s" % exc)
+    if place.note:
+        notes.append(place.note)
+    return place.path
 
 
 def _read(path):

@@ -68,8 +68,8 @@ def _ps(args, say):
         sys.stdout.write(json.dumps(rows, indent=1) + "\n")
         return 0
     table = [("ID", "PID", "AGE", "CONNS", "NET", "COMMAND")]
-    table += [(r["id"], str(r["supervisor_pid"]), _age(r["age"]), str(r["conns"]), r["net"] or "-",
-               shlex.join(r["argv"])) for r in rows]
+    table += [(r["id"], str(r["supervisor_pid"]), _age(r["age"]), str(r["conns"]),
+               _safe(r["net"] or "-"), _safe(shlex.join(r["argv"]))) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(5)]
     for row in table:
         cells = [cell.ljust(width) for cell, width in zip(row, widths)]
@@ -101,14 +101,20 @@ def _logs(args, say):
     entry = state.find(args.id)
     events = state.follow_events(entry) if args.follow else state.read_events(entry)
     for event in events:
-        line = json.dumps(event, separators=(",", ":"), ensure_ascii=False) if args.json else format_event(event)
+        # ASCII JSON: no control character of the sandbox's reaches the terminal raw
+        line = json.dumps(event, separators=(",", ":")) if args.json else format_event(event)
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
     return 0
 
 
 def format_event(ev):
-    """One human line for an event record (docs/events.md)."""
+    """One human line for an event record (docs/events.md), with what the
+    sandbox chose (argv, names, answers) escaped: no control characters."""
+    return _safe(_format_event(ev))
+
+
+def _format_event(ev):
     kind = ev.get("type", "?")
     stamp = time.strftime("%H:%M:%S", time.localtime(ev.get("ts", 0)))
     if kind == "sandbox_start":
@@ -137,6 +143,12 @@ def format_event(ev):
         text = "%-6s %s" % (kind, " ".join("%s=%s" % (k, v) for k, v in ev.items()
                                             if k not in ("type", "ts")))
     return "%s %s" % (stamp, text)
+
+
+def _safe(text):
+    from .events.report import _safe
+
+    return _safe(text)
 
 
 def _host(ip):

@@ -2,22 +2,31 @@
 ``stop`` and ``exec`` read.
 
     $XDG_RUNTIME_DIR/corral/            (when XDG_RUNTIME_DIR is set and usable)
-    /tmp/corral-<uid>/run/              (otherwise)
-      <id>/info.json                    who runs what: pids, argv, net mode, the
-                                        spec another process inside needs
+    /tmp/corral-<uid>/run/              (otherwise, unless someone else owns
+                                        /tmp/corral-<uid>; then
+    ~/.local/state/corral/run/          ($XDG_STATE_HOME) — said once at `corral run`)
+      <id>/info.json                    where the supervisor is: its pid, start
+                                        time and the fd of its sealed record
       <id>/events.jsonl                 every event of the sandbox, flushed live
 
-Every directory is 0700 and must be owned by the caller (a directory someone
-else planted is refused).  A sandbox registers when its command starts and
+Every directory of corral's is 0700 and owned by the caller, checked at every
+use: each component is opened with ``O_NOFOLLOW`` relative to its parent's fd
+(a symlink, or a directory someone else planted, is refused).  No sandbox can
+reach the state directory: the mount plan masks it in every view
+(:mod:`corral.fs.plan`, ``protect``).  Even so nothing that matters is trusted
+from a file: what a sandbox is (its pids, argv, the spec ``corral exec`` needs)
+lives in a sealed memfd the supervisor holds, read through
+``/proc/<supervisor>/fd/<n>`` after checking that the supervisor is the same
+process (pid plus start time) in our own user and pid namespaces — a sandboxed
+process can be neither.  A sandbox registers when its command starts and
 removes its directory when it ends; an entry whose supervisor is gone (a
-crash, SIGKILL) is stale and :func:`list_running` prunes it.  Pids are checked
-together with their start time, so a recycled pid is not taken for the
-supervisor.  Standard library and attrs only: the blocking supervisor imports
-this.
+crash, SIGKILL) is stale and :func:`list_running` prunes it.  Standard library
+and attrs only: the blocking supervisor imports this.
 """
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -32,23 +41,88 @@ from .errors import ConfigError, SandboxError
 
 log = logging.getLogger("corral.state")
 
-FALLBACK = "/tmp/corral-%d/run"
+SHARED = "/tmp"  # /tmp/corral-<uid>: the fallback state root's parent and the default scratch root
 INFO = "info.json"
 EVENTS = "events.jsonl"
 ID_HEX = 8
+RECORD_MAX = 16 * 1024 * 1024  # a supervisor's record (the spec holds the environment)
+SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 # Spec keys another process inside needs: everything but the mount plan and
 # the TAP settings (pid 1 already applied those).  Whatever E-restrictions
 # ``stage1._become_command`` reads (seccomp, capabilities, rlimits…) come along.
 _SPEC_SKIP = ("plan", "tap", "argv", "wait_go")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+@attrs.frozen
+class Place:
+    """A private directory: ``base`` (a directory that is not corral's, such
+    as /tmp or $XDG_RUNTIME_DIR) and the components corral creates below it,
+    each 0700 and owned by the caller.  ``note``: why this place and not the
+    usual one (a fallback), else None."""
+
+    base: str
+    names: tuple
+    note: str | None = None
+
+    @property
+    def path(self):
+        return os.path.join(self.base, *self.names)
+
+    def open(self, create=True):
+        """A directory fd of :attr:`path`, every corral component checked."""
+        return open_private(self.base, self.names, create=create)
+
+
+def shared_dir():
+    """/tmp/corral-<uid> (TMPDIR's, when set): scratch and the fallback state."""
+    return Place(os.environ.get("TMPDIR") or SHARED, ("corral-%d" % os.getuid(),))
+
+
+def private_fallback(environ, what, foreign):
+    """Where corral keeps ``what`` when the shared place ``foreign`` belongs
+    to someone else: under $XDG_STATE_HOME (~/.local/state), which no other
+    user can plant."""
+    home = environ.get("XDG_STATE_HOME")
+    if not home or not os.path.isabs(home):
+        home = os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Place(home, ("corral",), note="%s is not yours (another user's, or a symlink): corral "
+                 "keeps its %s in %s instead" % (foreign, what, os.path.join(home, "corral")))
+
+
+def claimable(place):
+    """Whether ``place`` is ours to use: each component missing, or a real
+    directory (not a symlink) owned by the caller."""
+    path = place.base
+    for name in place.names:
+        path = os.path.join(path, name)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            return False
+    return True
+
+
+def state_place(environ=None):
+    """Where this user's state directory is (not created)."""
+    environ = os.environ if environ is None else environ
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isabs(runtime) and _usable(runtime):
+        return Place(runtime, ("corral",))
+    shared = Place(SHARED, ("corral-%d" % os.getuid(), "run"))
+    if claimable(shared):
+        return shared
+    fallback = private_fallback(environ, "state", os.path.dirname(shared.path))
+    return attrs.evolve(fallback, names=fallback.names + ("run",))
 
 
 def state_root(environ=None):
     """The state directory for this user (not created)."""
-    environ = os.environ if environ is None else environ
-    runtime = environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isabs(runtime) and _usable(runtime):
-        return os.path.join(runtime, "corral")
-    return FALLBACK % os.getuid()
+    return state_place(environ).path
 
 
 def _usable(path):
@@ -60,28 +134,69 @@ def _usable(path):
             and os.access(path, os.W_OK | os.X_OK))
 
 
-def _private_dir(path):
-    """Create ``path`` 0700 (parents too), or check that it is ours."""
+def open_private(base, names, *, create=True):
+    """Open ``base/names...`` as a directory fd: each of ``names`` created
+    0700 when missing (with ``create``), opened with ``O_NOFOLLOW`` relative
+    to its parent and checked (a directory, ours, no access for others).
+    SandboxError when one is not."""
+    path = base
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-        st = os.lstat(path)
+        if create:
+            os.makedirs(base, 0o700, exist_ok=True)
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError as exc:
-        raise SandboxError("state directory", exc.errno, detail=path,
-                           fix="set XDG_RUNTIME_DIR to a directory you own") from None
+        raise _dir_error(base, exc) from None
+    try:
+        for name in names:
+            path = os.path.join(path, name)
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o700, dir_fd=fd)
+            try:
+                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP) and _is_link(fd, name):
+                    exc.errno = errno.ELOOP
+                raise _dir_error(path, exc) from None
+            os.close(fd)
+            fd = child
+            check_private(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def check_private(fd, path):
+    """``fd`` must be a directory owned by the caller; access for anyone else
+    is taken away (it can only be ours that granted it)."""
+    st = os.fstat(fd)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
         raise SandboxError(
             "state directory", errno.EPERM,
             detail="%s is not a directory owned by you (uid %d)" % (path, os.getuid()),
             fix="remove it, or set XDG_RUNTIME_DIR to a directory you own")
     if stat.S_IMODE(st.st_mode) & 0o077:
-        os.chmod(path, 0o700)
+        os.fchmod(fd, 0o700)
 
 
-def _ensure_root(root):
-    if root.startswith(FALLBACK.split("%")[0]):
-        _private_dir(os.path.dirname(root))  # /tmp/corral-<uid> itself
-    _private_dir(root)
-    return root
+def _is_link(dir_fd, name):
+    try:
+        return stat.S_ISLNK(os.lstat(name, dir_fd=dir_fd).st_mode)
+    except OSError:
+        return False
+
+
+def _dir_error(path, exc):
+    if exc.errno == errno.ELOOP:
+        return SandboxError("state directory", errno.ELOOP, detail="%s is a symlink" % path,
+                            fix="remove it; corral follows no symlink there")
+    if exc.errno == errno.ENOTDIR:
+        return SandboxError("state directory", errno.EPERM,
+                            detail="%s is not a directory owned by you (uid %d)"
+                            % (path, os.getuid()), fix="remove it")
+    return SandboxError("state directory", exc.errno, detail=path,
+                        fix="set XDG_RUNTIME_DIR to a directory you own")
 
 
 def proc_start_time(pid):
@@ -149,12 +264,16 @@ class Running:
 
 class Registration:
     """A sandbox's entry while it runs: write events with :meth:`write_event`,
-    end it with :meth:`close` (idempotent; removes the directory)."""
+    end it with :meth:`close` (idempotent; removes the directory and the
+    sealed record)."""
 
-    def __init__(self, id, path):
+    def __init__(self, id, path, root_fd, entry_fd, record_fd):
         self.id = id
         self.path = path
         self.events_path = os.path.join(path, EVENTS)
+        self._root_fd = root_fd
+        self._entry_fd = entry_fd
+        self._record_fd = record_fd
         self._events = None
 
     def __repr__(self):
@@ -162,7 +281,9 @@ class Registration:
 
     def open_events(self):
         """The events file, opened for appending (the caller owns it)."""
-        return open(self.events_path, "a", encoding="utf-8")
+        fd = os.open(EVENTS, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     dir_fd=self._entry_fd)
+        return open(fd, "a", encoding="utf-8")
 
     def write_event(self, record):
         """Append one event record (a dict with at least ``type``), flushed."""
@@ -179,7 +300,10 @@ class Registration:
         if self._events is not None:
             self._events.close()
             self._events = None
-        shutil.rmtree(self.path, ignore_errors=True)
+        os.close(self._entry_fd)
+        shutil.rmtree(self.id, dir_fd=self._root_fd, ignore_errors=True)
+        os.close(self._root_fd)
+        os.close(self._record_fd)
         self.path = None
 
     def __enter__(self):
@@ -189,24 +313,30 @@ class Registration:
         self.close()
 
 
-def register(*, spec, supervisor_pid, d_pid, command_pid=None, root=None):
+def register(*, spec, supervisor_pid, d_pid, command_pid=None, place=None):
     """Record a sandbox whose command just started; return its
     :class:`Registration`.  Raises SandboxError when the state directory is
     unusable (see :func:`register_quietly`)."""
-    root = _ensure_root(root or state_root())
-    for _ in range(16):
-        sandbox_id = os.urandom(ID_HEX // 2).hex()  # (the secrets module costs ~5 ms of start-up)
-        path = os.path.join(root, sandbox_id)
-        try:
-            os.mkdir(path, 0o700)
-            break
-        except FileExistsError:
-            continue
-        except OSError as exc:
-            raise SandboxError("state directory", exc.errno, detail=path,
-                               fix="set XDG_RUNTIME_DIR to a directory you own") from None
-    else:
-        raise SandboxError("state directory", errno.EEXIST, detail="no free sandbox id in " + root)
+    place = place or state_place()
+    root = place.open()
+    try:
+        for _ in range(16):
+            sandbox_id = os.urandom(ID_HEX // 2).hex()  # (the secrets module costs ~5 ms of start-up)
+            try:
+                os.mkdir(sandbox_id, 0o700, dir_fd=root)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise _dir_error(os.path.join(place.path, sandbox_id), exc) from None
+        else:
+            raise SandboxError("state directory", errno.EEXIST,
+                               detail="no free sandbox id in " + place.path)
+        path = os.path.join(place.path, sandbox_id)
+        entry = os.open(sandbox_id, _DIR_FLAGS, dir_fd=root)
+    except BaseException:
+        os.close(root)
+        raise
     info = {
         "id": sandbox_id,
         "argv": spec.get("argv"),
@@ -220,10 +350,13 @@ def register(*, spec, supervisor_pid, d_pid, command_pid=None, root=None):
         "started": time.time(),
         "spec": {k: v for k, v in spec.items() if k not in _SPEC_SKIP},
     }
-    registration = Registration(sandbox_id, path)
+    registration = Registration(sandbox_id, path, root, entry, _sealed(info))
     try:
-        _write_json(os.path.join(path, INFO), info)
-        open(registration.events_path, "a").close()
+        _write_json(entry, INFO, {"id": sandbox_id, "supervisor_pid": supervisor_pid,
+                                  "supervisor_start": info["supervisor_start"],
+                                  "record_fd": registration._record_fd})
+        os.close(os.open(EVENTS, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600, dir_fd=entry))
     except OSError as exc:
         registration.close()
         raise SandboxError("state directory", exc.errno, detail=path) from None
@@ -241,63 +374,143 @@ def register_quietly(**kw):
         return None
 
 
-def _write_json(path, data):
-    tmp = path + ".tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+def _sealed(info):
+    """The supervisor's record of a sandbox: a memfd nobody can change (not
+    even us), which ``corral ps/exec/stop`` read through /proc."""
+    fd = os.memfd_create("corral-sandbox", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        data = memoryview(json.dumps(info).encode())
+        while data:
+            data = data[os.write(fd, data):]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _write_json(dir_fd, name, data):
+    tmp = name + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                 dir_fd=dir_fd)
     with open(fd, "w", encoding="utf-8") as f:
         json.dump(data, f)
-    os.rename(tmp, path)
+    os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
-def _load(root, name):
-    path = os.path.join(root, name)
+def _load(root_fd, root, name):
+    """The entry ``name``: its pointer file, then the record its supervisor
+    holds.  None when either is missing or does not check out."""
     try:
-        with open(os.path.join(path, INFO), encoding="utf-8") as f:
-            info = json.load(f)
+        fd = os.open(name, _DIR_FLAGS, dir_fd=root_fd)
+    except OSError:
+        return None, None
+    try:
+        if os.fstat(fd).st_uid != os.getuid():
+            return None, None
+        info_fd = os.open(INFO, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        with open(info_fd, encoding="utf-8") as f:
+            pointer = json.loads(f.read(4096))
     except (OSError, ValueError):
+        return None, None
+    finally:
+        os.close(fd)
+    if not isinstance(pointer, dict):
+        return None, None
+    pid, start, record = (pointer.get(k) for k in ("supervisor_pid", "supervisor_start", "record_fd"))
+    if not all(type(v) is int for v in (pid, start, record)):
+        return None, None
+    info = supervisor_record(pid, start, record)
+    entry = None if info is None or info.get("id") != name else Running(
+        id=name, path=os.path.join(root, name), info=info)
+    return entry, alive(pid, start)
+
+
+def supervisor_record(pid, start, fd):
+    """The sealed record supervisor ``pid`` (started at ``start``) holds in
+    its fd ``fd``, or None.  Only a process of our own user and pid namespaces
+    counts: nothing inside a sandbox is one."""
+    if not alive(pid, start) or not all(_same_ns(pid, ns) for ns in ("user", "pid")):
         return None
-    return Running(id=name, path=path, info=info)
+    try:
+        mfd = os.open("/proc/%d/fd/%d" % (pid, fd), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if fcntl.fcntl(mfd, fcntl.F_GET_SEALS) & SEALS != SEALS:
+            return None
+        size = os.fstat(mfd).st_size
+        if size > RECORD_MAX:
+            return None
+        data = os.pread(mfd, size, 0)
+    except OSError:  # not a memfd (EINVAL)
+        return None
+    finally:
+        os.close(mfd)
+    if not alive(pid, start):  # the pid was reused while we opened its fd
+        return None
+    try:
+        info = json.loads(data)
+    except ValueError:
+        return None
+    if (not isinstance(info, dict) or info.get("supervisor_pid") != pid
+            or info.get("supervisor_start") != start):
+        return None
+    return info
 
 
-def list_running(root=None, *, prune=True):
+def _same_ns(pid, name):
+    try:
+        a, b = os.stat("/proc/%d/ns/%s" % (pid, name)), os.stat("/proc/self/ns/" + name)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def list_running(place=None, *, prune=True):
     """Every registered sandbox whose supervisor still runs, oldest first.
     With ``prune``, entries whose supervisor is gone are removed."""
-    root = root or state_root()
+    place = place or state_place()
     try:
-        names = os.listdir(root)
-    except FileNotFoundError:
-        return []
-    found = []
-    for name in names:
-        if len(name) != ID_HEX or name.strip("0123456789abcdef"):
-            continue
-        entry = _load(root, name)
-        if entry is None:
-            # Being created (info.json not yet renamed in) or half removed:
-            # stale only once it is old.
-            _prune_partial(os.path.join(root, name), prune)
-            continue
-        if entry.supervisor_alive():
-            found.append(entry)
-        elif prune:
-            log.info("pruning stale sandbox %s (supervisor %s is gone)", name, entry.supervisor_pid)
-            shutil.rmtree(entry.path, ignore_errors=True)
+        root_fd = place.open(create=False)
+    except SandboxError as exc:
+        if exc.errno == errno.ENOENT:
+            return []
+        raise
+    try:
+        found = []
+        for name in os.listdir(root_fd):
+            if len(name) != ID_HEX or name.strip("0123456789abcdef"):
+                continue
+            entry, supervisor_alive = _load(root_fd, place.path, name)
+            if entry is not None:
+                found.append(entry)
+            elif supervisor_alive is False and prune:
+                log.info("pruning stale sandbox %s (its supervisor is gone)", name)
+                shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
+            elif supervisor_alive is None:
+                # Being created (info.json not yet renamed in) or half removed:
+                # stale only once it is old.
+                _prune_partial(root_fd, name, prune)
+    finally:
+        os.close(root_fd)
     return sorted(found, key=lambda e: e.started)
 
 
-def _prune_partial(path, prune, age=60.0):
+def _prune_partial(root_fd, name, prune, age=60.0):
     with contextlib.suppress(OSError):
-        if prune and time.time() - os.lstat(path).st_mtime > age:
-            shutil.rmtree(path, ignore_errors=True)
+        st = os.lstat(name, dir_fd=root_fd)
+        if prune and stat.S_ISDIR(st.st_mode) and time.time() - st.st_mtime > age:
+            shutil.rmtree(name, dir_fd=root_fd, ignore_errors=True)
 
 
-def find(id_or_prefix, root=None):
+def find(id_or_prefix, place=None):
     """The running sandbox whose id is, or starts with, ``id_or_prefix``
     (unique, like a git hash).  ConfigError when none or several match."""
     prefix = id_or_prefix.lower()
     if not prefix or prefix.strip("0123456789abcdef"):
         raise ConfigError("%r is not a sandbox id (hex digits). Fix: see `corral ps`" % id_or_prefix)
-    matches = [e for e in list_running(root) if e.id.startswith(prefix)]
+    matches = [e for e in list_running(place) if e.id.startswith(prefix)]
     if not matches:
         raise ConfigError("no running sandbox with id %s. Fix: see `corral ps`" % id_or_prefix)
     if len(matches) > 1:
@@ -313,11 +526,16 @@ def read_events(entry_or_path):
     """The sandbox's events so far, as dicts (a torn last line is skipped)."""
     path = getattr(entry_or_path, "events_path", entry_or_path)
     try:
-        with open(path, encoding="utf-8") as f:
+        with _open_text(path) as f:
             text = f.read()
     except OSError:
         return []
     return list(_parse_lines(text.split("\n")[:-1]))
+
+
+def _open_text(path):
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    return open(fd, encoding="utf-8", errors="replace")
 
 
 def _parse_lines(lines):
@@ -345,8 +563,8 @@ def follow_events(entry, *, poll=0.2, until_exit=True):
     """Yield the sandbox's events, then new ones as they are written, until its
     exit record (or, with no exit record, until its supervisor is gone)."""
     try:
-        f = open(entry.events_path, encoding="utf-8")
-    except FileNotFoundError:
+        f = _open_text(entry.events_path)
+    except OSError:
         return  # ended between find() and here
     with f:
         partial = ""
@@ -382,24 +600,39 @@ def stop(entry, *, grace=10.0, wait=5.0):
         return "gone"
     how = "term"
     if entry.pid1_alive():
-        _signal(entry.d_pid, signal.SIGTERM)
+        _signal(entry, entry.d_pid, entry.info.get("d_start"), signal.SIGTERM)
         if not _wait_gone(entry, grace):
             how = "kill"
             if entry.pid1_alive():
-                _signal(entry.d_pid, signal.SIGKILL)
+                _signal(entry, entry.d_pid, entry.info.get("d_start"), signal.SIGKILL)
     if not _wait_gone(entry, wait if how == "kill" else grace):
         if entry.pid1_alive():
             raise SandboxError("stop", errno.ETIMEDOUT, detail="sandbox %s (pid 1 %d) did not die"
                                % (entry.id, entry.d_pid))
         # pid 1 is gone but the supervisor hangs on: it is no longer supervising anything.
-        _signal(entry.supervisor_pid, signal.SIGKILL)
+        _signal(entry, entry.supervisor_pid, entry.info.get("supervisor_start"), signal.SIGKILL)
         _wait_gone(entry, wait)
     return how
 
 
-def _signal(pid, sig):
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+def _signal(entry, pid, start, sig):
+    """Signal ``pid`` if it is still the process that started at ``start``
+    (through a pidfd: a pid reused after the check is not hit)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if proc_start_time(pid) == start:
+            signal.pidfd_send_signal(fd, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        raise SandboxError("stop", errno.EPERM, message="cannot stop sandbox %s: its pid %d "
+                           "belongs to another user. Fix: run `corral stop` as the user who "
+                           "started it" % (entry.id, pid)) from None
+    finally:
+        os.close(fd)
 
 
 def _wait_gone(entry, timeout):
@@ -501,4 +734,5 @@ def _relay(pid):
                 code = os.waitstatus_to_exitcode(status)
                 return 128 - code if code < 0 else code
         elif info.si_code != stage1.SI_KERNEL:
-            _signal(pid, info.si_signo)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, info.si_signo)

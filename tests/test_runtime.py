@@ -121,7 +121,7 @@ def test_fallback_state_dir_refuses_a_directory_owned_by_someone_else(tmp_path, 
     assert state.state_root() == "/tmp/corral-%d/run" % os.getuid()
     if os.getuid() != 0 and os.stat("/").st_uid == 0:
         with pytest.raises(SandboxError, match="not a directory owned by you"):
-            state._private_dir("/")  # root's; any directory not ours would do
+            state.open_private("/", ("usr",), create=False)  # root's; any directory not ours
 
 
 # ------------------------------------------------------------------ logs

@@ -460,9 +460,15 @@ def scan_upper(upper: str | os.PathLike, host_path: str, *, limit: int = DEFAULT
                      errors=tuple(walk.errors))
 
 
-def collect_changes(scratch: str | os.PathLike, *, limit: int = DEFAULT_LIMIT) -> ChangeSet:
-    """Every change recorded in a sandbox's scratch directory (see the module docstring)."""
+def collect_changes(scratch: str | os.PathLike, *, limit: int = DEFAULT_LIMIT,
+                    overlays: list[tuple[str, str]] | None = None) -> ChangeSet:
+    """Every change recorded in a sandbox's scratch directory (see the module docstring).
+    ``overlays``: the ``(upper, host_path)`` pairs the supervisor planned — then the
+    manifest, a file pid 1 wrote, only adds its fallbacks (which were not writable)."""
+    planned = overlays
     overlays, fallbacks = read_manifest(scratch)
+    if planned is not None:
+        overlays = planned
     walk = _Walk(limit)
     for upper, host_path in sorted(overlays, key=lambda item: item[1]):
         walk.scan(upper, host_path)

@@ -102,6 +102,9 @@ class FsSpec:
     runtime_dir: str | None = None  # $XDG_RUNTIME_DIR; None: /run/user/<uid> if it exists
     allow_sockets: tuple = attrs.field(default=(), converter=tuple)  # host sockets shown
     allow_persist: bool = False  # startup files and git hooks/config in writable dirs: see persist.py
+    # corral's own directories (state and scratch roots; ``scratch`` always): never
+    # visible, never movable inside
+    protect: tuple = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen(kw_only=True)
@@ -297,6 +300,10 @@ class _Planner:
         self.allowed_sockets = set()
         self.host_sockets = None  # [real path], read on first use
         self.relative_sockets = False
+        protect = {self.scratch}
+        protect.update(self.resolve(_absolute(p, "state directory")) for p in spec.protect)
+        protect = sorted(protect)
+        self.protect = [p for p in protect if not any(q != p and _under(p, q) for q in protect)]
 
     # ---------------------------------------------------------------- paths
 
@@ -633,10 +640,12 @@ class _Planner:
         items = self.layers()
         spec = self.spec
         done = []
-        if spec.mode != "hermetic" and not any(_under(self.scratch, f) for f in FRESH):
-            # the upper layers live there; the sandbox must not see them
-            self.emit("tmpfs", path=self.scratch, mode=0o700, ro=True, create=False)
-            done.append((self.scratch, False))
+        for path, group, _action, _st in items:
+            for top in self.protect:
+                if group > 0 and _under(path, top):
+                    raise ConfigError(
+                        "%s is inside %s, corral's own state and scratch, which no sandbox may "
+                        "see. Fix: name a path outside it" % (path, top))
         tmpfs_ops = {}
         # keep only the last item per path (the later one wins), in order
         final = {}
@@ -678,6 +687,7 @@ class _Planner:
             elif is_dir:
                 self.bind_dir(path, ro=False, create=create)
                 done.append((path, True))
+                self.pin_protected(path, done)
             else:
                 self.emit("bind", src=path, path=path, ro=False, dir=False, create=create)
                 done.append((path, True))
@@ -687,6 +697,7 @@ class _Planner:
                     op["ro"] = False
                     self.emit_later.append({"op": "remount_ro", "path": top})
                     del tmpfs_ops[top]
+        self.mask_protected(done)
         home = self.resolve(_absolute(spec.home, "home"))
         writable = [p for p, g, a, _ in final.values() if a == "rw"]
         if any(_under(home, p) for p in writable):
@@ -699,6 +710,37 @@ class _Planner:
             if group == 0 and action == "hide" and _under(self.cwd, path):
                 self.warnings.append("the working directory %s is inside %s, which corral "
                                      "would hide; it is visible" % (self.cwd, path))
+
+    def pin_protected(self, top, done):
+        """Under a writable bind ``top``, make every directory on the way to
+        a protected directory a mount point (a bind onto itself): the sandbox
+        cannot rename them, and so cannot put a directory of its own where
+        corral will look for its state."""
+        for protected in self.protect:
+            if protected == top or not _under(protected, top):
+                continue
+            path = os.path.dirname(protected)
+            chain = []
+            while path != top:
+                chain.append(path)
+                path = os.path.dirname(path)
+            for path in reversed(chain):
+                st = self.fs.lstat(path)
+                if st is None or st.kind != "dir":
+                    break
+                self.bind_dir(path, ro=False, create=False)  # sockets masked again
+                done.append((path, True))
+
+    def mask_protected(self, done):
+        """An empty read-only tmpfs over each protected directory that the
+        view shows, last: no working directory or base layer exposes corral's
+        own state and scratch (options naming a path inside were refused)."""
+        for top in self.protect:
+            st = self.fs.lstat(top)
+            if st is None or st.kind != "dir" or not self.exposes_host(top, done):
+                continue
+            self.emit("tmpfs", path=top, mode=0o700, ro=True, create=False)
+            done.append((top, False))
 
     def build(self):
         self.base()

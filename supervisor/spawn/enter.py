@@ -18,6 +18,10 @@ the caller already shares (the host network with ``--net host``) are left
 alone.  Sharing the network namespace means sharing ``tap0`` and so the
 supervisor's netstack and policy: nothing else is needed for the same rules.
 
+Y keeps only fds 0, 1, 2 (and its error pipe, close-on-exec) of what the
+caller passed, as ``corral run`` gives the command nothing else: a
+``5>>~/file`` on the ``corral exec`` command line must not reach inside.
+
 Z dies with Y, Y with X (PR_SET_PDEATHSIG), and Z is in the sandbox's pid
 namespace, so it dies with the sandbox too.  Failures reach X as one JSON
 object (:meth:`stage1.StepError.to_dict`) on an error pipe; Y exits with Z's
@@ -47,6 +51,7 @@ NAMESPACES = (
     ("cgroup", libc.CLONE_NEWCGROUP),
 )
 SIGNALS = set(stage1.FORWARDED) | {signal.SIGCHLD}
+MAX_FD = 1 << 30  # above any RLIMIT_NOFILE (closerange uses close_range(2))
 
 
 def run(d_pid, spec, argv, err_w, parent_pid):
@@ -74,6 +79,7 @@ def _run(d_pid, spec, argv, err_w, parent_pid):
     libc.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:
         return 1
+    keep_only_stdio(err_w)
     signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
     enter_namespaces(d_pid)
     hardened = stage1._prepare_hardening(spec)  # inside: the same filter E got
@@ -85,6 +91,12 @@ def _run(d_pid, spec, argv, err_w, parent_pid):
     os.close(lifeline_r)
     code, _sig = stage1._supervise(child, SIGNALS)
     return code
+
+
+def keep_only_stdio(err_w):
+    """Close every fd but 0, 1, 2 and ``err_w`` (close-on-exec)."""
+    os.closerange(3, err_w)
+    os.closerange(err_w + 1, MAX_FD)
 
 
 def enter_namespaces(d_pid):
