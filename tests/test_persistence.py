@@ -390,3 +390,33 @@ def test_repo_search_in_a_tree_of_thousands_of_files_is_fast(tmp_path):
     assert (str(tmp_path / ".git" / "config"), persist.COPY, "file") in found.items
     assert (str(tmp_path / "pkg0" / "sub" / ".git" / "config"), persist.COPY, "file") in found.items
     assert elapsed < 0.05, elapsed  # 10,000 files: ~1 ms on a quiet 2-core VM
+
+
+@pytest.mark.parametrize("path, flagged", [
+    ("/p/.git/hooks/pre-commit", True), ("/p/.git/hooks/pre-commit.sample", False),
+    ("/p/.git/config", True), ("/p/.git/modules/a/b/modules/c/config", True),
+    ("/p/.git/modules/a/hooks/post-checkout", True), ("/p/.git/worktrees/w/config.worktree", True),
+    ("/p/.git/commondir", True), ("/p/lib/.git", True), ("/srv/remote.git/hooks/post-receive", True),
+    ("/h/.bashrc", True), ("/h/.config/systemd/user/x.service", True), ("/h/.config/autostart/x.desktop", True),
+    ("/p/src/config", False), ("/p/.git/info/attributes", False), ("/p/.git/objects/ab/cd", False),
+    ("/p/.git/refs/heads/main", False), ("/p/README", False),
+])
+def test_audit_knows_which_paths_are_persistence(path, flagged):
+    assert bool(persist.is_persistence(path)) is flagged
+
+
+def test_audit_flags_a_new_repository_once_not_each_of_its_sample_hooks():
+    from corral.events.report import build_report
+
+    changes = {"changes": [
+        {"path": "/h/clone/.git", "change": "created", "kind": "dir", "executable": False},
+        {"path": "/h/clone/.git/config", "change": "created", "kind": "file", "executable": False},
+        {"path": "/h/clone/.git/hooks/pre-commit.sample", "change": "created", "kind": "file",
+         "executable": True},
+        {"path": "/p/.git/hooks/pre-commit", "change": "created", "kind": "file", "executable": True},
+    ]}
+    flags = {f["subject"]: f for f in build_report([], changes=changes)["flags"]}
+    assert flags["/h/clone/.git"]["severity"] == "medium"
+    assert flags["/p/.git/hooks/pre-commit"]["severity"] == "high"
+    assert "/h/clone/.git/config" not in flags
+    assert "/h/clone/.git/hooks/pre-commit.sample" not in flags

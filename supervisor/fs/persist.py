@@ -82,7 +82,7 @@ KEEP, COPY, DISCARD, WATCH = "persist-keep", "persist-copy", "persist-discard", 
 ACTIONS = (KEEP, COPY, DISCARD)
 
 _GIT_PATH = re.compile(
-    r"(?:^|/)\.git(?:/modules/.+?)?(?:/worktrees/[^/]+)?/(?:config|config\.worktree|commondir|hooks/.+)$"
+    r"(?:^|/)[^/]*\.git(?:/modules/.+?)?(?:/worktrees/[^/]+)?/(?:config|config\.worktree|commondir|hooks/(?!.*\.sample$).+)$"
 )
 
 
