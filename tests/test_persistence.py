@@ -227,6 +227,26 @@ def test_git_hooks_and_config_with_allow_persist_reach_the_host_and_are_flagged(
 
 
 @pytest.mark.namespaces
+@pytest.mark.parametrize("mode", [
+    ["--mode", "readonly"],
+    ["--mode", "hermetic"] + [arg for top in ("/usr", "/bin", "/lib", "/lib64", "/etc") if os.path.exists(top)
+                              for arg in ("--ro", top)],
+])
+def test_git_hook_and_config_planted_in_other_modes_stay_off_the_host(repo, home, mode):
+    before = _snapshot(repo)
+    script = ("printf '#!/bin/sh\\necho pwned\\n' > .git/hooks/pre-commit && "
+              "printf '[core]\\n\\tfsmonitor = x\\n' >> .git/config && "
+              "echo pwned > .git/modules/lib/hooks/post-checkout && "
+              "git commit -q --allow-empty -m inside && (mv .git x 2>/dev/null || echo kept)")
+    result = corral("run", "--net", "none", *mode, "--", "sh", "-c", script, cwd=repo, env=_env(home))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"kept\n"
+    assert _current(before) == before
+    log = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=repo, capture_output=True, check=True)
+    assert log.stdout == b"inside\n"  # and normal work reached the host
+
+
+@pytest.mark.namespaces
 def test_normal_work_in_a_protected_repo_edit_add_commit_reaches_the_host(repo, home):
     script = ("echo change >> README && git add README && git commit -qm inside && "
               "cd lib && echo sub >> README && git commit -qam 'inside lib' && git status --short")
