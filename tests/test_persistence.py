@@ -15,6 +15,7 @@ import pytest
 
 from conftest import corral
 from corral.fs import persist
+from corral.fs import plan as fsplan
 from corral.fs.plan import FsSpec, HostFs, Stat, build_plan
 
 GIT_ENV = {
@@ -227,6 +228,26 @@ def test_git_hooks_and_config_with_allow_persist_reach_the_host_and_are_flagged(
 
 
 @pytest.mark.namespaces
+@pytest.mark.parametrize("mode", [
+    ["--mode", "readonly"],
+    ["--mode", "hermetic"] + [arg for top in ("/usr", "/bin", "/lib", "/lib64", "/etc") if os.path.exists(top)
+                              for arg in ("--ro", top)],
+])
+def test_git_hook_and_config_planted_in_other_modes_stay_off_the_host(repo, home, mode):
+    before = _snapshot(repo)
+    script = ("printf '#!/bin/sh\\necho pwned\\n' > .git/hooks/pre-commit && "
+              "printf '[core]\\n\\tfsmonitor = x\\n' >> .git/config && "
+              "echo pwned > .git/modules/lib/hooks/post-checkout && "
+              "git commit -q --allow-empty -m inside && (mv .git x 2>/dev/null || echo kept)")
+    result = corral("run", "--net", "none", *mode, "--", "sh", "-c", script, cwd=repo, env=_env(home))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b"kept\n"
+    assert _current(before) == before
+    log = subprocess.run(["git", "log", "-1", "--format=%s"], cwd=repo, capture_output=True, check=True)
+    assert log.stdout == b"inside\n"  # and normal work reached the host
+
+
+@pytest.mark.namespaces
 def test_normal_work_in_a_protected_repo_edit_add_commit_reaches_the_host(repo, home):
     script = ("echo change >> README && git add README && git commit -qm inside && "
               "cd lib && echo sub >> README && git commit -qam 'inside lib' && git status --short")
@@ -375,6 +396,9 @@ def test_plan_home_cwd_is_an_overlay_unless_named_rw():
     assert len(plan.warnings) == 1 and "writable, startup files included" in plan.warnings[0]
     (watch,) = [o for o in plan.to_json() if o["op"] == "watch"]
     assert "/home/u/.bashrc" in watch["paths"] and "/home/u/.bash_login" in watch["paths"]
+    plan = _plan(tree, cwd="/home/u", paths=(("rw", "/home"),))  # above it: writable too
+    assert not [o for o in plan.to_json() if o["op"] == "overlay" and o["path"] == "/home/u"]
+    assert plan.warnings == (fsplan.HOME_WRITABLE,)
 
 
 def test_repo_search_in_a_tree_of_thousands_of_files_is_fast(tmp_path):
@@ -388,11 +412,45 @@ def test_repo_search_in_a_tree_of_thousands_of_files_is_fast(tmp_path):
     (tmp_path / ".git" / "config").write_text("")
     (tmp_path / "pkg0" / "sub" / ".git" / "hooks").mkdir(parents=True)  # a nested repo
     (tmp_path / "pkg0" / "sub" / ".git" / "config").write_text("")
-    fs = HostFs()
+    fs, read = HostFs(), []
+    entries = fs.entries
+    fs.entries = lambda path: read.append(path) or entries(path)
     persist.protect(fs, [str(tmp_path)], "/nonexistent-home", False)  # warm the dentry cache
+    read.clear()
     start = time.perf_counter()
     found = persist.protect(fs, [str(tmp_path)], "/nonexistent-home", False)
     elapsed = time.perf_counter() - start
+    assert len(read) <= persist.SCAN_DIRS + 2  # + the two git dirs' worktrees/modules
     assert (str(tmp_path / ".git" / "config"), persist.COPY, "file") in found.items
     assert (str(tmp_path / "pkg0" / "sub" / ".git" / "config"), persist.COPY, "file") in found.items
-    assert elapsed < 0.05, elapsed  # 10,000 files: ~1 ms on a quiet 2-core VM
+    assert elapsed < 0.5, elapsed  # 10,000 files: ~1 ms on a quiet 2-core VM, ~5 at load 10
+
+
+@pytest.mark.parametrize("path, flagged", [
+    ("/p/.git/hooks/pre-commit", True), ("/p/.git/hooks/pre-commit.sample", False),
+    ("/p/.git/config", True), ("/p/.git/modules/a/b/modules/c/config", True),
+    ("/p/.git/modules/a/hooks/post-checkout", True), ("/p/.git/worktrees/w/config.worktree", True),
+    ("/p/.git/commondir", True), ("/p/lib/.git", True), ("/srv/remote.git/hooks/post-receive", True),
+    ("/h/.bashrc", True), ("/h/.config/systemd/user/x.service", True), ("/h/.config/autostart/x.desktop", True),
+    ("/p/src/config", False), ("/p/.git/info/attributes", False), ("/p/.git/objects/ab/cd", False),
+    ("/p/.git/refs/heads/main", False), ("/p/README", False),
+])
+def test_audit_knows_which_paths_are_persistence(path, flagged):
+    assert bool(persist.is_persistence(path)) is flagged
+
+
+def test_audit_flags_a_new_repository_once_not_each_of_its_sample_hooks():
+    from corral.events.report import build_report
+
+    changes = {"changes": [
+        {"path": "/h/clone/.git", "change": "created", "kind": "dir", "executable": False},
+        {"path": "/h/clone/.git/config", "change": "created", "kind": "file", "executable": False},
+        {"path": "/h/clone/.git/hooks/pre-commit.sample", "change": "created", "kind": "file",
+         "executable": True},
+        {"path": "/p/.git/hooks/pre-commit", "change": "created", "kind": "file", "executable": True},
+    ]}
+    flags = {f["subject"]: f for f in build_report([], changes=changes)["flags"]}
+    assert flags["/h/clone/.git"]["severity"] == "medium"
+    assert flags["/p/.git/hooks/pre-commit"]["severity"] == "high"
+    assert "/h/clone/.git/config" not in flags
+    assert "/h/clone/.git/hooks/pre-commit.sample" not in flags

@@ -352,12 +352,16 @@ def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
 
 
 def _flag_files(flags: _Flags, changes: list[dict]) -> None:
+    new_repos = tuple(c["path"] + "/" for c in changes
+                      if c["change"] == "created" and os.path.basename(c["path"]) == ".git")
     for c in changes:
         path = c["path"]
         if c["change"] == "created" and os.path.basename(path) == ".git":
             flags.add("persistence", "medium", path, "created a git repository: the host's git would obey "
                       "its config and hooks there (check before running git in it)")
         elif c["change"] in ("created", "modified") and c["kind"] == "file":
+            if path.startswith(new_repos):
+                continue  # the new repository's own flag says it
             why = is_persistence(path)  # files whose change makes code run again later
             if why:
                 flags.add("persistence", "high", path, f"{c['change']} {why}")

@@ -19,16 +19,16 @@ corral does not pretend to; it fingerprints them before the start and the audit
 reports what changed.
 
 **In every writable directory, the git repositories found stay protected**: for each
-git directory (``.git``, and below it ``modules/*`` of submodules, nested ones too)
-the directory is bound onto itself (a mount point cannot be renamed or removed, so
-``mv .git x; mkdir .git`` fails with EBUSY), ``hooks/`` becomes an overlay (new hooks
-land in its upper layer), ``config`` and ``config.worktree`` are replaced by private
-copies bound over them (written in the sandbox, compared at exit).  A ``.git`` *file*
-(a submodule's or worktree's ``gitdir: ...`` pointer) and a ``commondir`` (where a linked worktree's git reads
-its config from) get private copies too; a ``commondir`` created in a git directory
-would redirect its config, and is reported.
-``--allow-persist`` turns this off; the same paths are then fingerprinted instead, so
-the audit still flags what changed.
+git directory (``.git``, a bare ``name.git``, the enclosing one of a writable directory
+inside it, and below each ``modules/*`` of submodules, nested ones too) the directory
+is bound onto itself (a mount point cannot be renamed or removed, so ``mv .git x;
+mkdir .git`` fails with EBUSY), ``hooks/`` becomes an overlay (new hooks land in its
+upper layer), ``config``, ``config.worktree`` and ``commondir`` (where git reads the
+config from) are replaced by private copies bound over them (written in the sandbox,
+compared at exit).  A ``.git`` *file* (a submodule's or worktree's ``gitdir: ...``
+pointer) gets a private copy too; a ``commondir`` created in a git directory would
+redirect its config, and is reported.  ``--allow-persist`` turns this off; the same
+paths are then fingerprinted instead, so the audit still flags what changed.
 
 Finding repositories costs start-up time, so the search is bounded: breadth first,
 directories up to :data:`SCAN_DEPTH` levels below each writable directory, at most
@@ -81,8 +81,11 @@ SCAN_SKIP = frozenset((
 KEEP, COPY, DISCARD, WATCH = "persist-keep", "persist-copy", "persist-discard", "persist-watch"
 ACTIONS = (KEEP, COPY, DISCARD)
 
+# A git directory (".git", "name.git"), its submodules' and worktrees' directories,
+# and in them what git reads commands from; hooks/*.sample never run.
 _GIT_PATH = re.compile(
-    r"(?:^|/)\.git(?:/modules/.+?)?(?:/worktrees/[^/]+)?/(?:config|config\.worktree|commondir|hooks/.+)$"
+    r"(?:^|/)[^/]*\.git(?:/modules/.+?)?(?:/worktrees/[^/]+)?"
+    r"/(?:config|config\.worktree|commondir|hooks/(?!.*\.sample$).+)$"
 )
 
 

@@ -540,6 +540,9 @@ class _Planner:
             latest[real] = (action, st)
         for real, (action, st) in latest.items():
             items.append((real, 2, action, st))
+        if self.cwd_notice and any(a == "rw" and _under(cwd_real, p) for p, (a, _) in latest.items()):
+            self.cwd_notice = None  # --rw of it or above it: the user made it writable
+            items[0] = (cwd_real, 1, "rw", cwd_st)
         for path in spec.allow_sockets:
             if hermetic:
                 self.resolve(_absolute(path, "--allow-socket"), links)

@@ -54,6 +54,7 @@ def _tmpfs_data(options, op):
     size = op.get("size")
     return options + (",size=%d" % size if size else "")
 
+
 def fingerprint(path, limit=WATCH_ENTRIES):
     """``{path: [kind, size, mtime_ns, ctime_ns, ino, mode]}`` of ``path`` and, for a
     directory, what lies below it (symlinks not followed, at most ``limit`` entries):
