@@ -334,7 +334,9 @@ def _spawn_command(ctl, spec, lifeline, hardened):
         if failed_step:
             raise StepError("preparing the command (cwd, limits, capabilities, seccomp)", err,
                             os.strerror(err), fix="report this as a corral bug")
-        missing = _missing_to_start(argv[0], env.get("PATH", os.defpath)) if err == errno.ENOENT else None
+        missing = None
+        if err == errno.ENOENT:
+            missing = _missing_to_start(argv[0], env.get("PATH", os.defpath))
         if missing:
             raise StepError(
                 "exec: missing " + missing[1], err, "%s: cannot start: %s %s is missing inside "
