@@ -1,14 +1,28 @@
-"""Start-up of ``/bin/true``: bare, unshare, bwrap, mini-sandbox, ``corral run --net none``.
+"""Start-up of ``/bin/true`` side by side, in the three conditions users have.
 
-Run as the unprivileged user:  ``.venv/bin/python benchmarks/startup.py [--reps 30]``.
-Prints a markdown table (median, min–max, ratio to mini-sandbox) and writes
-``benchmarks/results/startup-*.json`` and ``startup.png``.  Wall time is measured from
-spawning the command to reaping it, paths interleaved.  No network is involved.
+Run as the unprivileged user:  ``.venv/bin/python benchmarks/startup.py [--reps 10]``
+(needs ``pip install '.[bench]'`` for mini-sandbox / mini-tapbox).
+
+Cases, each measured in one interleaved run (A B C A B C …), medians (min–max):
+
+- ``plain host``: this machine's own mount table.
+- ``netns``: inside a private user+net+mount namespace whose ``/etc/resolv.conf`` is a bind
+  mount, exactly what ``ip netns exec`` and every container give a command
+  (a :class:`corral.world.World`, built here; nothing reaches a real network).
+- ``netns + 60 mounts``: the same plus 60 read-only tmpfs mounts under /mnt/snap (a snap
+  desktop has that many).
+
+Paths: bare ``/bin/true``, ``unshare -Urnm``, bwrap, mini-sandbox (no network), mini-tapbox
+(its tap network), ``corral run --net none`` and the default ``corral run`` (filtered network,
+DNS and policy ready).  Ratios: corral default vs mini-tapbox, corral ``--net none`` vs
+mini-sandbox (issue 11's goals).  Wall time from spawning the command to reaping it.
+Prints markdown tables; writes ``benchmarks/results/startup-*.json`` and ``startup.png``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -27,7 +41,7 @@ BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", "/", "/", "
 # exits itself.  MINI_SANDBOX_DOCKER_PRIVILEGED=1 or it does nothing on a /.dockerenv box.
 MINISANDBOX_SCRIPT = """
 import os, sys
-from pyminisandbox import pyminisandbox as ms
+from pyminisandbox import %s as ms
 if ms.mini_sandbox_setup_default() != 0:
     sys.exit("setup: " + ms.mini_sandbox_get_last_error_msg())
 own = os.readlink("/proc/self/ns/net")
@@ -38,7 +52,9 @@ if rc == 0:
         os._exit(125)
     os.execv(%r, [%r])
 os._exit(0 if rc == -1 else 1)
-""" % (TRUE, TRUE)
+"""
+CASES = {"plain host": 0, "netns": None, "netns + 60 mounts": 60}
+PAIRS = (("corral run (default)", "mini-tapbox"), ("corral --net none", "mini-sandbox"))
 
 
 def timed(argv: list[str], env: dict | None = None) -> float:
@@ -57,22 +73,26 @@ def preflight(argv: list[str], env: dict | None = None, what: str = "") -> str |
     return None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=30)
-    args = parser.parse_args()
-
+def candidates() -> dict[str, tuple[list[str], dict | None]]:
     ms_env = {**os.environ, "MINI_SANDBOX_DOCKER_PRIVILEGED": "1"}
-    corral = [*corral_argv(), "run", "--net", "none", "--", TRUE]
-    candidates = {
+    corral = corral_argv()
+    return {
         "bare /bin/true": ([TRUE], None),
         "unshare -Urnm": (["unshare", "-Urnm", TRUE], None),
         "bwrap": (BWRAP, None),
-        "mini-sandbox": ([sys.executable, "-I", "-c", MINISANDBOX_SCRIPT], ms_env),
-        "corral --net none": (corral, None),
+        "mini-sandbox": ([sys.executable, "-I", "-c",
+                          MINISANDBOX_SCRIPT % ("pyminisandbox", TRUE, TRUE)], ms_env),
+        "mini-tapbox": ([sys.executable, "-I", "-c",
+                         MINISANDBOX_SCRIPT % ("pyminitapbox", TRUE, TRUE)], ms_env),
+        "corral --net none": ([*corral, "run", "--net", "none", "--", TRUE], None),
+        "corral run (default)": ([*corral, "run", "--", TRUE], None),
     }
+
+
+def measure(reps: int) -> dict:
+    """Interleaved samples of every path that works here (in this process's namespaces)."""
     paths, skipped = {}, {}
-    for name, (argv, env) in candidates.items():
+    for name, (argv, env) in candidates().items():
         if shutil.which(argv[0]) is None:
             skipped[name] = f"{argv[0]} not installed"
             continue
@@ -85,32 +105,98 @@ def main() -> None:
     tmp_before = set(os.listdir("/tmp"))
     for fn in paths.values():  # warm caches once, unrecorded
         fn()
-    print(f"start-up of {TRUE}: {args.reps} interleaved repetitions of {', '.join(paths)}", file=sys.stderr)
-    samples, dropped = interleave(paths, args.reps, log=lambda m: print(m, file=sys.stderr))
+    samples, dropped = interleave(paths, reps, log=lambda m: print(m, file=sys.stderr))
     skipped.update(dropped)
     _remove_minisandbox_leftovers(tmp_before)
+    return {"samples": samples, "skipped": skipped, "mounts": _mount_count()}
 
-    summary = {name: {m: summarize(v) for m, v in s.items()} for name, s in samples.items()}
+
+def _mount_count() -> int:
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for _ in f)
+
+
+def _in_world(reps: int, extra_mounts: int) -> dict:
+    from corral.world import World
+
+    with World.start(extra_mounts=extra_mounts) as world:
+        proc = world.run([sys.executable, __file__, "--inner", "--reps", str(reps)],
+                         capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise SystemExit("startup: the run inside the namespace failed:\n" + proc.stderr[-2000:])
+    sys.stderr.write(proc.stderr)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help="comma-separated subset of: " + ", ".join(CASES))
+    parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.inner:  # inside a world: measure and report as one JSON line
+        print(json.dumps(measure(args.reps)))
+        return
+
+    results = {}
+    for case in args.cases.split(","):
+        extra = CASES[case]
+        print(f"== {case}: {args.reps} interleaved repetitions", file=sys.stderr)
+        results[case] = measure(args.reps) if extra == 0 else _in_world(args.reps, extra or 0)
     metrics = [("ms", "start-up of /bin/true, ms")]
-    baseline = "mini-sandbox" if "mini-sandbox" in summary else None
-    print(f"\n### Start-up (median, min–max over {args.reps}; ratio vs {baseline})\n")
-    print(table(summary, metrics, baseline=baseline))
-    for name, reason in skipped.items():
-        print(f"\n- {name}: skipped: {reason}")
-    data = {"machine": machine(), "reps": args.reps, "samples": samples, "summary": summary, "skipped": skipped}
+    report = {}
+    for case, res in results.items():
+        summary = {name: {m: summarize(v) for m, v in s.items()} for name, s in res["samples"].items()}
+        report[case] = summary
+        print(f"\n### {case} ({res['mounts']} mounts; median, min–max over {args.reps})\n")
+        print(table(summary, metrics))
+        for ours, theirs in PAIRS:
+            if ours in summary and theirs in summary:
+                ratio = summary[ours]["ms"]["median"] / summary[theirs]["ms"]["median"]
+                print(f"- {ours} / {theirs}: **{ratio:.2f}×**")
+        for name, reason in res["skipped"].items():
+            print(f"- {name}: skipped: {reason}")
+    print("\n### Side by side (medians, ms; ratio)\n")
+    print(side_by_side(report))
+    data = {"machine": machine(), "reps": args.reps, "results": results, "summary": report}
     print(f"\nsaved {save('startup', data)}")
-    png = plot("startup", summary, metrics)
+    png = plot("startup", report.get("plain host", {}), metrics)
     print(f"plot {png}" if png else "plot skipped: matplotlib is not installed")
+
+
+def side_by_side(report: dict) -> str:
+    """The README's table: one row per case, issue 11's four columns."""
+    cols = ["corral run (default)", "mini-tapbox", "corral --net none", "mini-sandbox"]
+    lines = ["| case | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for case, summary in report.items():
+        cells = []
+        for name in cols:
+            s = summary.get(name, {}).get("ms")
+            if s is None:
+                cells.append("—")
+                continue
+            cell = f"{s['median']:,.0f}" if s["median"] >= 100 else f"{s['median']:.1f}"
+            pair = dict(PAIRS).get(name)
+            base = summary.get(pair, {}).get("ms") if pair else None
+            if base:
+                cell += f" ({s['median'] / base['median']:.2f}×)"
+            cells.append(cell)
+        lines.append(f"| {case} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _remove_minisandbox_leftovers(before: set[str]) -> None:
     """Each mini-sandbox start leaves /tmp/<n>.rules and /tmp/temp_<n>/ behind."""
     for name in set(os.listdir("/tmp")) - before:
         path = os.path.join("/tmp", name)
-        if name.startswith("temp_") and os.path.isdir(path) and os.stat(path).st_uid == os.getuid():
-            shutil.rmtree(path, ignore_errors=True)
-        elif name.endswith(".rules") and os.stat(path).st_uid == os.getuid():
-            os.unlink(path)
+        try:
+            if name.startswith("temp_") and os.path.isdir(path) and os.stat(path).st_uid == os.getuid():
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.endswith(".rules") and os.stat(path).st_uid == os.getuid():
+                os.unlink(path)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":

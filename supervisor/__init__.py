@@ -35,15 +35,22 @@ _EXPORTS = {
     "DnsQuery": "policy",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# Public submodules, loaded on first use: corral.aio (the API for asyncio programs).
+_SUBMODULES = ("aio",)
+
+__all__ = sorted(_EXPORTS) + ["__version__", *_SUBMODULES]
 
 
 def __getattr__(name):
     module = _EXPORTS.get(name)
-    if module is None:
+    if module is None and name not in _SUBMODULES:
         raise AttributeError("module 'corral' has no attribute %r" % name)
     import importlib
 
+    if module is None:
+        value = importlib.import_module("." + name, __name__)
+        globals()[name] = value
+        return value
     value = getattr(importlib.import_module("." + module, __name__), name)
     globals()[name] = value
     return value

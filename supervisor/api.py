@@ -30,6 +30,34 @@ from .spawn import stage1
 log = logging.getLogger("corral.api")
 
 
+def _check_callbacks(on_connect, on_dns, on_packet):
+    from .policy import check_callbacks
+
+    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+
+
+class _FirstPolicyError:
+    """A sink that says, once per sandbox, that a policy callback failed: through the
+    caller's warning callback (the CLI: one line on stderr), else the log."""
+
+    def __init__(self, box):
+        self._box = box
+        self._said = False
+
+    def write(self, event):
+        if self._said or getattr(event, "TYPE", None) != "policy_error":
+            return
+        self._said = True
+        what = "flow %s" % event.subject if event.callback == "on_connect" else event.subject
+        text = ("policy callback %s failed on %s: %s; it was denied (later failures only as "
+                "policy_error events)" % (event.callback, what, "timed out" if event.timed_out else event.error))
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # names from the sandbox
+        if self._box._on_warning:
+            self._box._on_warning(text)
+        else:
+            log.warning("%s", text)
+
+
 def _config(config, options):
     if config is None:
         return Config(**options)
@@ -49,10 +77,12 @@ def run(argv, *, config=None, capture_output=False, input=None, on_connect=None,
     ``net="none"``…) or a ready ``config``.  ``capture_output=True`` fills
     ``Result.stdout``/``stderr``; ``input`` (bytes) is fed to stdin.
     """
+    _check_callbacks(on_connect, on_dns, on_packet)
     config = _config(config, options)
     callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
-            and not any(callbacks.values())):
+            and not any(callbacks.values())
+            and not (config.events or config.report or config.suggest or config.audit)):
         return _launch.run_blocking(config, argv)
     return trio.run(_run_async, config, argv, capture_output, input, callbacks)
 
@@ -102,6 +132,12 @@ async def _forward_signals(receiver, proc):
 async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, **options):
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
     tasks live in this context; leaving it kills whatever still runs inside."""
+    _check_callbacks(on_connect, on_dns, on_packet)
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        raise ConfigError("corral.open_sandbox runs under trio (trio.run); from asyncio use "
+                          "corral.aio.open_sandbox, which has the same shape") from None
     config = _config(config, options)
     try:
         async with trio.open_nursery() as nursery:
@@ -140,13 +176,54 @@ class Sandbox:
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
     report: dict | None = None
+    _outputs: dict = attrs.field(factory=dict, repr=False)  # --report/--suggest/--pcap
 
     def __attrs_post_init__(self):
         self.stream.add_sink(self._recorded)
+        self.stream.add_sink(_FirstPolicyError(self))
+        self._prepare_outputs()
         if self.config.events:
-            sink = JsonlSink.open(self.config.events)
+            try:
+                sink = JsonlSink.open(self.config.events)
+            except BaseException:
+                self._close_outputs()
+                raise
             self._sinks.append(sink)
             self.stream.add_sink(sink)
+        if self.config.net == "filtered" and not self.config.audit and not self.config.quiet:
+            from .events.hints import DenialHints
+
+            hints = DenialHints(self._warn)
+            self._sinks.append(hints)
+            self.stream.add_sink(hints)
+
+    def _warn(self, text):
+        """One line for the user: the CLI's stderr, the API's ``on_warning``, or the log."""
+        if self._on_warning is not None:
+            self._on_warning(text)
+        else:
+            log.warning("%s", text)
+
+    def _prepare_outputs(self):
+        """Hold every output file's directory before anything starts: a missing
+        directory or a planted symlink is refused before the command runs, and
+        nothing the sandbox does later redirects the write (corral.fs.outputs)."""
+        from .fs.outputs import OutputFile
+
+        config = self.config
+        wanted = {"report": config.report, "suggest": config.suggest,
+                  "pcap": config.pcap if config.net == "filtered" else None}
+        try:
+            for key, path in wanted.items():
+                if path:
+                    self._outputs[key] = OutputFile.prepare(path, "--" + key)
+        except BaseException:
+            self._close_outputs()
+            raise
+
+    def _close_outputs(self):
+        for output in self._outputs.values():
+            output.close()
 
     @property
     def recorded_events(self):
@@ -227,8 +304,11 @@ class Sandbox:
             sink.close()
         if self._registration is not None:
             self._registration.close()
-        if self.wants_report:
-            self._write_report(result)
+        try:
+            if self.wants_report:
+                self._write_report(result)
+        finally:
+            self._close_outputs()
 
     @property
     def wants_report(self):
@@ -242,13 +322,10 @@ class Sandbox:
             self.recorded_events, changes=self.changes,
             exit_code=result.exit_code if result is not None else None,
         )
-        if self.config.report:
-            with open(self.config.report, "w") as f:
-                json.dump(self.report, f, indent=2)
-                f.write("\n")
-        if self.config.suggest:
-            with open(self.config.suggest, "w") as f:
-                f.write(reporting.render_allowlist(self.report))
+        if "report" in self._outputs:
+            self._outputs["report"].replace_with((json.dumps(self.report, indent=2) + "\n").encode())
+        if "suggest" in self._outputs:
+            self._outputs["suggest"].replace_with(reporting.render_allowlist(self.report).encode())
 
 
 class Process:
@@ -332,7 +409,8 @@ class Process:
                     self._register()
                     self._box.stream.emit(SandboxStartEvent(
                         argv=self._launch.spec["argv"] or (), pid=self.pid, sandbox_id=self._box.id,
-                        mode="audit" if self._box.config.audit else "run"))
+                        mode="audit" if self._box.config.audit else "run",
+                        env_dropped=self._launch.env_dropped))
                     started = True
                     task_status.started()
                 elif "exit" in message:
@@ -370,7 +448,7 @@ class Process:
 
         box = self._box
         box.network = await service.start(box._nursery, box.config, box._netplan, tap_fd,
-                                          box.stream)
+                                          box.stream, pcap=box._outputs.get("pcap"))
 
     async def _wait_stage1(self):
         pidfd = os.pidfd_open(self._popen.pid)
@@ -392,11 +470,13 @@ class Process:
             self.result = _launch._result(
                 self._exit, _exit_status(status), self._timed_out, self._launch, self._status
             )
-        if self._box.wants_report:
-            from .fs.changes import collect_changes
+        try:
+            if self._box.wants_report:
+                from .fs.changes import collect_changes
 
-            self._box.changes = collect_changes(self._launch.scratch)
-        _launch._cleanup_scratch(self._box.config, self._launch.scratch)
+                self._box.changes = collect_changes(self._launch.scratch)
+        finally:
+            _launch._cleanup_scratch(self._launch)
 
     async def wait(self):
         """Wait for the command; return its exit code (128+N for signal N).

@@ -50,17 +50,25 @@ def _add_sandbox_options(p):
                     "\"$SSH_AUTH_SOCK\" (repeatable; every other one is unreachable)")
     fs.add_argument("--no-hide-secrets", dest="hide_secrets", action="store_false",
                     help="show ~/.ssh, ~/.aws, … (hidden by default)")
-    fs.add_argument("--cwd", help="working directory inside (default: the current one)")
+    fs.add_argument("--cwd", metavar="DIR",
+                    help="working directory inside (default: the current one, writable)")
     fs.add_argument("--scratch", metavar="DIR", help="where overlay changes live while running")
     fs.add_argument("--keep-changes", metavar="DIR", help="keep the overlay changes in DIR")
+    fs.add_argument("--allow-persist", action="store_true",
+                    help="let the command change what the host runs later in writable dirs "
+                    "(.git/hooks, .git/config; a cwd holding startup files): protected by "
+                    "default, still flagged by the audit")
     proc = p.add_argument_group("process")
     proc.add_argument("--root", action="store_true", help="map your uid to 0 inside")
-    proc.add_argument("--hostname", default="corral")
+    proc.add_argument("--hostname", default="corral", metavar="NAME",
+                      help="the sandbox's host name (default: corral)")
     proc.add_argument("--env", action="append", default=[], metavar="NAME[=VALUE]",
                       help="keep a scrubbed variable, or set one (repeatable)")
     proc.add_argument("--timeout", type=float, metavar="SECONDS",
-                      help="SIGTERM the command after SECONDS, SIGKILL after a grace period")
-    proc.add_argument("--kill-grace", type=float, default=2.0, metavar="SECONDS")
+                      help="SIGTERM the command after SECONDS (exit 124), SIGKILL after "
+                      "--kill-grace more (exit 137)")
+    proc.add_argument("--kill-grace", type=float, default=2.0, metavar="SECONDS",
+                      help="seconds between SIGTERM and SIGKILL on --timeout (default 2)")
     proc.add_argument("--json-status-fd", type=int, metavar="FD",
                       help='write {"child-pid": N} and {"exit-code": N} lines to FD')
     proc.add_argument("--seccomp", default="default", metavar="off|default|FILE",
@@ -68,42 +76,72 @@ def _add_sandbox_options(p):
                       "extra system calls to deny")
     proc.add_argument("--allow-nested", action="store_true",
                       help="let the command create user namespaces (a corral inside corral)")
-    proc.add_argument("--memory", metavar="BYTES", help="address-space limit, e.g. 512M, 2G")
-    proc.add_argument("--tmp-size", metavar="BYTES", default="1G",
-                      help="size limit of /tmp, /dev/shm and each --tmpfs (default 1G)")
-    proc.add_argument("--pids", type=int, metavar="N", help="at most N processes and threads")
-    proc.add_argument("--cpu-time", type=int, metavar="SECONDS", help="CPU seconds, then SIGKILL")
-    proc.add_argument("--nofile", type=int, metavar="N", help="at most N open files")
-    proc.add_argument("--fsize", metavar="BYTES", help="largest file the command may write")
+    limits = p.add_argument_group("limits")
+    limits.add_argument("--memory", metavar="BYTES", help="address-space limit, e.g. 512M, 2G")
+    limits.add_argument("--tmp-size", metavar="BYTES", default="1G",
+                        help="size limit of /tmp, /dev/shm and each --tmpfs (default 1G)")
+    limits.add_argument("--pids", type=int, metavar="N", help="at most N processes and threads")
+    limits.add_argument("--cpu-time", type=int, metavar="SECONDS",
+                        help="CPU seconds, then SIGKILL")
+    limits.add_argument("--nofile", type=int, metavar="N", help="at most N open files")
+    limits.add_argument("--fsize", metavar="BYTES", help="largest file the command may write")
+    limits.add_argument("--max-conns", type=int, metavar="N",
+                        help="refuse new flows while N are open (a connection flood inside)")
+    limits.add_argument("--max-rate", type=float, metavar="PER_SECOND",
+                        help="refuse new flows beyond this many per second (burst: one "
+                        "second's worth)")
     net = p.add_argument_group("network")
     net.add_argument("--net", choices=("filtered", "none", "host"), default="filtered",
                      help="filtered (default): every flow through corral's netstack and policy; "
                      "none: loopback only; host: the host's network, unfiltered")
-    net.add_argument("--allow", action="append", default=[], metavar="RULE")
-    net.add_argument("--deny", action="append", default=[], metavar="RULE")
-    net.add_argument("--allow-file", action="append", default=[], metavar="FILE")
-    net.add_argument("--allow-host-port", action="append", default=[], metavar="PORT")
+    net.add_argument("--allow-host-port", action="append", default=[], metavar="PORT",
+                     help="let 10.0.2.2:PORT inside reach 127.0.0.1:PORT on the host "
+                     "(repeatable)")
     net.add_argument("--publish", action="append", default=[],
-                     metavar="[HOSTIP:]HOSTPORT:SANDBOXPORT[/udp]")
-    net.add_argument("--dns-upstream", metavar="IP[:PORT]")
-    net.add_argument("--policy", metavar="FILE.py", help="load on_connect/on_dns/on_packet")
-    net.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS")
-    net.add_argument("--data-path", choices=("direct", "pump"))
-    net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
-    net.add_argument("--max-conns", type=int, metavar="N",
-                     help="refuse new flows while N are open (a connection flood inside)")
-    net.add_argument("--max-rate", type=float, metavar="PER_SECOND",
-                     help="refuse new flows beyond this many per second (burst: one second's worth)")
-    net.add_argument("--pcap", metavar="FILE", help="write every frame of the sandbox's "
+                     metavar="[HOSTIP:]HOSTPORT:SANDBOXPORT[/udp]",
+                     help="forward a host port to a port inside the sandbox (repeatable)")
+    net.add_argument("--dns-upstream", metavar="IP[:PORT]",
+                     help="resolver for allowed DNS queries (default: the host's resolv.conf)")
+    net.add_argument("--data-path", choices=("direct", "pump"),
+                     help="direct: Go moves the frames (default); pump: Python does (chosen "
+                     "for on_packet and pcap from Python)")
+    policy = p.add_argument_group("policy")
+    policy.add_argument("--allow", action="append", default=[], metavar="RULE",
+                        help="allow a destination: example.com, *.example.com, "
+                        "example.com:443, 203.0.113.0/24, [2001:db8::1]:53/udp (repeatable)")
+    policy.add_argument("--deny", action="append", default=[], metavar="RULE",
+                        help="deny a destination, same forms as --allow; deny wins "
+                        "(repeatable)")
+    policy.add_argument("--allow-file", action="append", default=[], metavar="FILE",
+                        help="read --allow rules from FILE, one per line, # comments (what "
+                        "--suggest writes)")
+    policy.add_argument("--policy", metavar="FILE.py",
+                        help="load async on_connect/on_dns and on_packet callbacks from FILE.py")
+    policy.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS",
+                        help="a callback slower than this is a deny (default 2)")
+    out = p.add_argument_group("output")
+    out.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
+    out.add_argument("--pcap", metavar="FILE", help="write every frame of the sandbox's "
                      "interface, both directions, to FILE (pcap: tshark, Wireshark, scapy)")
-    net.add_argument("--monitor", action="store_true",
+    out.add_argument("--monitor", action="store_true",
                      help="show connections and DNS live: redrawn on the terminal when the "
                      "command's output is redirected, else one line per event on stderr")
-    audit = p.add_argument_group("report")
-    audit.add_argument("--report", metavar="FILE",
-                       help="write the audit report (JSON, schema corral.audit/1) at exit")
-    audit.add_argument("--suggest", metavar="FILE",
-                       help="write an allowlist that `corral run --allow-file` accepts as is")
+    out.add_argument("--report", metavar="FILE",
+                     help="write the audit report (JSON, schema corral.audit/1) at exit")
+    out.add_argument("--suggest", metavar="FILE",
+                     help="write an allowlist that `corral run --allow-file` accepts as is")
+    out.add_argument("--quiet", action="store_true",
+                     help="no 'denied …, allow with --allow …' lines on stderr")
+
+
+EXAMPLES = """\
+examples:
+  corral run -- make test                          no network, writes outside cwd discarded
+  corral run --allow pypi.org --allow '*.pythonhosted.org' -- pip download six
+  corral audit --report r.json --suggest allow.txt -- npm install
+  corral run --allow-file allow.txt -- npm install  what the audit saw, and nothing else
+  corral run --mode hermetic --ro /usr --net none -- /usr/bin/python3 -c 'print(1)'
+"""
 
 
 def build_parser():
@@ -112,7 +150,8 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
     for name, text in (("run", "run CMD in a sandbox (network denied by default)"),
                        ("audit", "run CMD with the network open and report what it did")):
-        p = sub.add_parser(name, help=text, description=text)
+        p = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_sandbox_options(p)
         p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
         p.set_defaults(path_order=[])

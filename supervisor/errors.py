@@ -25,6 +25,11 @@ class ConfigError(CorralError, ValueError):
     """The configuration, a rule, a path or an option is wrong."""
 
 
+class CallbackTypeError(ConfigError, TypeError):
+    """A policy callback has the wrong type: not callable, or ``on_connect``/``on_dns``
+    not async, or ``on_packet`` async.  Raised before anything starts."""
+
+
 class SandboxError(CorralError, OSError):
     """A sandbox set-up step failed; nothing was run with weaker isolation.
 

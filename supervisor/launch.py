@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import select
-import shutil
 import signal
 import socket
 import stat
@@ -59,6 +58,8 @@ class Launch:
     spec: dict
     scratch: str
     warnings: tuple = ()
+    keep: object = None  # --keep-changes: a corral.fs.outputs.KeptDir held from before the start
+    env_dropped: tuple = ()  # names of the caller's variables the scrub left out
 
 
 def default_scratch_root():
@@ -132,15 +133,24 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     if not os.path.isdir(cwd):
         raise ConfigError("--cwd %s: no such directory" % cwd)
     harden = hardening.spec(config)  # may reject input: before anything is created
+    keep = None
+    if config.keep_changes:
+        from .fs.outputs import KeptDir
+
+        keep = KeptDir.prepare(config.keep_changes)
     scratch_root = config.scratch or default_scratch_root()
-    _private_dir(scratch_root, explicit=bool(config.scratch))
     try:
+        _private_dir(scratch_root, explicit=bool(config.scratch))
         scratch = _new_private_dir(scratch_root, "sb-")
     except OSError as exc:
         raise ConfigError(
             "scratch directory %s is not writable (%s). Fix: pass --scratch DIR naming a "
             "writable directory" % (scratch_root, exc.strerror)
         ) from None
+    except BaseException:
+        if keep is not None:
+            keep.close()
+        raise
     try:
         fs_spec = fsplan.FsSpec(
             mode=config.mode,
@@ -154,16 +164,20 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
             tmp_size=config.tmp_size,
             allow_sockets=config.allow_socket,
+            allow_persist=config.allow_persist,
         )
         plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
     except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
+        remove_tree(scratch)
+        if keep is not None:
+            keep.close()
         raise
     if stdin_is_tty is None:
         stdin_is_tty = os.isatty(0)
+    env, env_dropped = config.scrub_env(environ)
     spec = {
         "argv": argv,
-        "env": config.sandbox_env(environ),
+        "env": env,
         "cwd": cwd,
         "hostname": config.hostname,
         "root": config.root,
@@ -174,7 +188,8 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         "tap": TAP,
         "harden": harden,
     }
-    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings))
+    return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings), keep=keep,
+                  env_dropped=tuple(env_dropped))
 
 
 def _read(path):
@@ -312,22 +327,23 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None):
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
-        _cleanup_scratch(config, launch.scratch, background=can_fork())
+        _cleanup_scratch(launch, background=can_fork())
 
 
-def _cleanup_scratch(config, scratch, background=False):
+def _cleanup_scratch(launch, background=False):
     """Keep the overlay record where --keep-changes asks, else remove scratch
     (in a detached grandchild when ``background``: removing a few dozen overlay
     directories costs 10-20 ms that the caller need not wait for)."""
-    if config.keep_changes:
-        keep = os.path.abspath(config.keep_changes)
+    scratch = launch.scratch
+    if launch.keep is not None:
         try:
-            os.makedirs(os.path.dirname(keep) or ".", exist_ok=True)
-            os.rename(scratch, keep)
-            return
-        except OSError as exc:
-            log.warning("cannot keep changes in %s (%s); they are in %s", keep, exc.strerror, scratch)
-            return
+            why = launch.keep.keep(scratch)
+        finally:
+            launch.keep.close()
+        if why is not None:
+            log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
+                        scratch)
+        return
     if background:
         pid = os.fork()
         if pid == 0:
@@ -342,21 +358,85 @@ def _cleanup_scratch(config, scratch, background=False):
 
 
 def remove_tree(path):
-    """rmtree that also copes with overlayfs work dirs (mode 000)."""
+    """Remove a scratch tree whatever the sandbox left in it: any depth (iterative, one
+    name per system call, a few descriptors), overlayfs work dirs with mode 000 and
+    directories the command made read-only (made 0700 first), never following a symlink.
+    What cannot be removed is logged, never raised."""
+    parent, name = os.path.split(os.path.abspath(path))
+    try:
+        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror)
+        return
+    try:
+        left = _remove_at(parent_fd, name)
+    except OSError as exc:
+        log.warning("cannot remove %s: %s", path, exc.strerror)
+    else:
+        if left:
+            log.warning("cannot remove %s: %d entries could not be removed", path, left)
+    finally:
+        os.close(parent_fd)
 
-    def retry(func, failed, _exc):
-        parent = os.path.dirname(failed)
-        try:
-            os.chmod(parent, 0o700)
-            if os.path.isdir(failed) and not os.path.islink(failed):
-                os.chmod(failed, 0o700)
-                shutil.rmtree(failed, ignore_errors=True)
-            else:
-                func(failed)
-        except OSError:
-            pass
 
-    shutil.rmtree(path, onexc=retry) if sys.version_info >= (3, 12) else shutil.rmtree(path, onerror=retry)
+def _open_emptiable_dir(name, dir_fd):
+    os.chmod(name, 0o700, dir_fd=dir_fd)  # a directory (unlink said EISDIR): no link to follow
+    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+
+
+def _remove_at(top_fd, top):
+    """Remove ``top`` (in directory ``top_fd``) and everything below; return how many
+    entries could not be removed.  Depth first, holding one directory fd and coming
+    back up through ``..``; the path is kept as names, so any depth fits."""
+    try:
+        os.unlink(top, dir_fd=top_fd)
+        return 0
+    except FileNotFoundError:
+        return 0
+    except IsADirectoryError:
+        pass
+    fd = _open_emptiable_dir(top, top_fd)
+    levels = [(top, os.listdir(fd))]  # from top_fd down to fd: (name, entries still to remove)
+    left = 0
+    try:
+        while True:
+            entries = levels[-1][1]
+            child = None
+            while entries and child is None:
+                entry = entries.pop()
+                try:
+                    os.unlink(entry, dir_fd=fd)
+                except IsADirectoryError:
+                    try:
+                        child = _open_emptiable_dir(entry, fd)
+                    except OSError:
+                        left += 1
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    left += 1
+            if child is not None:
+                os.close(fd)
+                fd = child
+                levels.append((entry, os.listdir(fd)))
+                continue
+            done, _ = levels.pop()
+            if not levels:
+                break
+            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            try:
+                os.rmdir(done, dir_fd=fd)
+            except OSError:
+                left += 1
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(top, dir_fd=top_fd)
+    except OSError:
+        left += 1
+    return left
 
 
 def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout, registration):
@@ -428,7 +508,8 @@ def _register(launch, d_pid, child):
     if entry is None:
         return []
     entry.write_event({"type": "sandbox_start", "argv": launch.spec["argv"] or [], "pid": child,
-                       "sandbox_id": entry.id, "mode": "run", "ts": time.time()})
+                       "sandbox_id": entry.id, "mode": "run", "env_dropped": list(launch.env_dropped),
+                       "ts": time.time()})
     return [entry]
 
 

@@ -100,11 +100,15 @@ def test_hermetic_mode_shows_only_what_is_mounted(tmp_path):
     assert result.stdout.split() == [b"0", b"ok"]
 
 
-def test_running_in_home_warns_that_home_is_writable(home):
+def test_running_in_home_says_home_is_an_overlay_and_rw_home_warns(home):
     result = corral("run", "--net", "none", "--", "true", cwd=home,
                     env=dict(os.environ, HOME=str(home)))
     assert result.returncode == 0
-    assert b"whole home directory is writable (secrets still hidden)" in result.stderr
+    assert b"holds your home directory: it is an overlay" in result.stderr
+    result = corral("run", "--net", "none", "--rw", str(home), "--", "true", cwd=home,
+                    env=dict(os.environ, HOME=str(home)))
+    assert result.returncode == 0
+    assert b"whole home directory is writable, startup files included" in result.stderr
 
 
 def test_keep_changes_keeps_what_the_command_changed(tmp_path):

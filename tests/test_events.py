@@ -28,7 +28,7 @@ FIELDS = {
                 "http_host", "http_method", "http_path", "verdict", "rule", "reason", "dial", "ts"],
     "close": ["type", "id", "bytes_out", "bytes_in", "duration", "reason", "ts"],
     "policy_error": ["type", "callback", "subject", "error", "timed_out", "ts"],
-    "sandbox_start": ["type", "argv", "pid", "sandbox_id", "mode", "ts"],
+    "sandbox_start": ["type", "argv", "pid", "sandbox_id", "mode", "env_dropped", "ts"],
     "sandbox_exit": ["type", "exit_code", "signal", "sandbox_id", "ts"],
 }
 
@@ -119,7 +119,7 @@ def test_jsonl_sink_dash_is_stderr(capsys):
 
 
 def test_jsonl_sink_bad_path(tmp_path):
-    with pytest.raises(ConfigError, match="cannot open events file"):
+    with pytest.raises(ConfigError, match="--events .*missing-dir.*no such directory"):
         JsonlSink.open(tmp_path / "missing-dir" / "e.jsonl")
 
 

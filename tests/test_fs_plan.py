@@ -198,9 +198,11 @@ def test_cwd_access(access, op, ro):
         assert cwd["ro"] is ro
 
 
-def test_cwd_is_home_warns_that_the_whole_home_is_writable():
+def test_cwd_is_home_is_an_overlay_with_one_notice():
     plan = plan_of(cwd=HOME)
-    assert fsplan.HOME_WRITABLE in plan.warnings
+    assert ops(plan, "overlay", HOME) and not ops(plan, "bind", HOME)
+    (notice,) = plan.warnings
+    assert "holds your home directory" in notice
     assert ops(plan, "hide_file", HOME + "/.netrc")  # secrets still hidden
 
 
@@ -323,7 +325,7 @@ def test_hide_a_file_and_tmpfs_a_missing_dir():
     ({"paths": (("tmpfs", "/etc/passwd"),)}, ["not a directory"]),
     ({"cwd": "/does/not/exist"}, ["/does/not/exist", "--cwd"]),
     ({"cwd": "proj"}, ["absolute"]),
-    ({"cwd": "/"}, ["whole host"]),
+    ({"cwd": "/", "mode": "readonly"}, ["whole host"]),
 ])
 def test_bad_input_is_a_one_line_config_error(kw, words):
     with pytest.raises(ConfigError) as info:
@@ -347,9 +349,13 @@ def test_readonly_mode_has_only_read_only_overlays_and_still_hides_secrets():
     plan = plan_of(mode="readonly")
     assert plan.to_json()[0] == {"op": "root", "scratch": "/tmp/corral-1000/sb-1", "mode": "readonly"}
     overlays = ops(plan, "overlay")
+    persist_overlays = [o["path"] for o in overlays if o["path"].startswith(HOME + "/proj/")]
+    assert persist_overlays == [HOME + "/proj/.git/hooks"]  # persist.py
     assert {"/usr", "/etc", "/home"} <= {o["path"] for o in overlays}
-    assert all(o["ro"] and "upper" not in o for o in overlays)  # nothing writable...
-    assert [o["path"] for o in ops(plan, "bind") if not o["ro"]] == [HOME + "/proj"]  # ...but cwd
+    # nothing writable...
+    assert all(o["ro"] and "upper" not in o for o in overlays if o["path"] not in persist_overlays)
+    assert [o["path"] for o in ops(plan, "bind")  # ...but cwd (and its .git pinned: persist.py)
+            if not o["ro"] and o["path"] != HOME + "/proj/.git"] == [HOME + "/proj"]
     assert ops(plan, "tmpfs", HOME + "/.ssh")
     assert ops(plan, "bind", HOME + "/proj")[0]["ro"] is False
 
@@ -357,10 +363,13 @@ def test_readonly_mode_has_only_read_only_overlays_and_still_hides_secrets():
 def test_hermetic_mode_shows_only_what_is_named():
     plan = plan_of(mode="hermetic", paths=(("ro", "/bin"), ("ro", "/lib64")))
     assert not ops(plan, "sys")
-    shown = {o["path"]: o for o in ops(plan, "bind") + ops(plan, "overlay")}
+    persist_overlays = [o["path"] for o in ops(plan, "overlay") if o["path"].startswith(HOME + "/proj/")]
+    assert persist_overlays == [HOME + "/proj/.git/hooks"]  # persist.py
+    shown = {o["path"]: o for o in ops(plan, "bind") + ops(plan, "overlay")
+             if not o["path"].startswith(HOME + "/proj/.git")}  # persist.py
     assert set(shown) == {"/usr/bin", "/usr/lib64", HOME + "/proj"}
     assert all(o["create"] for o in shown.values())
-    assert all(o["ro"] for o in ops(plan, "overlay"))
+    assert all(o["ro"] for o in ops(plan, "overlay") if o["path"] not in persist_overlays)
     # the symlinks on the way are recreated so that /bin/sh still works
     assert ops(plan, "symlink", "/bin") and ops(plan, "symlink", "/lib64")
 
@@ -396,7 +405,7 @@ def test_home_and_var_tmp_get_overlays_of_their_own():
     assert index(plan, "overlay", HOME) < index(plan, "bind", HOME + "/proj")
     # not when the user's options cover home
     assert not ops(plan_of(paths=(("rw", "/home"),)), "overlay", HOME)
-    assert not ops(plan_of(cwd=HOME), "overlay", HOME)
+    assert len(ops(plan_of(cwd=HOME), "overlay", HOME)) == 1  # the cwd's own
     assert not ops(plan_of(mode="readonly"), "overlay", HOME)
 
 

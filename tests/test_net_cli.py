@@ -9,6 +9,7 @@ for denials, that the world's servers never saw the request.
 """
 
 import json
+import os
 import subprocess
 import time
 
@@ -572,34 +573,54 @@ def test_events_to_stderr_and_exit_code(world, tmp_path):
 # ------------------------------------------- loopback via hand-crafted packets
 
 
-@pytest.fixture(scope="module")
-def raw_loopback(world, tmp_path_factory):
+@pytest.fixture(scope="module", params=["direct", "pump"])
+def raw_loopback(world, tmp_path_factory, request):
     """The sandbox's kernel never sends 127.0.0.1 / ::1 out of tap0 (they are its own
-    loopback), so `--root` + scapy hand-crafts SYNs to them on tap0 -- or finds that the
-    command has no CAP_NET_RAW to do so (the hardened default), which also settles it."""
+    loopback), and the command has no CAP_NET_RAW to craft frames.  So the test itself
+    joins the running sandbox's user+net namespaces from outside (tests/net_rawsyn.py) and
+    writes hand-crafted SYNs on tap0: they reach the netstack on either data path."""
     pytest.importorskip("scapy")
     tmp = tmp_path_factory.mktemp("raw")
     port = 18095
-    server, log = host_loopback_server(world, tmp, port)
+    servers = [host_loopback_server(world, tmp, port), host_loopback_server(world, tmp, port, family="6")]
+    events = tmp / "events.jsonl"
+    status_r, status_w = os.pipe()
+    sandbox = world.popen(
+        [PY, "-m", "corral", "run", "--data-path", request.param, "--allow", "0.0.0.0/0",
+         "--allow", "::/0", "--events", str(events), "--json-status-fd", str(status_w), "--",
+         "sleep", "60"], pass_fds=(status_w,), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(status_w)
     try:
-        out = corral(world, tmp, ["--root", "--allow", "0.0.0.0/0", "--allow", "::/0"],
-                     [PY, str(HERE_TESTS / "net_rawsyn.py"), str(port)])
-        yield out, log
+        with os.fdopen(status_r) as status:
+            pid = json.loads(status.readline())["child-pid"]
+            probe = subprocess.run([PY, str(HERE_TESTS / "net_rawsyn.py"), str(pid), str(port),
+                                    ECHO_V4, str(PORT_ECHO)],
+                                   capture_output=True, text=True, timeout=60)
+        yield probe, [log for _, log in servers], events
     finally:
-        server.kill()
-        server.wait(timeout=5)
+        sandbox.terminate()
+        sandbox.wait(timeout=30)
+        for server, _ in servers:
+            server.kill()
+            server.wait(timeout=5)
 
 
 def test_crafted_packets_to_loopback_never_reach_the_host(raw_loopback):
-    out, log = raw_loopback
-    assert out.proc.returncode == 0, out.dump()
-    result = json.loads(out.proc.stdout.strip().splitlines()[-1])
-    if result.get("raw_sockets") != "EPERM":  # the command cannot craft packets at all
-        assert result["gateway_mac"], result  # the stack answered ARP for the gateway
-        for name in ("loopback", "loopback6", "mapped-loopback"):
-            reply = result[name]
-            # dropped (no answer) or reset: never a SYN-ACK from the host's loopback
-            assert reply is None or reply["flags"] in ("R", "RA"), (name, reply)
-    assert log.read_text() == ""
-    assert out.connects(verdict="allow") == [], out.dump()
-
+    probe, logs, events = raw_loopback
+    assert probe.returncode == 0, probe.stderr
+    result = json.loads(probe.stdout.strip().splitlines()[-1])
+    assert result["gateway_mac"], result  # the stack answered ARP for the gateway
+    # the control proves the frames reach the stack: an allowed SYN is answered
+    assert result["control"] and result["control"]["flags"] == "SA", result
+    for name in ("loopback", "loopback6", "mapped-loopback"):
+        reply = result[name]
+        # dropped (no answer) or reset: never a SYN-ACK from the host's loopback
+        assert reply is None or reply["flags"] in ("R", "RA"), (name, reply)
+    for log in logs:
+        assert not log.exists() or log.read_text() == ""
+    records = [json.loads(line) for line in events.read_text().splitlines()]
+    loop = [r for r in records if r["type"] == "connect"
+            and r["dst_ip"] in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+    # the stack drops them before any policy (martian destinations) or denies them
+    assert all(r["verdict"] == "deny" for r in loop), records
+    assert any(r["type"] == "connect" and r["dst_ip"] == ECHO_V4 for r in records), records

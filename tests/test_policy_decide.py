@@ -264,9 +264,10 @@ def test_ordinary_addresses_are_not_always_denied(ip):
         ("169.254.169.254", "169.254.169.254", 80, True),
         ("169.254.169.254:80", "169.254.169.254", 80, True),
         ("169.254.169.254:80", "169.254.169.254", 443, False),
-        # link-local opens link-local; the metadata address inside it must be named itself
+        # only one exact address names it: a network, even inside the range, never does
         ("169.254.0.0/16", "169.254.169.254", 80, False),
-        ("169.254.0.0/16", "169.254.1.1", 80, True),
+        ("169.254.0.0/16", "169.254.1.1", 80, False),
+        ("169.254.1.1", "169.254.1.1", 80, True),
         ("169.254.169.254", "169.254.1.1", 80, False),
         ("127.0.0.1:8080", "127.0.0.1", 8080, True),
         ("127.0.0.1:8080", "::ffff:127.0.0.1", 8080, True),  # mapped is the v4 address
@@ -275,7 +276,8 @@ def test_ordinary_addresses_are_not_always_denied(ip):
         ("64:ff9b::7f00:1", "64:ff9b::7f00:1", 8080, True),
         ("::1", "::1", 22, True),
         ("fd00:ec2::254", "fd00:ec2::254", 80, True),
-        ("fe80::/10", "fe80::1", 80, True),
+        ("fe80::/10", "fe80::1", 80, False),
+        ("fe80::1", "fe80::1", 80, True),
         ("10.0.2.2", "10.0.2.2", 22, True),
         # broader than the always-denied range: does not name it
         ("0.0.0.0/0", "127.0.0.1", 80, False),

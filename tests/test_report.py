@@ -210,13 +210,17 @@ def test_suggested_allowlist_round_trip(report, tmp_path):
     rules = load_allow_file(path)
     assert {r.label for r in rules} == {
         "pypi.example.org:443/tcp", "pypi.example.org:80/tcp", "files.example.org:443/tcp",
-        "mirror.example.org:443/tcp", "198.51.100.99:8080/tcp", "198.51.100.53:53/udp", "webhook.site:443/tcp"}
+        "198.51.100.99:8080/tcp", "198.51.100.53:53/udp", "webhook.site:443/tcp"}
     assert "never connected" in text and "cdn.example.net" in text
+    assert "# note: the client named 'mirror.example.org'" in text  # a claimed name is no rule
     strict = Policy(mode="run", allow=rules)
     replay = installer(strict)
     audit = [e for e in installer(Policy(mode="audit")) if isinstance(e, dict) or e.TYPE == "connect"]
     for before, after in zip(audit, [e for e in replay if isinstance(e, dict) or e.TYPE == "connect"]):
         if before["dst_ip"] == "10.0.2.3":
+            continue
+        if before.get("sni") == "mirror.example.org":  # fronting: not allowed until the user says so
+            assert after["rule"] == "claimed-name-not-allowed"
             continue
         assert after["verdict"] == before["verdict"], (before, after)
     dns_verdicts = {e.qname: e.verdict for e in replay if getattr(e, "TYPE", None) == "dns"}

@@ -7,8 +7,6 @@ import os
 import sys
 from typing import IO, Protocol
 
-from corral.errors import ConfigError
-
 from ._types import Event
 
 __all__ = ["JsonlSink", "ListSink", "Sink"]
@@ -32,14 +30,18 @@ class JsonlSink:
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> JsonlSink:
-        """``--events FILE``: ``-`` is stderr; otherwise the file is created or truncated."""
+        """``--events FILE``: ``-`` is stderr; otherwise a new file replaces whatever is at
+        FILE, never through a link (:class:`corral.fs.outputs.OutputFile`)."""
         if os.fspath(path) == "-":
             return cls(sys.stderr)
+        from corral.fs.outputs import OutputFile
+
+        output = OutputFile.prepare(path, "--events")
         try:
-            file = open(path, "w", encoding="utf-8")  # noqa: SIM115 - owned by the sink
-        except OSError as e:
-            raise ConfigError(f"cannot open events file {os.fspath(path)!r}: {e.strerror}") from None
-        return cls(file, owned=True)
+            fd = output.open()
+        finally:
+            output.close()
+        return cls(open(fd, "w", encoding="utf-8"), owned=True)  # noqa: SIM115 - owned by the sink
 
     def write(self, event: Event, *, flush: bool = True) -> None:
         self._file.write(json.dumps(event.to_dict(), separators=(",", ":"), ensure_ascii=False) + "\n")

@@ -164,13 +164,15 @@ class PolicyErrorEvent(Event):
 
 @attrs.frozen(kw_only=True)
 class SandboxStartEvent(Event):
-    """The sandboxed command started."""
+    """The sandboxed command started. ``env_dropped``: the NAMES (never the values) of
+    the caller's environment variables the credential scrub left out."""
 
     TYPE: ClassVar[str] = "sandbox_start"
     argv: tuple[str, ...] = attrs.field(converter=tuple)
     pid: int | None = None
     sandbox_id: str | None = None
     mode: str | None = None
+    env_dropped: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     ts: float = attrs.field(factory=_now)
 
 

@@ -69,13 +69,31 @@ def _as_dict(event: Any) -> dict:
 
 
 def _clean(text: Any, limit: int = 200) -> str:
-    """Names come from the sandbox (DNS, SNI, Host): never let them drive the terminal."""
+    """Names come from the sandbox (DNS, SNI, Host): never let them drive the terminal.
+
+    Control and format characters (escapes, bidi overrides, zero-width) are shown as
+    ``\\xNN`` / ``\\uNNNN``. The result is still rich *markup* if handed to rich as a
+    ``str``: pass it as :func:`_plain` ``Text`` (a table cell given as a str is parsed).
+    """
     if text is None:
         return ""
     text = str(text)[:limit]
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else "\\x%02x" % (ord(c) & 0xFF) for c in text)
+    return "".join(c if c.isprintable() else _escape(ord(c)) for c in text)
+
+
+def _escape(code: int) -> str:
+    if code < 0x100:
+        return "\\x%02x" % code
+    return "\\u%04x" % code if code < 0x10000 else "\\U%08x" % code
+
+
+def _plain(text: str, style: str = ""):
+    """A rich ``Text`` cell: shown as written, never parsed as markup or emoji codes."""
+    from rich.text import Text
+
+    return Text(text, style=style)
 
 
 def _addr(ip: str | None, port: int | None) -> str:
@@ -328,7 +346,7 @@ def _flow_state(flow: Flow, now: float) -> str:
         return f"open {_seconds(max(0.0, now - flow.opened))}"
     if flow.state == "closed" and flow.close_reason:
         return f"closed {_clean(flow.close_reason, 16)}"
-    return flow.state
+    return _clean(flow.state, 8)
 
 
 def render(state: MonitorState, *, now: float | None = None, max_flows: int = 20,
@@ -357,14 +375,14 @@ def render(state: MonitorState, *, now: float | None = None, max_flows: int = 20
     for flow in rows[:max_flows]:
         denied = flow.state == "denied"
         rate = flow.rate()
-        conns.add_row(
-            str(flow.id), _flow_state(flow, now), _clean(flow.proto, 8), _clean(flow.dst, 48),
+        cells = (
+            _clean(flow.id, 12), _flow_state(flow, now), _clean(flow.proto, 8), _clean(flow.dst, 48),
             _clean(flow.name), "" if flow.bytes_out is None else size(flow.bytes_out),
             "" if flow.bytes_in is None else size(flow.bytes_in),
             "" if rate is None else f"{size(rate)}/s",
             f"{_clean(flow.verdict, 8)} {_clean(flow.rule, 60)}".strip(),
-            style=DENY_STYLE if denied else None,
         )
+        conns.add_row(*map(_plain, cells), style=DENY_STYLE if denied else None)
     if len(rows) > max_flows:
         conns.caption = f"… {len(rows) - max_flows} more"
     parts.append(conns)
@@ -378,8 +396,8 @@ def render(state: MonitorState, *, now: float | None = None, max_flows: int = 20
     for row in list(state.dns)[::-1][:max_dns]:
         denied = row.verdict != "allow"
         answers = ", ".join(_clean(a, 64) for a in row.answers) or _clean(row.rcode)
-        verdict = row.verdict if not denied else f"{row.verdict} {_clean(row.rule, 60)}"
-        dns.add_row(_clean(row.qname), _clean(row.qtype, 12), verdict, answers,
+        verdict = _clean(row.verdict, 8) if not denied else f"{_clean(row.verdict, 8)} {_clean(row.rule, 60)}"
+        dns.add_row(*map(_plain, (_clean(row.qname), _clean(row.qtype, 12), verdict, answers)),
                     style=DENY_STYLE if denied else None)
     parts.append(dns)
 
@@ -521,6 +539,45 @@ def _view(console, mode: str, state: MonitorState, refresh: float):
     return _LineView(console, state)
 
 
+class _Isolated:
+    """A view whose failure ends the display and nothing else.
+
+    The monitor runs in the sandbox's nursery: an exception escaping it would cancel
+    the sandbox. A broken terminal or a rendering bug must not do that, nor stop the
+    event log: the first error is logged once, the view is closed (best effort) and
+    ``failed`` tells the caller to stop reading.
+    """
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.failed: BaseException | None = None
+        self._view = None
+        self._call(lambda: setattr(self, "_view", make()))
+
+    def _call(self, fn: Callable[[], Any]) -> None:
+        if self.failed is not None:
+            return
+        try:
+            fn()
+        except Exception as exc:
+            self.failed = exc
+            log.warning("corral: the monitor stopped drawing (%s: %s); the sandbox and its events go on",
+                        type(exc).__name__, _clean(exc, 200))
+            if self._view is not None:
+                try:
+                    self._view.close()
+                except Exception:
+                    log.debug("closing the failed monitor view failed too", exc_info=True)
+
+    def apply(self, event: Any) -> None:
+        self._call(lambda: self._view.apply(event))
+
+    def tick(self, *, force: bool = False) -> None:
+        self._call(lambda: self._view.tick(force=force))
+
+    def close(self) -> None:
+        self._call(self._view.close if self._view is not None else lambda: None)
+
+
 async def run_monitor(stream, *, console=None, title: str | None = None, mode: str | None = None,
                       command_fds=(1, 2), refresh: float = REFRESH) -> MonitorState:
     """Draw the events of ``stream`` (an :class:`EventStream`) until it closes.
@@ -545,10 +602,10 @@ async def run_monitor(stream, *, console=None, title: str | None = None, mode: s
         mode = "live" if console.is_terminal else "lines"
     state = MonitorState(title=title)
     receive = stream.subscribe(replay=True)
-    view = _view(console, mode, state, refresh)
+    view = _Isolated(lambda: _view(console, mode, state, refresh))
     try:
         ended = False
-        while not ended:
+        while not ended and view.failed is None:
             with trio.move_on_after(refresh):
                 try:
                     view.apply(await receive.receive())
@@ -559,11 +616,14 @@ async def run_monitor(stream, *, console=None, title: str | None = None, mode: s
     finally:
         # Cancelled on the way out of the sandbox: the exit record may still be coming
         # (the network closes first); wait a bounded moment so the last frame has it.
-        with trio.CancelScope(shield=True), trio.move_on_after(END_GRACE):
-            async for event in receive:
-                view.apply(event)
-        _drain(receive, view)
-        receive.close()
+        if view.failed is None:
+            with trio.CancelScope(shield=True), trio.move_on_after(END_GRACE):
+                async for event in receive:
+                    view.apply(event)
+                    if view.failed is not None:
+                        break
+            _drain(receive, view)
+        receive.close()  # a failed view stops reading: the stream drops this reader
         try:
             view.close()
         finally:
@@ -576,13 +636,14 @@ def _drain(receive, view) -> bool:
     """Apply what is already queued; True when the stream has ended."""
     import trio
 
-    while True:
+    while not getattr(view, "failed", None):
         try:
             view.apply(receive.receive_nowait())
         except trio.WouldBlock:
             return False
         except (trio.EndOfChannel, trio.ClosedResourceError):
             return True
+    return False
 
 
 # -- following a file (corral top) --------------------------------------------------------

@@ -21,6 +21,7 @@ import time
 from typing import Any, Iterable, Mapping
 
 from corral.errors import ConfigError
+from corral.fs.persist import is_persistence
 from corral.policy import Rule, always_denied, claimed_name, normalize_ip, normalize_name
 
 __all__ = [
@@ -72,13 +73,6 @@ WATCHED_SERVICES: dict[str, str] = {
 
 EXECUTABLE_SUFFIXES = (".sh", ".bash", ".exe", ".elf", ".bin", ".py", ".pl", ".ps1", ".bat", ".cmd",
                        ".dll", ".so", ".dylib", ".jar", ".msi", ".appimage", ".run", ".deb", ".rpm", ".apk")
-
-# Files whose change makes a command run again later (persistence).
-_STARTUP_NAMES = frozenset((".bashrc", ".bash_profile", ".bash_login", ".bash_logout", ".profile", ".zshrc",
-                            ".zprofile", ".zshenv", ".zlogin", "config.fish", "authorized_keys",
-                            ".pam_environment", ".xprofile", ".xinitrc", "crontab", "rc.local"))
-_STARTUP_DIRS = ("/.config/autostart/", "/.config/systemd/user/", "/etc/cron", "/var/spool/cron/",
-                 "/etc/systemd/", "/etc/profile.d/", "/.ssh/", "/etc/init.d/", "/.config/fish/conf.d/")
 
 _SEVERITY_ORDER = {"high": 0, "medium": 1, "low": 2}
 
@@ -360,9 +354,13 @@ def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
 def _flag_files(flags: _Flags, changes: list[dict]) -> None:
     for c in changes:
         path = c["path"]
-        if c["change"] in ("created", "modified") and c["kind"] == "file":
-            if os.path.basename(path) in _STARTUP_NAMES or any(d in path for d in _STARTUP_DIRS):
-                flags.add("persistence", "high", path, f"{c['change']} a file that runs at login/startup")
+        if c["change"] == "created" and os.path.basename(path) == ".git":
+            flags.add("persistence", "medium", path, "created a git repository: the host's git would obey "
+                      "its config and hooks there (check before running git in it)")
+        elif c["change"] in ("created", "modified") and c["kind"] == "file":
+            why = is_persistence(path)  # files whose change makes code run again later
+            if why:
+                flags.add("persistence", "high", path, f"{c['change']} {why}")
             elif c["executable"] and c.get("content_changed") is not False:
                 flags.add("executable-written", "medium", path, f"{c['change']} an executable file")
 
@@ -386,12 +384,14 @@ def _suggestions(flows: list[dict], names: list[dict]) -> tuple[list[dict], list
         r["bytes_out"] += flow["bytes_out"]
         r["bytes_in"] += flow["bytes_in"]
 
-    def valid(text: str) -> bool:
+    def exact_name_rule(name: str, f: dict) -> str | None:
+        """``name:port/proto`` when *name* parses as one exact domain (no wildcard, no address)."""
+        text = f"{name}:{f['dst_port']}/{f['proto']}"
         try:
-            Rule.parse(text)
+            rule = Rule.parse(text)
         except ConfigError:
-            return False
-        return True
+            return None
+        return text if rule.kind == "domain" else None
 
     contacted = set()
     for f in flows:
@@ -412,19 +412,28 @@ def _suggestions(flows: list[dict], names: list[dict]) -> tuple[list[dict], list
             continue
         hit = always_denied(f["dst"]) if f["dst"] is not None else None
         if hit is not None:
-            add(ip_rule, f"{hit[0]} address, always denied unless named; opened in this run by {f['rule']}", f)
+            # A rule file never opens the always-denied set: only the user's own --allow does.
+            note = (f"{ip_rule} is a {hit[0]} address, always denied; this run opened it with {f['rule']}. "
+                    f"No rule file can open it: pass --allow {f['dst_ip']} on the command line if you mean it")
+            if note not in notes:
+                notes.append(note)
             continue
+        # A rule comes only from what the flow reached: a name the sandbox resolved to this
+        # address, else the address. SNI / Host are what the client claims: comments only.
         claimed = [c for c in (claimed_name(f["sni"]), claimed_name(f["http_host"])) if c]
-        if f["names"]:
-            name = f["names"][0]
-            wanted = [name] + [c for c in claimed if c != name and c not in f["names"][:1]]
-            texts = [f"{n}:{f['dst_port']}/{f['proto']}" for n in wanted]
-            if all(valid(t) for t in texts):
-                contacted.add(name)
-                add(texts[0], f"resolved {name}", f)
-                for n, t in zip(wanted[1:], texts[1:]):
-                    add(t, f"the client named {n} (TLS SNI / HTTP Host) when connecting to {name}", f)
-                continue
+        named = [(n, t) for n in f["names"] for t in [exact_name_rule(n, f)] if t]
+        if named:
+            name, text = named[0]
+            contacted.add(name)
+            add(text, f"resolved {name}", f)
+            for c in dict.fromkeys(claimed):
+                if c not in f["names"]:
+                    note = (f"the client named {c!r} (TLS SNI / HTTP Host) on its flow to {name}:{f['dst_port']}; "
+                            "a claimed name is no rule: corral run denies such a flow unless you allow that "
+                            "name yourself")
+                    if note not in notes:
+                        notes.append(note)
+            continue
         why = "no DNS name was looked up for this address"
         if f["proto"] in ("tcp", "udp") and f["dst_port"] in DNS_PORTS:
             why = "DNS to a resolver other than corral's (bypasses DNS policy): consider removing this line"
@@ -530,10 +539,11 @@ def _size(n: int) -> str:
 def render_allowlist(report: dict) -> str:
     """The suggested allowlist as text ``load_allow_file`` accepts as is.
 
-    One ``host:port/proto`` rule per name and port the run contacted (plus the SNI/Host
-    names the client claimed on those flows, which ``corral run`` requires to be allowed
-    too), an address rule only for flows no DNS name was looked up for. Each rule ends
-    with a comment saying why; what no rule can express is listed as comments.
+    One ``host:port/proto`` rule per resolved name and port the run contacted, an address
+    rule only for flows no usable DNS name was looked up for. Names the client claimed
+    (TLS SNI / HTTP Host) never become rules, nor does anything in the always-denied set:
+    they are notes. Each rule ends with a comment saying why; what no rule can express is
+    listed as comments.
     """
     box = report.get("sandbox") or {}
     argv = " ".join(_safe(a) for a in (box.get("argv") or ()))

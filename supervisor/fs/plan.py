@@ -61,7 +61,7 @@ import stat
 import attrs
 
 from ..errors import ConfigError
-from . import secrets
+from . import persist, secrets
 
 MODES = ("default", "readonly", "hermetic")
 CWD_ACCESS = ("rw", "ro", "overlay")
@@ -78,7 +78,7 @@ PSEUDO_FS = frozenset((
 # Filesystems overlayfs does not stack on well: shown read-only instead.
 NO_OVERLAY = ("nfs", "nfs4", "cifs", "smb3", "smbfs", "fuse", "fuseblk", "9p", "ceph")
 
-HOME_WRITABLE = "the whole home directory is writable (secrets still hidden)"
+HOME_WRITABLE = "the whole home directory is writable, startup files included (secrets still hidden)"
 # Entries a bind's walk for sockets looks at, at most (only when some socket
 # was bound by a relative path): ~2-5 us each on a busy 2-core machine.
 SCAN_LIMIT = 20000
@@ -101,6 +101,7 @@ class FsSpec:
     tmp_size: int | None = None  # bytes for each tmpfs (/tmp, /dev/shm, --tmpfs); None: kernel default
     runtime_dir: str | None = None  # $XDG_RUNTIME_DIR; None: /run/user/<uid> if it exists
     allow_sockets: tuple = attrs.field(default=(), converter=tuple)  # host sockets shown
+    allow_persist: bool = False  # startup files and git hooks/config in writable dirs: see persist.py
 
 
 @attrs.frozen(kw_only=True)
@@ -152,6 +153,16 @@ class HostFs:
     def listdir(self, path):
         try:
             return sorted(os.listdir(path))
+        except OSError:
+            return []
+
+    def entries(self, path):
+        """``[(name, kind)]`` of a directory, kinds from the directory itself (no stat)."""
+        try:
+            with os.scandir(path) as it:
+                return [(e.name, "dir" if e.is_dir(follow_symlinks=False) else
+                         "file" if e.is_file(follow_symlinks=False) else
+                         "symlink" if e.is_symlink() else "other") for e in it]
         except OSError:
             return []
 
@@ -268,6 +279,10 @@ class _Planner:
         self.warnings = []
         self.overlays = 0
         self.emit_later = []
+        self.cwd_notice = None
+        self.persist_watch = ()
+        self.persist_repos = None
+        self.copies = 0
         mounts = visible_mounts(parse_mountinfo(mountinfo))
         self.mount_types = {m.point: m.fstype for m in mounts}
         # Every proper ancestor of a mount point: those directories cannot be
@@ -471,11 +486,16 @@ class _Planner:
         if cwd_st is None or cwd_st.kind != "dir":
             raise ConfigError("working directory %s does not exist. Fix: cd to an existing "
                               "directory or pass --cwd DIR" % cwd)
-        if cwd_real == "/" and spec.cwd_access == "rw":
+        if cwd_real == "/" and spec.cwd_access == "rw" and spec.mode != "default":
             raise ConfigError("the working directory is / and would make the whole host "
                               "writable. Fix: cd to a project directory or pass --cwd DIR")
         self.cwd = cwd_real
-        items.append((cwd_real, 1, spec.cwd_access, cwd_st))
+        cwd_access = spec.cwd_access
+        if cwd_access == "rw":
+            self.cwd_notice = persist.cwd_notice(cwd_real, home, spec.allow_persist)
+            cwd_access = "rw" if self.cwd_notice is None else "overlay"
+        if cwd_real != "/" or self.cwd_notice is None:  # the default view of / is an overlay
+            items.append((cwd_real, 1, cwd_access, cwd_st))
 
         if spec.hide_secrets:
             runtime = spec.runtime_dir
@@ -537,6 +557,7 @@ class _Planner:
                 if (root_st is not None and root_st.kind == "dir" and not _under(root, self.scratch)
                         and not any(_under(root, item[0]) for item in items if item[1] > 0)):
                     items.append((root, 1, "overlay", root_st))
+        items.extend(self.persist_layers(items, home))
         for path, target in links or ():
             items.append((path, -1, "symlink", target))
         # parents first; on one path: symlink, secret, cwd, then the user's option
@@ -556,6 +577,48 @@ class _Planner:
             real = self.resolve(path)
             if real != path and any(_under(real, top) for top in shown):
                 links.append((path, self.fs.readlink(path)))
+
+    def persist_layers(self, items, home):
+        """Items protecting what the host runs later inside the writable
+        directories (:mod:`corral.fs.persist`), after cwd and the user's options."""
+        latest = {}
+        for item in sorted(items, key=lambda item: (_depth(item[0]), item[1])):
+            latest[item[0]] = item
+
+        def cover(path):
+            while path not in latest and path != "/":
+                path = os.path.dirname(path)
+            return latest.get(path)
+
+        roots = [path for path, _, action, st in latest.values() if action == "rw" and st.kind == "dir"]
+        if not roots:
+            return []
+        found = persist.protect(self.fs, roots, home, self.spec.allow_persist)
+        out, named = [], []
+        for path, action, kind in found.items:
+            top = cover(path)
+            if top is None or top[2] != "rw":
+                continue
+            if action == persist.WATCH or (top[0] == path and top[1] == 2):
+                if action != persist.KEEP:  # --rw of the protected path itself wins
+                    named.append(path)
+            else:
+                out.append((path, 3, action, Stat(kind)))
+        watch = [p for p in found.watch if (cover(p) or (0, 0, ""))[2] == "rw"]
+        self.persist_watch = tuple(dict.fromkeys(watch + named))
+        self.persist_repos = {"roots": roots, "known": list(found.repos)}
+        return out
+
+    def place_persist(self, path, action, st, create):
+        if action == persist.KEEP:  # a mount point cannot be renamed away
+            self.bind_dir(path, ro=False, create=create)
+        elif action == persist.COPY:
+            self.emit("protect_file", path=path, copy="%s/persist/%d" % (self.spec.scratch, self.copies))
+            self.copies += 1
+        elif st.kind == "missing":
+            self.overlay(path, 0o755, create=True)
+        else:
+            self.overlay_tree(path, st, create)
 
     def exposes_host(self, path, done):
         """Whether ``path`` shows host content after the layers in ``done``."""
@@ -610,6 +673,9 @@ class _Planner:
             elif action == "ro":
                 self.ro_tree(path, st, create)
                 done.append((path, True))
+            elif action in persist.ACTIONS:
+                self.place_persist(path, action, st, create)
+                done.append((path, True))
             elif is_dir:
                 self.bind_dir(path, ro=False, create=create)
                 done.append((path, True))
@@ -626,6 +692,10 @@ class _Planner:
         writable = [p for p, g, a, _ in final.values() if a == "rw"]
         if any(_under(home, p) for p in writable):
             self.warnings.append(HOME_WRITABLE)
+        if self.cwd_notice and final.get((self.cwd, False), (0, 1))[1] == 1:
+            self.warnings.append(self.cwd_notice)
+        if self.persist_watch or self.persist_repos:
+            self.emit("watch", paths=list(self.persist_watch), repos=self.persist_repos)
         for path, group, action, _ in final.values():
             if group == 0 and action == "hide" and _under(self.cwd, path):
                 self.warnings.append("the working directory %s is inside %s, which corral "

@@ -111,6 +111,7 @@ def load_policy_file(path):
     found = {name: namespace.get(name) for name in CALLBACK_NAMES}
     if not any(found.values()):
         raise ConfigError("--policy %s defines none of %s" % (path, ", ".join(CALLBACK_NAMES)))
+    pol.check_callbacks(**found, where="--policy %s" % path)
     return found
 
 
@@ -302,11 +303,15 @@ class NetworkService:
                 decision = pol.from_callback(await self.on_connect(req))
             except Exception as exc:  # a raising callback is a deny and an event
                 decision = pol.from_callback_error("on_connect raised %s: %s" % (type(exc).__name__, exc))
-                self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
+                self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
                                                   error="%s: %s" % (type(exc).__name__, exc)))
+            else:
+                if decision.rule == pol.CALLBACK_ERROR:  # it returned something not a Verdict
+                    self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
+                                                      error=decision.verdict.reason))
         if decision is None:
             decision = pol.from_callback_error("on_connect timed out after %gs" % self.policy_timeout)
-            self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=repr(req),
+            self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
                                               error="timed out", timed_out=True))
         if decision.allowed and self._peekable(req) and not flow.reported:
             flow.asked = decision
@@ -420,9 +425,6 @@ def plan(config, callbacks):
         for name, func in load_policy_file(config.policy).items():
             if func is not None:
                 callbacks.setdefault(name, func)
-    if config.pcap and not os.path.isdir(os.path.dirname(os.path.abspath(config.pcap))):
-        raise ConfigError("--pcap %s: no such directory. Fix: name a file in an existing "
-                          "directory" % config.pcap)
     on_packet = callbacks.get("on_packet")
     mode = config.data_path or ("pump" if on_packet else "direct")
     if on_packet and mode != "pump":
@@ -433,21 +435,15 @@ def plan(config, callbacks):
                 publish=tuple(parse_publish(text) for text in config.publish))
 
 
-def open_pcap(path):
-    """``--pcap FILE``: the file, created or truncated, as an fd for the stack."""
-    try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise ConfigError("--pcap %s: %s. Fix: name a writable file" % (path, exc.strerror)) from None
-
-
-async def start(nursery, config, netplan, tap_fd, stream):
+async def start(nursery, config, netplan, tap_fd, stream, pcap=None):
     """Open the stack on ``tap_fd`` and start serving; return the service.
-    The fd is consumed (direct: Go keeps a dup; pump: the service owns it)."""
+    The fd is consumed (direct: Go keeps a dup; pump: the service owns it).
+    ``pcap``: the ``--pcap`` :class:`corral.fs.outputs.OutputFile`, prepared
+    before the sandbox started."""
     pcap_fd = None
     try:
-        if config.pcap:
-            pcap_fd = open_pcap(config.pcap)
+        if pcap is not None:
+            pcap_fd = pcap.open()
         netstack = Netstack.open(tap_fd, mode=netplan.mode,
                                  policy_timeout=config.policy_timeout + STACK_TIMEOUT_GRACE,
                                  peek_timeout=PEEK_TIMEOUT, pcap_fd=pcap_fd)

@@ -26,8 +26,10 @@ from ._rules import normalize_ip as normalize_ip
 from ._rules import normalize_name as normalize_name
 from ._rules import parse_rules as parse_rules
 from ._verdict import ALLOW as ALLOW
+from ._verdict import CALLBACK_ERROR as CALLBACK_ERROR
 from ._verdict import Decision as Decision
 from ._verdict import Verdict as Verdict
+from ._verdict import check_callbacks as check_callbacks
 from ._verdict import deny as deny
 from ._verdict import from_callback as from_callback
 from ._verdict import from_callback_error as from_callback_error
@@ -35,6 +37,7 @@ from ._verdict import from_callback_error as from_callback_error
 __all__ = [
     "ALLOW",
     "ALWAYS_DENIED",
+    "CALLBACK_ERROR",
     "Answer",
     "ConnectRequest",
     "Decision",
@@ -46,6 +49,7 @@ __all__ = [
     "Rule",
     "Verdict",
     "always_denied",
+    "check_callbacks",
     "claimed_name",
     "claims_can_deny",
     "decide_connect",

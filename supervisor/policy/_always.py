@@ -20,13 +20,15 @@ IPv6 spellings of the IPv4 ranges are denied too: IPv4-mapped ``::ffff:a.b.c.d``
 (normalized to the IPv4 address before anything else), IPv4-compatible ``::a.b.c.d``,
 NAT64 ``64:ff9b::a.b.c.d`` and 6to4 ``2002:AABB:CCDD::``.
 
-"Named explicitly" means: an *allow* rule that is an address or network rule whose
-range lies entirely inside the (most specific) always-denied range the destination
-falls in, and that contains the destination as written: ``--allow 169.254.0.0/16``
-opens link-local addresses but not the metadata address 169.254.169.254 inside it. ``--allow 169.254.169.254`` opens the metadata
-address; ``--allow 0.0.0.0/0``, ``--allow ::/0`` and domain rules never open anything
-(a DNS answer pointing at 127.0.0.1 stays denied). The embedded forms are opened only
-by naming the IPv6 form itself. ``--allow-host-port PORT`` is the way to reach a port
+"Named explicitly" means: an *allow* rule for one exact address (an address rule, or a
+/32 or /128 network) that the user gave directly (``--allow``, ``Config(allow=...)``,
+``Policy(allow=...)``), never one read from a file (``--allow-file``, and so never a
+suggested allowlist fed back), never a wider network and never a domain rule. The rule
+must lie inside the (most specific) always-denied range the destination falls in and
+contain the destination as written: ``--allow 169.254.169.254`` opens the metadata
+address; ``--allow 169.254.0.0/16``, ``--allow 0.0.0.0/0`` and ``--allow localhost`` open
+nothing (a DNS answer pointing at 127.0.0.1 stays denied). The embedded forms are opened
+only by naming the IPv6 form itself. ``--allow-host-port PORT`` is the way to reach a port
 on the host's loopback (10.0.2.2:PORT → 127.0.0.1:PORT).
 """
 

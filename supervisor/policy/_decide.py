@@ -6,7 +6,7 @@ Order of evaluation for a connection (first match decides):
 2. ``--allow-host-port PORT``: 10.0.2.2:PORT / [fd00::2]:PORT → allow, dial the host's
    127.0.0.1:PORT / [::1]:PORT;
 3. the always-denied set (see ``_always``): deny unless an allow rule names the address
-   explicitly;
+   explicitly (one exact address, given directly, not read from a file);
 4. allow rules: an address/network rule covering the destination, or a domain rule
    covering one of the names the sandbox resolved for it through corral's DNS;
 5. the mode's default: ``run`` denies, ``audit`` allows.
@@ -227,6 +227,8 @@ def decide_connect(policy: Policy, req: ConnectRequest) -> Decision:
             net = rule.network
             if (
                 net is not None
+                and net.prefixlen == net.max_prefixlen  # one address, never a network
+                and not rule.from_file  # typed by the user, not read from a (suggested) file
                 and net.version == rng.version
                 and net.subnet_of(rng)
                 and rule.covers_ip(dst)

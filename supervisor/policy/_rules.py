@@ -117,7 +117,8 @@ class Rule:
 
     Exactly one of ``domain`` / ``network`` is set. ``text`` is the rule as the user
     wrote it and ``origin`` where (``"--allow"``, ``"allow.txt:3"``): both are for
-    reporting and do not take part in equality.
+    reporting and do not take part in equality. ``from_file`` marks a rule read by
+    :func:`load_allow_file`: such a rule never opens the always-denied set.
     """
 
     action: str = attrs.field(validator=attrs.validators.in_(("allow", "deny")))
@@ -128,6 +129,7 @@ class Rule:
     proto: str | None = attrs.field(default=None, validator=attrs.validators.in_((None, *_PROTOS)))
     text: str = attrs.field(default="", eq=False)
     origin: str | None = attrs.field(default=None, eq=False)
+    from_file: bool = attrs.field(default=False, eq=False)
 
     @classmethod
     def parse(cls, text: str, action: str = "allow", *, origin: str | None = None) -> Rule:
@@ -256,5 +258,6 @@ def load_allow_file(path: str | os.PathLike, action: str = "allow") -> list[Rule
     for lineno, line in enumerate(lines, 1):
         text = line.split("#", 1)[0].strip()
         if text:
-            rules.append(Rule.parse(text, action, origin=f"{os.fspath(path)}:{lineno}"))
+            rule = Rule.parse(text, action, origin=f"{os.fspath(path)}:{lineno}")
+            rules.append(attrs.evolve(rule, from_file=True))
     return rules

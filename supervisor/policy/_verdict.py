@@ -2,20 +2,37 @@
 
 from __future__ import annotations
 
+import inspect
+
 import attrs
 
-__all__ = ["ALLOW", "Decision", "Verdict", "deny"]
+from corral.errors import CallbackTypeError
+
+__all__ = ["ALLOW", "Decision", "Verdict", "check_callbacks", "deny"]
+
+
+def _bool(instance, attribute, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"corral.Verdict(allowed=...) must be True or False, not {value!r} "
+                        f"({type(value).__name__}). Fix: return corral.ALLOW or corral.deny('why')")
+
+
+def _reason(instance, attribute, value):
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"corral.Verdict(reason=...) must be a str or None, not {type(value).__name__}")
 
 
 @attrs.frozen(kw_only=True)
 class Verdict:
     """What a rule or a callback says about one flow or query.
 
-    Callbacks return ``corral.ALLOW`` or ``corral.deny("why")``.
+    Callbacks return ``corral.ALLOW`` or ``corral.deny("why")``. ``allowed`` must be a
+    ``bool`` and ``reason`` a ``str`` or ``None`` (anything else is a ``TypeError``:
+    ``Verdict(allowed="no")`` must not read as an allow).
     """
 
-    allowed: bool
-    reason: str | None = None
+    allowed: bool = attrs.field(validator=_bool)
+    reason: str | None = attrs.field(default=None, validator=_reason)
 
     def __repr__(self) -> str:
         if self.allowed:
@@ -72,6 +89,41 @@ class Decision:
         word = "allow" if self.allowed else "deny"
         dial = f" dial={self.dial[0]}:{self.dial[1]}" if self.dial else ""
         return f"<Decision {word} by {self.rule!r}{dial}>"
+
+
+def _is_async(func) -> bool:
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(type(func), "__call__", None)  # an object with an async __call__
+    return not inspect.isroutine(func) and not inspect.isclass(func) and inspect.iscoroutinefunction(call)
+
+
+def check_callbacks(*, on_connect=None, on_dns=None, on_packet=None, where: str = "") -> None:
+    """Reject callbacks of the wrong kind before anything starts.
+
+    ``on_connect`` / ``on_dns`` are awaited: they must be ``async def`` functions (or
+    objects with an ``async def __call__``). ``on_packet`` runs for every frame without
+    awaiting: it must be a plain callable. ``None`` means "no callback". Raises
+    :class:`corral.errors.CallbackTypeError` (a ``ConfigError`` and a ``TypeError``).
+    """
+    at = f"{where}: " if where else ""
+    for name, func in (("on_connect", on_connect), ("on_dns", on_dns)):
+        if func is None:
+            continue
+        arg = "req" if name == "on_connect" else "query"
+        if not callable(func):
+            raise CallbackTypeError(f"{at}{name} must be an async function, got {type(func).__name__} {func!r:.60}. "
+                                    f"Fix: async def {name}({arg}) -> corral.Verdict")
+        if not _is_async(func):
+            raise CallbackTypeError(f"{at}{name} must be an async function (its result is awaited), got the "
+                                    f"plain callable {func!r:.60}. Fix: define it with async def {name}({arg})")
+    if on_packet is not None:
+        if not callable(on_packet):
+            raise CallbackTypeError(f"{at}on_packet must be a function, got {type(on_packet).__name__}. "
+                                    "Fix: def on_packet(pkt) -> bool")
+        if _is_async(on_packet):
+            raise CallbackTypeError(f"{at}on_packet is called for every frame without awaiting: it must be a "
+                                    "plain function. Fix: def on_packet(pkt) -> bool, not async def")
 
 
 def from_callback(verdict: Verdict) -> Decision:

@@ -24,6 +24,7 @@ DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
              ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"))
 MANIFEST = "overlays.json"
+WATCH_ENTRIES = 2000  # entries fingerprinted below one watched directory
 
 _NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
 _FIXES = {
@@ -52,6 +53,31 @@ def _tmpfs_data(options, op):
     must not eat the host's memory: tmpfs defaults to half of RAM)."""
     size = op.get("size")
     return options + (",size=%d" % size if size else "")
+
+def fingerprint(path, limit=WATCH_ENTRIES):
+    """``{path: [kind, size, mtime_ns, ctime_ns, ino, mode]}`` of ``path`` and, for a
+    directory, what lies below it (symlinks not followed, at most ``limit`` entries):
+    compared before and after a run, it says what changed (any write moves ctime)."""
+    out = {}
+    todo = [path]
+    while todo and len(out) < limit:
+        current = todo.pop()
+        try:
+            st = os.lstat(current)
+        except OSError:
+            continue
+        kind = ("dir" if stat.S_ISDIR(st.st_mode) else "file" if stat.S_ISREG(st.st_mode)
+                else "symlink" if stat.S_ISLNK(st.st_mode) else "other")
+        out[current] = [kind, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+                        stat.S_IMODE(st.st_mode)]
+        if kind == "dir":
+            try:
+                names = sorted(os.listdir(current), reverse=True)
+            except OSError:
+                continue
+            todo.extend(os.path.join(current, name) for name in names)
+    return out
+
 
 class MountError(Exception):
     """A step of :func:`setup_root` failed: ``step``, ``path``, ``errno`` and a
@@ -110,6 +136,9 @@ class _Builder:
         self.layer_dirs = False
         self.overlays = {}
         self.fallbacks = {}
+        self.copies = {}
+        self.watched = {}
+        self.repos = None
 
     # ---------------------------------------------------------------- helpers
 
@@ -347,17 +376,52 @@ class _Builder:
             self.create(dict(op, create=True, dir=False), target)
         self.bind("bind", op, source, target, ro=True, recursive=False)
 
+    def op_protect_file(self, op):
+        """A private copy of host file ``path`` (taken now, before the command runs),
+        bound over it: the command writes the copy, the host file stays as it was,
+        and the copy is compared with it at exit (corral.fs.changes)."""
+        copy = op["copy"]
+        self.mkdir(os.path.dirname(copy), 0o700)
+        src = os.open(op["path"], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(src)
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(_errno.EINVAL, "not a regular file")
+            dst = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                          stat.S_IMODE(st.st_mode))
+            try:
+                while chunk := os.read(src, 1 << 16):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(dst, view):]
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+        self.bind("protect", op, copy, self.at(op["path"]), ro=False, recursive=False)
+        self.copies[copy] = op["path"]
+
+    def op_watch(self, op):
+        """Fingerprint host paths left writable on purpose (before the command runs);
+        keep the git repositories found for the audit (corral.fs.changes)."""
+        for path in op["paths"]:
+            self.watched[path] = fingerprint(path)
+        self.repos = op.get("repos")
+
     def op_remount_ro(self, op):
         self.make_ro(self.at(op["path"]), op["path"], recursive=False)
 
     def op_enter(self, op):
-        if self.overlays or self.fallbacks:
+        if self.overlays or self.fallbacks or self.copies or self.watched or self.repos:
             try:
                 with open(self.scratch + "/" + MANIFEST, "w") as f:
                     # Upper dirs relative to scratch: --keep-changes moves it.
                     overlays = {os.path.relpath(upper, self.scratch): host
                                 for upper, host in self.overlays.items()}
-                    json.dump({"overlays": overlays, "fallbacks": self.fallbacks}, f)
+                    copies = {os.path.relpath(copy, self.scratch): host
+                              for copy, host in self.copies.items()}
+                    json.dump({"overlays": overlays, "fallbacks": self.fallbacks,
+                               "copies": copies, "watched": self.watched, "repos": self.repos}, f)
             except OSError as exc:
                 raise MountError("write", self.scratch + "/" + MANIFEST, exc.errno) from None
         self.make_ro(self.root, "/", recursive=False)

@@ -131,8 +131,10 @@ class World:
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def start(cls, *, mount_ns: bool = True) -> World:
-        """Create the namespaces, start every server, return once all are listening."""
+    def start(cls, *, mount_ns: bool = True, extra_mounts: int = 0) -> World:
+        """Create the namespaces, start every server, return once all are listening.
+        ``extra_mounts``: that many more read-only tmpfs mounts under /mnt/snap inside
+        (a snap desktop's mount table, for start-up benchmarks)."""
         for tool in ("nsenter", "openssl"):
             if shutil.which(tool) is None:
                 raise WorldUnavailable(f"world: `{tool}` not found. Fix: apt-get install util-linux openssl")
@@ -145,6 +147,8 @@ class World:
         argv = [sys.executable, "-m", "corral.world.server", "--dir", str(directory), "--parent", str(os.getpid())]
         if not mount_ns:
             argv.append("--no-mount-ns")
+        elif extra_mounts:
+            argv += ["--extra-mounts", str(extra_mounts)]
         proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
         )

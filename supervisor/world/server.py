@@ -52,6 +52,7 @@ CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWNET = 0x40000000
 MS_BIND = 4096
+MS_RDONLY = 1
 PR_SET_PDEATHSIG = 1
 IFA_F_NODAD = 0x02
 
@@ -64,8 +65,10 @@ def _check(ret: int, what: str) -> None:
         raise OSError(err, f"world: {what}: {os.strerror(err)}")
 
 
-def enter_namespaces(resolv_conf: str | None) -> None:
-    """unshare(USER|NET[|NS]), map uid/gid to themselves, optionally bind resolv.conf."""
+def enter_namespaces(resolv_conf: str | None, extra_mounts: int = 0) -> None:
+    """unshare(USER|NET[|NS]), map uid/gid to themselves, optionally bind resolv.conf
+    (what ``ip netns exec`` and every container do) and add ``extra_mounts`` read-only
+    tmpfs mounts under /mnt/snap (what a snap desktop's mount table looks like)."""
     uid, gid = os.getuid(), os.getgid()
     flags = CLONE_NEWUSER | CLONE_NEWNET | (CLONE_NEWNS if resolv_conf else 0)
     _check(_libc.unshare(flags), "unshare(CLONE_NEWUSER|CLONE_NEWNET)")
@@ -82,6 +85,13 @@ def enter_namespaces(resolv_conf: str | None) -> None:
             _libc.mount(resolv_conf.encode(), b"/etc/resolv.conf", None, MS_BIND, None),
             "bind-mount the world's resolv.conf over /etc/resolv.conf",
         )
+        if extra_mounts:
+            _check(_libc.mount(b"tmpfs", b"/mnt", b"tmpfs", 0, b"mode=0755"), "mount a tmpfs on /mnt")
+            for i in range(extra_mounts):
+                path = "/mnt/snap/app%d/%d" % (i, 100 + i)
+                os.makedirs(path)
+                _check(_libc.mount(b"tmpfs", path.encode(), b"tmpfs", MS_RDONLY, b"size=64k"),
+                       "mount a read-only tmpfs on " + path)
 
 
 def configure_lo() -> None:
@@ -438,6 +448,7 @@ def main() -> None:
     parser.add_argument("--dir", required=True)
     parser.add_argument("--parent", type=int, required=True)
     parser.add_argument("--no-mount-ns", action="store_true")
+    parser.add_argument("--extra-mounts", type=int, default=0)
     args = parser.parse_args()
 
     _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
@@ -445,7 +456,7 @@ def main() -> None:
         sys.exit("world: parent already gone")
     try:
         resolv = None if args.no_mount_ns else os.path.join(args.dir, "resolv.conf")
-        enter_namespaces(resolv)
+        enter_namespaces(resolv, args.extra_mounts)
         configure_lo()
         asyncio.run(serve(args.dir))
     except OSError as exc:
