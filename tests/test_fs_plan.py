@@ -423,6 +423,11 @@ def test_host_sockets_below_a_bind_are_masked_and_allowed_ones_are_bound():
     (allowed,) = ops(plan, "bind", b)
     assert allowed["src"] == b and allowed["dir"] is False
     assert index(plan, "bind", HOME + "/proj") < index(plan, "bind", b)
+    # nor carried by the overlays of the base view (masked if they fall back)
+    c = "/etc/c.sock"
+    fs = FakeFs(host(**{c: SOCK}).tree, bound=(c,))
+    assert ops(plan_of(fs), "overlay", "/etc")[0]["sockets"] == [c]
+    assert "sockets" not in ops(plan_of(fs, allow_sockets=(c,)), "overlay", "/etc")[0]
 
 
 def test_host_socket_through_a_symlinked_directory_is_found_at_its_real_path():

@@ -75,3 +75,30 @@ def test_a_missing_command_is_still_command_not_found(tmp_path):
     result = run(tmp_path, "--ro", "/usr", "--", "no-such-command-corral")
     assert result.returncode == 127
     assert result.stderr.decode().strip() == "corral: no-such-command-corral: command not found"
+
+
+def _elf64(interp, entsize=56, count=1):
+    import struct
+
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    struct.pack_into("<Q", header, 32, 64)  # e_phoff
+    struct.pack_into("<HH", header, 54, entsize, count)
+    data = interp.encode() + b"\0"
+    phdr = struct.pack("<IIQQQQQQ", 3, 4, 64 + 56, 0, 0, len(data), len(data), 1)
+    return bytes(header) + phdr + data
+
+
+def test_elf_loader_is_read_from_pt_interp_and_bad_headers_are_ignored(tmp_path):
+    from corral.spawn.stage1 import _missing_to_start
+
+    prog = tmp_path / "prog"
+    prog.write_bytes(_elf64("/nowhere/ld-test.so.2"))
+    assert _missing_to_start(str(prog), "") == ("/nowhere/ld-test.so.2", "ELF loader")
+    prog.write_bytes(_elf64(PY))  # the loader exists: the command itself was missing
+    assert _missing_to_start(str(prog), "") is None
+    for hostile in (_elf64("/x", entsize=60000, count=65535), _elf64("/x")[:70], b"\x7fELF"):
+        prog.write_bytes(hostile)
+        assert _missing_to_start(str(prog), "") is None
+    os.mkfifo(tmp_path / "fifo")  # never blocks on something that is not a file
+    assert _missing_to_start(str(tmp_path / "fifo"), "") is None

@@ -297,7 +297,9 @@ class _Planner:
                 path = os.path.dirname(path)
                 self.holds_mounts.add(path)
         self.scratch = self.resolve(_absolute(spec.scratch, "scratch"))
-        self.allowed_sockets = set()
+        # resolved now: the base view, planned first, must not mask them either
+        self.allowed_sockets = {self.resolve(_absolute(path, "--allow-socket"))
+                                for path in spec.allow_sockets}
         self.host_sockets = None  # [real path], read on first use
         self.relative_sockets = False
         protect = {self.scratch}
@@ -550,7 +552,6 @@ class _Planner:
             if st.kind != "socket":
                 raise ConfigError("--allow-socket %s: not a socket. Fix: name the socket's path "
                                   "(e.g. \"$SSH_AUTH_SOCK\")" % path)
-            self.allowed_sockets.add(real)
             items.append((real, 2, "socket", st))
         if hermetic:
             self.top_level_links(items, links)

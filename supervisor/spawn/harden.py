@@ -55,7 +55,8 @@ def landlock_abi():
     from . import libc
 
     version = libc._libc.syscall(ctypes.c_long(_SYS_LANDLOCK_CREATE_RULESET), None,
-                                 ctypes.c_size_t(0), ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
+                                 ctypes.c_size_t(0),
+                                 ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION))
     if version < 0:
         err = ctypes.get_errno()
         why = {errno.ENOSYS: "not built into this kernel",

@@ -29,6 +29,7 @@ import os
 import select
 import signal
 import socket
+import stat
 import struct
 import sys
 
@@ -333,7 +334,9 @@ def _spawn_command(ctl, spec, lifeline, hardened):
         if failed_step:
             raise StepError("preparing the command (cwd, limits, capabilities, seccomp)", err,
                             os.strerror(err), fix="report this as a corral bug")
-        missing = _missing_to_start(argv[0], env.get("PATH", os.defpath)) if err == errno.ENOENT else None
+        missing = None
+        if err == errno.ENOENT:
+            missing = _missing_to_start(argv[0], env.get("PATH", os.defpath))
         if missing:
             raise StepError(
                 "exec: missing " + missing[1], err, "%s: cannot start: %s %s is missing inside "
@@ -356,8 +359,10 @@ def _missing_to_start(name, path):
     interpreter on its ``#!`` line.  Return (path, "ELF loader" or
     "#! interpreter") in the second case, None in the first."""
     try:
-        program = _which(name, path)
-        with open(program, "rb") as f:
+        fd = os.open(_which(name, path), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             head = f.read(256)
             if head.startswith(b"#!"):
                 words = head[2:].split(b"\n", 1)[0].split()
@@ -366,7 +371,7 @@ def _missing_to_start(name, path):
                 needed, what = _elf_interpreter(f, head), "ELF loader"
             else:
                 return None
-    except (OSError, ValueError, struct.error):
+    except (OSError, ValueError, IndexError, struct.error):  # not a well-formed program
         return None
     if needed and not os.path.exists(needed):
         return needed, what
@@ -385,7 +390,7 @@ def _elf_interpreter(f, head):
         entsize, count = struct.unpack_from(order + "HH", head, 42)
         layout = order + "I I III I"  # p_type p_offset p_vaddr p_paddr p_filesz
     size = struct.calcsize(layout)
-    if entsize < size or count > 512:
+    if not size <= entsize <= 256 or count > 512:
         return None
     f.seek(phoff)
     table = f.read(entsize * count)
