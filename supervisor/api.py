@@ -398,8 +398,9 @@ class Process:
                 if "d_pid" in message:
                     self.d_pid = message["d_pid"]
                 elif "tap" in message:
-                    await self._start_network(fds[0])
-                    fds = fds[1:]
+                    diag = fds[1] if message.get("diag") and len(fds) > 1 else None
+                    await self._start_network(fds[0], diag)
+                    fds = fds[2:] if diag is not None else fds[1:]
                 elif "ready" in message:
                     if self._launch.spec.get("wait_go"):
                         stage1.send(self._ctl, {"go": True})
@@ -443,12 +444,13 @@ class Process:
             box.stream.add_sink(sink)
             box._registration = entry
 
-    async def _start_network(self, tap_fd):
-        from .net import service
+    async def _start_network(self, tap_fd, diag_fd=None):
+        from .net import owner, service
 
         box = self._box
+        owners = owner.Owners(diag_fd, lambda: self.d_pid)
         box.network = await service.start(box._nursery, box.config, box._netplan, tap_fd,
-                                          box.stream, pcap=box._outputs.get("pcap"))
+                                          box.stream, pcap=box._outputs.get("pcap"), owners=owners)
 
     async def _wait_stage1(self):
         pidfd = os.pidfd_open(self._popen.pid)

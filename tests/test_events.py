@@ -25,9 +25,10 @@ from corral.policy import Answer, ConnectRequest, DnsQuery, Policy, decide_conne
 # The documented field names (docs/events.md). Adding a field is fine; renaming one breaks users.
 FIELDS = {
     "dns": ["type", "query_id", "qname", "qtype", "transport", "src_ip", "src_port", "verdict", "rule",
-            "reason", "rcode", "answers", "answers_cut", "upstream", "ts"],
+            "reason", "rcode", "answers", "answers_cut", "upstream", "process", "process_unknown", "ts"],
     "connect": ["type", "id", "proto", "src_ip", "src_port", "dst_ip", "dst_port", "name", "names", "sni",
-                "http_host", "http_method", "http_path", "verdict", "rule", "reason", "dial", "ts"],
+                "http_host", "http_method", "http_path", "verdict", "rule", "reason", "dial", "process",
+                "process_unknown", "ts"],
     "close": ["type", "id", "bytes_out", "bytes_in", "duration", "reason", "ts"],
     "policy_error": ["type", "callback", "subject", "error", "timed_out", "ts"],
     "sandbox_start": ["type", "argv", "pid", "sandbox_id", "mode", "env_dropped", "ts"],

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 import attrs
 
-from corral.policy import Answer, ConnectRequest, Decision, DnsQuery
+from corral.policy import Answer, ConnectRequest, Decision, DnsQuery, Process
 
 __all__ = [
     "CloseEvent",
@@ -35,7 +35,7 @@ def _now() -> float:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
         return str(value)
-    if isinstance(value, Answer):
+    if isinstance(value, (Answer, Process)):
         return value.to_dict()
     if isinstance(value, tuple):
         return [_jsonable(v) for v in value]
@@ -81,6 +81,8 @@ class DnsEvent(Event):
     answers: tuple[Answer, ...] = attrs.field(default=(), converter=tuple)
     answers_cut: int = 0  # records of the answer not listed in ``answers`` (MAX_ANSWERS)
     upstream: str | None = None
+    process: Process | None = None
+    process_unknown: str | None = None
     ts: float = attrs.field(factory=_now)
 
     MAX_ANSWERS: ClassVar[int] = 32
@@ -99,7 +101,7 @@ class DnsEvent(Event):
             src_ip=str(query.src_ip) if query.src_ip is not None else None, src_port=query.src_port,
             verdict=_verdict_word(decision), rule=decision.rule, reason=decision.verdict.reason,
             rcode=rcode, answers=answers[: cls.MAX_ANSWERS], answers_cut=cut, upstream=upstream,
-            ts=_now() if ts is None else ts,
+            process=query.process, process_unknown=query.process_unknown, ts=_now() if ts is None else ts,
         )
 
 
@@ -124,6 +126,8 @@ class ConnectEvent(Event):
     rule: str
     reason: str | None = None
     dial: str | None = None
+    process: Process | None = None
+    process_unknown: str | None = None
     ts: float = attrs.field(factory=_now)
 
     @classmethod
@@ -140,7 +144,8 @@ class ConnectEvent(Event):
             dst_ip=str(req.dst_ip), dst_port=req.dst_port, name=req.name, names=req.names,
             sni=req.sni, http_host=req.http_host, http_method=http_method, http_path=http_path,
             verdict=_verdict_word(decision), rule=decision.rule,
-            reason=decision.verdict.reason, dial=dial, ts=_now() if ts is None else ts,
+            reason=decision.verdict.reason, dial=dial, process=req.process,
+            process_unknown=req.process_unknown, ts=_now() if ts is None else ts,
         )
 
 

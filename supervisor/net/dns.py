@@ -228,8 +228,10 @@ class DnsService:
     def __repr__(self) -> str:
         return f"<DnsService upstreams={[_fmt(u) for u in self.upstreams]} {self.policy.mode}>"
 
-    async def handle(self, wire: bytes, *, transport: str = "udp", src_ip=None, src_port=None) -> bytes | None:
-        """Answer one query from the sandbox. None: send nothing (not even a header to reply to)."""
+    async def handle(self, wire: bytes, *, transport: str = "udp", src_ip=None, src_port=None,
+                     owner=None) -> bytes | None:
+        """Answer one query from the sandbox. None: send nothing (not even a header to reply to).
+        ``owner``: () -> (Process | None, reason | None), the process that asked."""
         try:
             q = dnsmsg.parse_query(wire)
         except dnsmsg.MalformedDnsMessage as e:
@@ -242,7 +244,7 @@ class DnsService:
             return dnsmsg.build_response(q, refusal)
         self._pending += 1
         try:
-            return await self._answer(q, wire, transport, src_ip, src_port)
+            return await self._answer(q, wire, transport, src_ip, src_port, owner)
         finally:
             self._pending -= 1
 
@@ -287,8 +289,10 @@ class DnsService:
         for episode in list(self._episodes.values()):
             self._report(episode)
 
-    async def _answer(self, q, wire, transport, src_ip, src_port) -> bytes:
-        query = DnsQuery(id=q.id, qname=q.qname, qtype=q.qtype, transport=transport, src_ip=src_ip, src_port=src_port)
+    async def _answer(self, q, wire, transport, src_ip, src_port, owner=None) -> bytes:
+        process, unknown = owner() if owner is not None else (None, None)
+        query = DnsQuery(id=q.id, qname=q.qname, qtype=q.qtype, transport=transport, src_ip=src_ip,
+                         src_port=src_port, process=process, process_unknown=unknown)
         decision = decide_dns(self.policy, query)
         if decision.by_default and self.on_dns is not None:
             decision = await self._ask(query)

@@ -163,6 +163,7 @@ class NetworkService:
     _done: trio.Event = attrs.field(factory=trio.Event)
     _running: bool = False
     limits: object = None  # the Config: max_conns, max_rate
+    owners: object = None  # corral.net.owner.Owners: flow -> process inside
     _tokens: float = float("inf")  # --max-rate bucket (starts full)
     _tokens_at: float = 0.0
 
@@ -205,9 +206,13 @@ class NetworkService:
     def _register(self, ev, now):
         """A new_flow's record; None when the stack decided it alone."""
         (src_ip, src_port), (dst_ip, dst_port) = ev.src, ev.dst
+        process = unknown = None
+        if self.owners is not None and not ev.inbound:
+            process, unknown = self.owners.lookup(ev.proto, src_ip, src_port, dst_ip, dst_port)
         req = pol.ConnectRequest(
             id=ev.id, proto=ev.proto, src_ip=src_ip, src_port=src_port, dst_ip=dst_ip,
             dst_port=dst_port, names=self.names.names_for(dst_ip, now),
+            process=process, process_unknown=unknown,
         )
         flow = self._open[ev.id] = _Flow(req=req)
         if ev.decided:  # the stack decided alone (overload, inbound publish)
@@ -361,7 +366,12 @@ class NetworkService:
 
     async def _dns(self, ev):
         src_ip, src_port = ev.src
-        reply = await self.dns.handle(ev.payload, transport=ev.proto, src_ip=src_ip, src_port=src_port)
+        owner = None
+        if self.owners is not None:
+            def owner():
+                return self.owners.lookup(ev.proto, src_ip, src_port, ev.dst[0], ev.dst[1])
+        reply = await self.dns.handle(ev.payload, transport=ev.proto, src_ip=src_ip, src_port=src_port,
+                                      owner=owner)
         try:
             self.netstack.dns_reply(ev.id, reply or b"")
         except trio.ClosedResourceError:
@@ -395,6 +405,8 @@ class NetworkService:
             elif ev.kind == "flow_closed":
                 self._closed(ev)
         self.dns.close()  # a limit episode still open is reported
+        if self.owners is not None:
+            self.owners.close()
         self._check_pcap()
         self.netstack.close()
         if self.tap_fd >= 0:
@@ -436,7 +448,7 @@ def plan(config, callbacks):
                 publish=tuple(parse_publish(text) for text in config.publish))
 
 
-async def start(nursery, config, netplan, tap_fd, stream, pcap=None):
+async def start(nursery, config, netplan, tap_fd, stream, pcap=None, owners=None):
     """Open the stack on ``tap_fd`` and start serving; return the service.
     The fd is consumed (direct: Go keeps a dup; pump: the service owns it).
     ``pcap``: the ``--pcap`` :class:`corral.fs.outputs.OutputFile`, prepared
@@ -450,6 +462,8 @@ async def start(nursery, config, netplan, tap_fd, stream, pcap=None):
                                  peek_timeout=PEEK_TIMEOUT, pcap_fd=pcap_fd)
     except BaseException:
         os.close(tap_fd)
+        if owners is not None:
+            owners.close()
         raise
     finally:
         if pcap_fd is not None:
@@ -466,7 +480,7 @@ async def start(nursery, config, netplan, tap_fd, stream, pcap=None):
                               max_rate=config.max_dns_rate, max_pending=config.max_dns_pending),
         stream=stream, policy_timeout=config.policy_timeout,
         on_connect=callbacks.get("on_connect"), on_packet=callbacks.get("on_packet"), tap_fd=tap_fd,
-        limits=config,
+        limits=config, owners=owners,
     )
     try:
         for proto, host_ip, host_port, sandbox_port in netplan.publish:

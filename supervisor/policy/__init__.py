@@ -20,6 +20,8 @@ from ._decide import decide_dns as decide_dns
 from ._decide import parse_host_port as parse_host_port
 from ._names import Answer as Answer
 from ._names import NameTable as NameTable
+from ._process import Process as Process
+from ._process import Scope as Scope
 from ._rules import Rule as Rule
 from ._rules import load_allow_file as load_allow_file
 from ._rules import normalize_ip as normalize_ip
@@ -46,7 +48,9 @@ __all__ = [
     "GATEWAY_V6",
     "NameTable",
     "Policy",
+    "Process",
     "Rule",
+    "Scope",
     "Verdict",
     "always_denied",
     "check_callbacks",

@@ -33,6 +33,7 @@ import attrs
 from ._always import GATEWAY_V4, GATEWAY_V6, always_denied, embedded_ipv4
 from corral.errors import ConfigError
 
+from ._process import Process
 from ._rules import IPAddress, Rule, normalize_ip, normalize_name
 from ._verdict import (
     ALLOW,
@@ -115,7 +116,8 @@ class ConnectRequest:
 
     ``names`` are the names the sandbox resolved to ``dst_ip`` through corral's DNS
     (most recent first); ``sni``/``http_host`` are what the client claimed in its
-    first bytes, when known.
+    first bytes, when known.  ``process``: the process inside holding the flow's
+    socket (:class:`Process`), or None with the reason in ``process_unknown``.
     """
 
     id: int
@@ -127,6 +129,8 @@ class ConnectRequest:
     names: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     sni: str | None = None
     http_host: str | None = None
+    process: Process | None = None
+    process_unknown: str | None = None
 
     @property
     def name(self) -> str | None:
@@ -154,6 +158,8 @@ class DnsQuery:
     transport: str = attrs.field(default="udp", validator=attrs.validators.in_(("udp", "tcp")))
     src_ip: IPAddress | None = attrs.field(default=None, converter=attrs.converters.optional(_ip))
     src_port: int | None = None
+    process: Process | None = None
+    process_unknown: str | None = None
 
     def __repr__(self) -> str:
         return f"<DnsQuery #{self.id} {self.qname} {self.qtype}/{self.transport}>"
@@ -208,8 +214,9 @@ def decide_connect(policy: Policy, req: ConnectRequest) -> Decision:
     all_names = dns_names + claimed
     what = _addr(dst, port) + (f" ({all_names[0]})" if all_names else "")
 
+    proc = req.process
     for rule in policy.deny:
-        if not rule.matches_endpoint(req.proto, port):
+        if not rule.matches_endpoint(req.proto, port) or not rule.applies_to(proc):
             continue
         if rule.covers_ip(dst) or (v4 is not None and rule.covers_ip(v4)) or any(
             rule.matches_name(n) for n in all_names
@@ -233,6 +240,7 @@ def decide_connect(policy: Policy, req: ConnectRequest) -> Decision:
                 and net.subnet_of(rng)
                 and rule.covers_ip(dst)
                 and rule.matches_endpoint(req.proto, port)
+                and rule.applies_to(proc)
             ):
                 return Decision(verdict=ALLOW, rule=rule.label)
         hint = (
@@ -247,7 +255,7 @@ def decide_connect(policy: Policy, req: ConnectRequest) -> Decision:
 
     allowed_by = None
     for rule in policy.allow:
-        if not rule.matches_endpoint(req.proto, port):
+        if not rule.matches_endpoint(req.proto, port) or not rule.applies_to(proc):
             continue
         if rule.covers_ip(dst):
             return Decision(verdict=ALLOW, rule=rule.label)
@@ -255,7 +263,8 @@ def decide_connect(policy: Policy, req: ConnectRequest) -> Decision:
             allowed_by = rule
     if allowed_by is not None:
         for name in claimed:
-            if not any(r.matches_name(name) and r.matches_endpoint(req.proto, port) for r in policy.allow):
+            if not any(r.matches_name(name) and r.matches_endpoint(req.proto, port) and r.applies_to(proc)
+                       for r in policy.allow):
                 if policy.mode == "audit":
                     break
                 return Decision(
@@ -277,10 +286,10 @@ def decide_dns(policy: Policy, query: DnsQuery) -> Decision:
     """The static decision for a DNS query. Pure."""
     name = normalize_name(query.qname)
     for rule in policy.deny:
-        if rule.port is None and rule.proto is None and rule.matches_name(name):
+        if rule.port is None and rule.proto is None and rule.matches_name(name) and rule.applies_to(query.process):
             return Decision(verdict=deny(f"{name} matches deny rule {rule.label}"), rule=rule.label)
     for rule in policy.allow:
-        if rule.matches_name(name):
+        if rule.matches_name(name) and rule.applies_to(query.process):
             return Decision(verdict=ALLOW, rule=rule.label)
     if policy.mode == "audit":
         return Decision(verdict=ALLOW, rule=AUDIT_ALLOW)

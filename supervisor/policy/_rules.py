@@ -9,6 +9,8 @@ Accepted forms (``--allow``, ``--deny``, one per line in ``--allow-file``)::
     2001:db8::1            one IPv6 address       2001:db8::/32      an IPv6 network
     [2001:db8::1]:53       an IPv6 address with a port (brackets are required for a port)
     .../tcp  .../udp       optional suffix restricting the transport
+    RULE@pip               only for the program pip (RULE@/usr/bin/pip: that file;
+                           RULE@within:pip: pip or anything pip started)
 
 Domain rules match the names a flow carries (the names the sandbox resolved through
 corral's DNS and, later, TLS SNI / HTTP Host); IP rules match the destination address.
@@ -26,6 +28,8 @@ import attrs
 
 from corral.errors import ConfigError
 
+from ._process import Process, Scope, split_scope
+
 __all__ = ["Rule", "load_allow_file", "normalize_name", "parse_rules"]
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -33,7 +37,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 VALID_FORMS = (
     "example.com, *.example.com, example.com:443, 203.0.113.7, 203.0.113.0/24, "
-    "2001:db8::/32, [2001:db8::1]:53, each optionally ending in /tcp or /udp"
+    "2001:db8::/32, [2001:db8::1]:53, each optionally ending in /tcp or /udp "
+    "and then in @PROGRAM, @/path/to/program or @within:PROGRAM"
 )
 _PROTOS = ("tcp", "udp")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
@@ -130,6 +135,7 @@ class Rule:
     text: str = attrs.field(default="", eq=False)
     origin: str | None = attrs.field(default=None, eq=False)
     from_file: bool = attrs.field(default=False, eq=False)
+    scope: Scope | None = None
 
     @classmethod
     def parse(cls, text: str, action: str = "allow", *, origin: str | None = None) -> Rule:
@@ -137,13 +143,17 @@ class Rule:
         if action not in ("allow", "deny"):
             raise ValueError(f"action must be 'allow' or 'deny', not {action!r}")
         try:
-            fields = cls._fields(text)
+            body, scope = split_scope(text) if isinstance(text, str) else (text, None)
+            fields = cls._fields(body)
+        except ConfigError as e:
+            where = f"{origin}: " if origin else ""
+            raise ConfigError(f"{where}{e}. Fix: write RULE@PROGRAM, e.g. pypi.org@pip") from None
         except _Bad as e:
             where = f"{origin}: " if origin else ""
             raise ConfigError(
                 f"{where}invalid {action} rule {text!r}: {e}. Valid forms: {VALID_FORMS}"
             ) from None
-        return cls(action=action, text=text.strip(), origin=origin, **fields)
+        return cls(action=action, text=text.strip(), origin=origin, scope=scope, **fields)
 
     @staticmethod
     def _fields(text: str) -> dict:
@@ -197,7 +207,7 @@ class Rule:
             host = ("*." if self.wildcard else "") + str(self.domain)
         port = f":{self.port}" if self.port is not None else ""
         proto = f"/{self.proto}" if self.proto else ""
-        return host + port + proto
+        return host + port + proto + (str(self.scope) if self.scope else "")
 
     def __repr__(self) -> str:
         at = f" from {self.origin}" if self.origin else ""
@@ -231,6 +241,19 @@ class Rule:
         if self.port is not None and (proto == "icmp" or self.port != port):
             return False
         return True
+
+    def applies_to(self, process: Process | None) -> bool:
+        """The program scope: an unscoped rule applies to every process.  A scoped
+        allow needs every process holding the socket in scope (none of them may
+        borrow another's rule); a scoped deny applies when any of them is, or when
+        the process is unknown (fail closed both ways)."""
+        if self.scope is None:
+            return True
+        if self.action == "allow":
+            return self.scope.covers(process)
+        if process is None:
+            return True
+        return any(self.scope.covers(p) for p in process.holders())
 
     def covers_ip(self, ip: IPAddress) -> bool:
         net = self.network

@@ -14,7 +14,8 @@ kills everything inside.
 
 Messages to P (one JSON object per datagram):
   {"d_pid": N}                       C: D's pid in P's pid namespace
-  {"tap": "tap0"} + SCM_RIGHTS fd    D: the TAP device (net=filtered)
+  {"tap": "tap0", "diag": bool}       D: the TAP device (net=filtered) + SCM_RIGHTS fd,
+                                     and its sock_diag socket when "diag"
   {"ready": true}                    D: namespaces, network and mounts done
   {"child": N}                       D: E's pid inside the sandbox
   {"exit": code, "signal": N|null}   D: E ended
@@ -280,8 +281,17 @@ def _setup_network(ctl, spec):
             fd = tap.create(spec["tap"])
         except OSError as exc:
             raise StepError("tap", exc.errno, "creating %s" % spec["tap"]["name"]) from None
-        send(ctl, {"tap": spec["tap"]["name"]}, [fd])
-        os.close(fd)
+        # The sock_diag socket the supervisor attributes flows with (corral.net.owner):
+        # opened here, it asks this network namespace.  NETLINK_SOCK_DIAG = 4.
+        fds = [fd]
+        try:
+            diag = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, 4)
+            fds.append(diag.detach())
+        except OSError:
+            pass  # the supervisor records why flows have no process
+        send(ctl, {"tap": spec["tap"]["name"], "diag": len(fds) > 1}, fds)
+        for one in fds:
+            os.close(one)
 
 
 def _setup_root(spec):

@@ -1,0 +1,251 @@
+"""Which process inside the sandbox owns a flow's socket (issue 13).
+
+Two kernel facts, neither of which a process in the sandbox can forge:
+
+1. ``sock_diag`` (NETLINK_SOCK_DIAG, ``inet_diag``) in the *sandbox's* network
+   namespace maps the flow's addresses and ports to the socket's inode.  The
+   supervisor cannot setns() into that namespace (it has no CAP_SYS_ADMIN in its
+   own user namespace), so pid 1 of the sandbox opens the netlink socket before
+   any user code runs and passes it over with the TAP fd; a netlink socket stays
+   in the namespace it was created in.  Only answers from the kernel (sender
+   port id 0) are read.
+2. The socket's inode appears as ``socket:[INODE]`` among the fds of every
+   process holding it; the supervisor reads the host's ``/proc/PID/fd`` of the
+   sandbox's processes (found from pid 1 through ``/proc/PID/task/TID/children``:
+   orphans are re-parented to pid 1, so none escapes the walk).
+
+A socket held by several processes (inherited, passed with SCM_RIGHTS) names
+them all: ``Process.others``.  The lookup runs when the stack sees the flow's
+first packet: a TCP client is then blocked in connect(), a DNS client waits for
+its answer, so the process is there; a UDP sender that closed its socket right
+after sendto() may not be, and its flow says why (``process_unknown``).
+"""
+
+import errno
+import ipaddress
+import logging
+import os
+import socket
+import struct
+
+from ..policy import Process
+from ..policy._process import program_label
+
+log = logging.getLogger("corral.net")
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLMSG_ERROR = 2
+NLM_F_REQUEST = 1
+NOCOOKIE = 0xFFFFFFFF
+_REQ = struct.Struct("=IHHII BBBBI HH16s16sIII")  # nlmsghdr + inet_diag_req_v2 (ports big-endian below)
+_HDR = struct.Struct("=IHHII")
+_INODE_AT = _HDR.size + 4 + 48 + 16  # inet_diag_msg: ..., idiag_uid, idiag_inode
+_PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+
+# Why a flow has no process (docs/events.md).
+GONE = "the socket was closed before it could be looked up (its process had already ended)"
+ORPHAN = "no process in the sandbox holds the socket any more (its process ended)"
+ICMP = "ICMP echo sockets are not listed by sock_diag"
+NO_DIAG = "process attribution is unavailable (the sandbox's sock_diag socket could not be opened)"
+
+ARGV_MAX = 16  # argv elements kept
+ARG_MAX_CHARS = 256  # characters kept of each
+ANCESTRY_MAX = 32
+
+
+def open_diag_socket():
+    """In pid 1 (the sandbox's netns): the netlink socket the supervisor will ask."""
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
+
+
+def _addr16(ip):
+    packed = ip.packed
+    return packed + bytes(16 - len(packed))
+
+
+class Owners:
+    """Flow -> :class:`Process`.  ``lookup`` is synchronous and cheap (one netlink
+    round trip, then reading the fds of the sandbox's few processes)."""
+
+    def __init__(self, diag_fd, root_pid):
+        self._sock = socket.socket(fileno=diag_fd) if diag_fd is not None else None
+        self._root_pid = root_pid  # () -> pid 1 of the sandbox, in our pid namespace
+        self._root = None
+        self._seq = 0
+        self._info = {}  # host pid -> (start time, Process without ancestry/others)
+
+    def close(self):
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def lookup(self, proto, src_ip, src_port, dst_ip, dst_port):
+        """(Process, None) or (None, reason)."""
+        if proto not in _PROTO:
+            return None, ICMP
+        if self._sock is None:
+            return None, NO_DIAG
+        self._root = self._root_pid()
+        if self._root is None:
+            return None, NO_DIAG
+        src_ip, dst_ip = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
+        try:
+            inode = self._inode(proto, src_ip, src_port, dst_ip, dst_port)
+            if inode is None and src_ip.version == 4:  # a dual-stack AF_INET6 socket
+                mapped = (ipaddress.IPv6Address("::ffff:" + str(src_ip)),
+                          ipaddress.IPv6Address("::ffff:" + str(dst_ip)))
+                inode = self._inode(proto, mapped[0], src_port, mapped[1], dst_port)
+        except OSError as exc:
+            log.warning("process attribution: sock_diag failed (%s)", exc)
+            return None, "sock_diag failed: %s" % (exc.strerror or exc)
+        if inode is None:
+            return None, GONE
+        holders = self._holders(inode)
+        if not holders:
+            return None, ORPHAN
+        procs = [self._process(pid, tree) for pid, tree in holders]
+        procs = [p for p in procs if p is not None]
+        if not procs:
+            return None, ORPHAN
+        # The deepest holder first: a socket handed down is usually used below.
+        procs.sort(key=lambda p: (-len(p.ancestry), -p.pid))
+        first = procs[0]
+        if len(procs) > 1:
+            first = first.with_others(tuple(procs[1:]))
+        return first, None
+
+    # -- sock_diag ---------------------------------------------------------------
+    def _inode(self, proto, src_ip, src_port, dst_ip, dst_port):
+        family = socket.AF_INET if src_ip.version == 4 else socket.AF_INET6
+        local, remote = (_addr16(src_ip), src_port), (_addr16(dst_ip), dst_port)
+        if proto == "udp":  # udp_dump_one swaps src and dst ("for historical reasons")
+            local, remote = remote, local
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        msg = _REQ.pack(_REQ.size, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0,
+                        family, _PROTO[proto], 0, 0, 0xFFFFFFFF,
+                        0, 0, local[0], remote[0], 0, NOCOOKIE, NOCOOKIE)
+        # the ports are big-endian: patch them in after the generic pack
+        msg = bytearray(msg)
+        struct.pack_into("!HH", msg, _HDR.size + 8, local[1], remote[1])
+        self._sock.send(msg)
+        while True:
+            data, addr = self._sock.recvfrom(8192)
+            if addr[0] != 0:  # not from the kernel: ignore
+                continue
+            offset = 0
+            while offset + _HDR.size <= len(data):
+                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, offset)
+                if length < _HDR.size:
+                    break
+                if seq == self._seq:
+                    if kind == NLMSG_ERROR:
+                        code = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
+                        if code in (0, errno.ENOENT):
+                            return None
+                        raise OSError(code, os.strerror(code))
+                    if kind == SOCK_DIAG_BY_FAMILY and length >= _INODE_AT + 4:
+                        inode = struct.unpack_from("=I", data, offset + _INODE_AT)[0]
+                        return inode or None
+                offset += (length + 3) & ~3
+            # an answer to an older request (a timed-out one): read on
+
+    # -- /proc -------------------------------------------------------------------
+    def _tree(self):
+        """{host pid: parent host pid} of every process in the sandbox."""
+        tree = {self._root: None}
+        todo = [self._root]
+        while todo:
+            pid = todo.pop()
+            try:
+                tids = os.listdir("/proc/%d/task" % pid)
+            except OSError:
+                continue
+            for tid in tids:
+                try:
+                    with open("/proc/%d/task/%s/children" % (pid, tid), "rb") as f:
+                        kids = f.read().split()
+                except OSError:
+                    continue
+                for kid in kids:
+                    kid = int(kid)
+                    if kid not in tree:
+                        tree[kid] = pid
+                        todo.append(kid)
+        return tree
+
+    def _holders(self, inode):
+        target = "socket:[%d]" % inode
+        tree = self._tree()
+        found = []
+        for pid in tree:
+            if pid == self._root:
+                continue  # corral's own pid 1 holds no flow of the command
+            base = "/proc/%d/fd/" % pid
+            try:
+                fds = os.listdir(base)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(base + fd) == target:
+                        found.append((pid, tree))
+                        break
+                except OSError:
+                    continue
+        return found
+
+    def _static(self, pid):
+        """(inner pid, exe, argv, cwd, start) of one process; cached per pid + start time."""
+        try:
+            with open("/proc/%d/stat" % pid, "rb") as f:
+                stat = f.read()
+            start = stat[stat.rfind(b")") + 2:].split()[19]
+        except (OSError, IndexError):
+            return None
+        cached = self._info.get(pid)
+        if cached is not None and cached[0] == start:
+            return cached[1]
+        try:
+            with open("/proc/%d/status" % pid, "rb") as f:
+                status = f.read()
+            nspid = int([ln for ln in status.splitlines() if ln.startswith(b"NSpid:")][0].split()[-1])
+            exe = _readlink("/proc/%d/exe" % pid)
+            cwd = _readlink("/proc/%d/cwd" % pid)
+            with open("/proc/%d/cmdline" % pid, "rb") as f:
+                raw = f.read(ARGV_MAX * (ARG_MAX_CHARS + 1) * 4)
+        except (OSError, IndexError, ValueError):
+            return None
+        argv = tuple(a.decode("utf-8", "replace")[:ARG_MAX_CHARS] for a in raw.split(b"\0")[:-1][:ARGV_MAX])
+        static = (nspid, exe, argv, cwd)
+        if len(self._info) > 4096:
+            self._info.clear()
+        self._info[pid] = (start, static)
+        return static
+
+    def _process(self, pid, tree):
+        me = self._static(pid)
+        if me is None:
+            return None
+        chain = []
+        parent = tree.get(pid)
+        while parent is not None and parent != self._root and len(chain) < ANCESTRY_MAX:
+            info = self._static(parent)
+            if info is None:
+                break
+            chain.append(info)
+            parent = tree.get(parent)
+        chain.reverse()
+        ppid_info = self._static(tree[pid]) if tree.get(pid) is not None else None
+        nspid, exe, argv, cwd = me
+        return Process(
+            pid=nspid, ppid=ppid_info[0] if ppid_info else 0, exe=exe, argv=argv, cwd=cwd,
+            ancestry=tuple(program_label(e, a) for _p, e, a, _c in chain) + (program_label(exe, argv),),
+            ancestry_exe=tuple(e for _p, e, _a, _c in chain) + (exe,),
+        )
+
+
+def _readlink(path):
+    link = os.readlink(path)
+    return link[: -len(" (deleted)")] if link.endswith(" (deleted)") else link
