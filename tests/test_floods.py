@@ -257,7 +257,8 @@ def _rss_mib(pid):
     return 0.0
 
 
-def _slope(samples):
+def slope(samples):
+    """Least-squares slope of [(t, value), ...] (benchmarks/soak.py uses it too)."""
     n = len(samples)
     mt = sum(t for t, _ in samples) / n
     mr = sum(r for _, r in samples) / n
@@ -295,10 +296,10 @@ def test_dns_and_udp_floods_keep_the_supervisor_bounded_and_a_neighbour_responsi
     assert flood.returncode == 0, err
     peak = max(r for _, r in samples)
     flooding = [(t, r) for t, r in samples if seconds / 2 <= t <= seconds]
-    slope = _slope(flooding)
-    report = f"peak {peak:.0f} MiB, slope {slope:.2f} MiB/s, client {out!r}; samples {samples[::10]}"
+    growth = slope(flooding)
+    report = f"peak {peak:.0f} MiB, slope {growth:.2f} MiB/s, client {out!r}; samples {samples[::10]}"
     assert peak <= RSS_CEILING_MIB, report
-    assert slope <= SLOPE_MIB_PER_S, report
+    assert growth <= SLOPE_MIB_PER_S, report
     # The neighbour (same user, its own supervisor) kept resolving promptly.
     assert neighbour.returncode == 0, n_err
     count, worst = n_out.split()
