@@ -246,7 +246,7 @@ print(n, worst, flush=True)
 """
 
 RSS_CEILING_MIB = 200  # docs/security.md
-SLOPE_MIB_PER_S = 1.0  # "flat": over the second half of the flood (unbounded: ~35 MB/s)
+SLOPE_MIB_PER_S = 1.0  # "flat": over the last two thirds of the flood (unbounded: ~35 MB/s)
 
 
 def _rss_mib(pid):
@@ -295,7 +295,7 @@ def test_dns_and_udp_floods_keep_the_supervisor_bounded_and_a_neighbour_responsi
                 proc.wait()
     assert flood.returncode == 0, err
     peak = max(r for _, r in samples)
-    flooding = [(t, r) for t, r in samples if seconds / 2 <= t <= seconds]
+    flooding = [(t, r) for t, r in samples if seconds / 3 <= t <= seconds]
     growth = slope(flooding)
     report = f"peak {peak:.0f} MiB, slope {growth:.2f} MiB/s, client {out!r}; samples {samples[::10]}"
     assert peak <= RSS_CEILING_MIB, report
