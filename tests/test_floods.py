@@ -4,8 +4,8 @@ A sandbox that floods corral's resolver or opens UDP flows as fast as it can mus
 grow the supervisor: every queue and table is bounded, DNS has its own rate and
 concurrency limits (--max-dns-rate, --max-dns-pending), a hostile upstream's huge
 answer is cut in the event, and each limit episode is one ``limit`` event, never one
-per refused query.  The soak test floods for CORRAL_FLOOD_SECONDS (default 60) inside
-the test world: documentation addresses only.
+per refused query.  The soak test floods DNS, UDP and TCP at once for
+CORRAL_FLOOD_SECONDS (default 60) inside the test world: documentation addresses only.
 """
 
 from __future__ import annotations
@@ -222,14 +222,28 @@ def udp_flood(end):
             pass
     return sent
 
+def tcp_flood(end):
+    made = 0
+    while time.monotonic() < end:
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex((echo, random.randrange(1024, 65536)))
+        s.close()
+        made += 1
+    return made
+
 end = time.monotonic() + seconds
 print("flooding", flush=True)
-pid = os.fork()
-if pid == 0:
-    print("udp", udp_flood(end), flush=True)
-    os._exit(0)
+children = []
+for name, flood in (("udp", udp_flood), ("tcp", tcp_flood)):
+    pid = os.fork()
+    if pid == 0:
+        print(name, flood(end), flush=True)
+        os._exit(0)
+    children.append(pid)
 print("dns", *dns_flood(end), flush=True)
-os.waitpid(pid, 0)
+for pid in children:
+    os.waitpid(pid, 0)
 """
 
 NEIGHBOUR = r"""
@@ -268,7 +282,7 @@ def slope(samples):
 
 @pytest.mark.namespaces
 @pytest.mark.network
-def test_dns_and_udp_floods_keep_the_supervisor_bounded_and_a_neighbour_responsive(world, tmp_path):
+def test_dns_udp_and_tcp_floods_keep_the_supervisor_bounded_and_a_neighbour_responsive(world, tmp_path):
     from world import ECHO_V4, PORT_ECHO
 
     seconds = float(os.environ.get("CORRAL_FLOOD_SECONDS", "60"))
