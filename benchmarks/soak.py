@@ -5,8 +5,8 @@
 2. ``storm-rules`` / ``storm-callback``: a connection storm for D seconds (default 60):
    C workers connect, send, read the echo, close, again and again; once decided by an
    ``--allow`` rule, once by a Python ``on_connect`` callback (``--policy``).
-3. ``floods``: for D seconds, a DNS query flood and a UDP flood to new 4-tuples at once,
-   with no options (issue 14): the supervisor's RSS peak and its growth (least-squares
+3. ``floods``: for D seconds, a DNS query flood, a UDP flood to new 4-tuples and a TCP
+   connection flood at once, with no options (issue 14): the supervisor's RSS peak and its growth (least-squares
    slope over the second half, MiB/s), the events by type and the ``limit`` records.
    The CI test (tests/test_floods.py) runs the same client and asserts the ceiling.
 
