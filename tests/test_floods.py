@@ -327,3 +327,22 @@ def test_dns_udp_and_tcp_floods_keep_the_supervisor_bounded_and_a_neighbour_resp
     assert refused > 0 and len(limits) <= 1 + seconds, (limits, report)
     assert sum(e["type"] == "dns" for e in recorded) <= 200 * (seconds + 5), report
     assert dns_sent > refused
+
+
+# ---------------------------------------------------------------- options
+
+
+def test_dns_limits_are_cli_options_and_config_fields_with_defaults():
+    from corral import Config
+    from corral.cli import parse
+    from corral.errors import ConfigError
+
+    _, config, _ = parse(["run", "--max-dns-rate", "50", "--max-dns-pending", "8", "--", "true"])
+    assert (config.max_dns_rate, config.max_dns_pending) == (50, 8)
+    _, config, _ = parse(["run", "--", "true"])
+    assert (config.max_dns_rate, config.max_dns_pending) == (200, 64) == (Config().max_dns_rate,
+                                                                          Config().max_dns_pending)
+    assert Config(max_dns_rate=None, max_dns_pending=None).max_dns_rate is None  # API: no limit
+    for bad in ({"max_dns_rate": 0}, {"max_dns_pending": -1}, {"max_dns_rate": "fast"}):
+        with pytest.raises(ConfigError, match="must be a positive number"):
+            Config(**bad)
