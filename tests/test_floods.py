@@ -184,6 +184,32 @@ def test_hostile_upstream_3500_records_make_a_small_event_line(world, tmp_path):
     assert len(json.dumps(ev)) < 8192
 
 
+HOARD = r"""
+import socket
+held, refused = [], 0
+for _ in range(400):
+    try:
+        held.append(socket.create_connection(("10.0.2.3", 53), timeout=5))
+    except ConnectionRefusedError:
+        refused += 1
+q = b"\x00\x07\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x06corral\x04test\x00\x00\x01\x00\x01"
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.settimeout(5)
+u.sendto(q, ("10.0.2.3", 53))
+print(len(held), refused, len(u.recv(4096)) > 12)
+"""
+
+
+@pytest.mark.namespaces
+@pytest.mark.network
+def test_dns_over_tcp_connection_hoard_is_refused_beyond_the_bound(world, tmp_path):
+    # 12,000 idle DNS-over-TCP connections took the supervisor to 250 MB: they are
+    # served in the netstack, outside --max-conns.  At most 256 now; the rest refused.
+    out = corral(world, tmp_path, ["--allow", "www.corral.test"], [PY, "-c", HOARD])
+    assert out.proc.returncode == 0, out.dump()
+    assert out.proc.stdout.split() == ["256", "144", "True"], out.dump()
+
+
 FLOOD = r"""
 import os, random, socket, struct, sys, time
 seconds, echo, echo_port = float(sys.argv[1]), sys.argv[2], int(sys.argv[3])
