@@ -129,6 +129,7 @@ type Stack struct {
 	pending    atomic.Int64
 	dnsQueries atomic.Uint64
 	drops      atomic.Uint64
+	dnsConns   atomic.Int64 // DNS-over-TCP connections being served (dns.go)
 
 	synMu   sync.Mutex // guards synHdrs
 	synHdrs map[stack.TransportEndpointID][]byte
