@@ -175,3 +175,15 @@ def test_api_run_writes_the_outputs_it_is_given_without_a_network(work, home, mo
     assert json.loads((work / "r.json").read_text())["schema"] == "corral.audit/1"
     assert (work / "e.jsonl").read_text().count("\n") >= 2
     assert (home / ".bashrc").read_text() == RC
+
+
+@pytest.mark.parametrize("variable", ["CORRAL_NETSTACK_CPUPROFILE", "CORRAL_NETSTACK_GOROUTINES"])
+def test_netstack_debug_file_symlink_to_bashrc_is_not_followed(work, home, variable):
+    """The netstack's developer knobs write files too: created before the command runs,
+    never opened by name."""
+    (work / "dbg").symlink_to(home / ".bashrc")  # left by an earlier run
+    env = dict(os.environ, HOME=str(home), **{variable: "dbg"})
+    result = corral("run", "--", "sh", "-c", 'rm -f dbg; ln -s "$HOME/.bashrc" dbg', cwd=work,
+                    env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (home / ".bashrc").read_text() == RC
