@@ -55,11 +55,6 @@ ARG_MAX_CHARS = 256  # characters kept of each
 ANCESTRY_MAX = 32
 
 
-def open_diag_socket():
-    """In pid 1 (the sandbox's netns): the netlink socket the supervisor will ask."""
-    return socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG)
-
-
 def _addr16(ip):
     packed = ip.packed
     return packed + bytes(16 - len(packed))
@@ -73,6 +68,8 @@ class Owners:
         self._sock = socket.socket(fileno=diag_fd) if diag_fd is not None else None
         self._root_pid = root_pid  # () -> pid 1 of the sandbox, in our pid namespace
         self._root = None
+        self._tree = None
+        self.exact = False  # walk the process tree on every lookup (see _holders)
         self._seq = 0
         self._info = {}  # host pid -> (start time, Process without ancestry/others)
 
@@ -83,38 +80,55 @@ class Owners:
 
     def lookup(self, proto, src_ip, src_port, dst_ip, dst_port):
         """(Process, None) or (None, reason)."""
-        if proto not in _PROTO:
-            return None, ICMP
-        if self._sock is None:
-            return None, NO_DIAG
+        return self.lookup_many([(proto, src_ip, src_port, dst_ip, dst_port)])[0]
+
+    def lookup_many(self, flows):
+        """One (Process, None) or (None, reason) per (proto, src_ip, src_port,
+        dst_ip, dst_port): one sock_diag request each, then one pass over the
+        sandbox's fds for them all (a batch of new flows costs one scan)."""
+        results = [None] * len(flows)
+        if self._sock is None or self._root_pid() is None:
+            return [(None, NO_DIAG)] * len(flows)
         self._root = self._root_pid()
-        if self._root is None:
-            return None, NO_DIAG
+        inodes = {}
+        for i, (proto, src_ip, src_port, dst_ip, dst_port) in enumerate(flows):
+            if proto not in _PROTO:
+                results[i] = (None, ICMP)
+                continue
+            try:
+                inode = self._lookup_inode(proto, src_ip, src_port, dst_ip, dst_port)
+            except OSError as exc:
+                log.warning("process attribution: sock_diag failed (%s)", exc)
+                results[i] = (None, "sock_diag failed: %s" % (exc.strerror or exc))
+                continue
+            if inode is None:
+                results[i] = (None, GONE)
+            else:
+                inodes[i] = inode
+        if inodes:
+            holders = self._holders(set(inodes.values()))
+            memo = {}
+            for i, inode in inodes.items():
+                procs = [self._process(pid, memo) for pid in holders.get(inode, ())]
+                procs = [p for p in procs if p is not None]
+                if not procs:
+                    results[i] = (None, ORPHAN)
+                    continue
+                # The deepest holder first: a socket handed down is usually used below.
+                procs.sort(key=lambda p: (-len(p.ancestry), -p.pid))
+                first = procs[0]
+                if len(procs) > 1:
+                    first = first.with_others(tuple(procs[1:]))
+                results[i] = (first, None)
+        return results
+
+    def _lookup_inode(self, proto, src_ip, src_port, dst_ip, dst_port):
         src_ip, dst_ip = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
-        try:
-            inode = self._inode(proto, src_ip, src_port, dst_ip, dst_port)
-            if inode is None and src_ip.version == 4:  # a dual-stack AF_INET6 socket
-                mapped = (ipaddress.IPv6Address("::ffff:" + str(src_ip)),
-                          ipaddress.IPv6Address("::ffff:" + str(dst_ip)))
-                inode = self._inode(proto, mapped[0], src_port, mapped[1], dst_port)
-        except OSError as exc:
-            log.warning("process attribution: sock_diag failed (%s)", exc)
-            return None, "sock_diag failed: %s" % (exc.strerror or exc)
-        if inode is None:
-            return None, GONE
-        holders = self._holders(inode)
-        if not holders:
-            return None, ORPHAN
-        procs = [self._process(pid, tree) for pid, tree in holders]
-        procs = [p for p in procs if p is not None]
-        if not procs:
-            return None, ORPHAN
-        # The deepest holder first: a socket handed down is usually used below.
-        procs.sort(key=lambda p: (-len(p.ancestry), -p.pid))
-        first = procs[0]
-        if len(procs) > 1:
-            first = first.with_others(tuple(procs[1:]))
-        return first, None
+        inode = self._inode(proto, src_ip, src_port, dst_ip, dst_port)
+        if inode is None and src_ip.version == 4:  # a dual-stack AF_INET6 socket
+            inode = self._inode(proto, ipaddress.IPv6Address("::ffff:" + str(src_ip)), src_port,
+                                ipaddress.IPv6Address("::ffff:" + str(dst_ip)), dst_port)
+        return inode
 
     # -- sock_diag ---------------------------------------------------------------
     def _inode(self, proto, src_ip, src_port, dst_ip, dst_port):
@@ -152,7 +166,7 @@ class Owners:
             # an answer to an older request (a timed-out one): read on
 
     # -- /proc -------------------------------------------------------------------
-    def _tree(self):
+    def _build_tree(self):
         """{host pid: parent host pid} of every process in the sandbox."""
         tree = {self._root: None}
         todo = [self._root]
@@ -173,13 +187,12 @@ class Owners:
                     if kid not in tree:
                         tree[kid] = pid
                         todo.append(kid)
+        self._tree = tree
         return tree
 
-    def _holders(self, inode):
-        target = "socket:[%d]" % inode
-        tree = self._tree()
-        found = []
-        for pid in tree:
+    def _scan(self, pids, inodes, found):
+        targets = {"socket:[%d]" % inode: inode for inode in inodes}
+        for pid in pids:
             if pid == self._root:
                 continue  # corral's own pid 1 holds no flow of the command
             base = "/proc/%d/fd/" % pid
@@ -189,15 +202,39 @@ class Owners:
                 continue
             for fd in fds:
                 try:
-                    if os.readlink(base + fd) == target:
-                        found.append((pid, tree))
-                        break
+                    inode = targets.get(os.readlink(base + fd))
                 except OSError:
                     continue
+                if inode is not None and pid not in found.setdefault(inode, []):
+                    found[inode].append(pid)
+
+    def _holders(self, inodes):
+        """{inode: [host pids holding it]}.  The process tree is cached between
+        calls and walked again when a socket is not found in it or ``exact``
+        is set (a scoped rule or a callback decides with the holders: a
+        process forked since the last walk may hold the socket too)."""
+        found = {}
+        tree = self._tree
+        if tree is None or self._root not in tree or self.exact:
+            tree = self._build_tree()
+            self._scan(tree, inodes, found)
+            return found
+        self._scan(tree, inodes, found)
+        if inodes - found.keys():
+            known = tree
+            tree = self._build_tree()
+            self._scan([pid for pid in tree if pid not in known], inodes, found)
         return found
 
-    def _static(self, pid):
-        """(inner pid, exe, argv, cwd, start) of one process; cached per pid + start time."""
+    def _static(self, pid, memo):
+        """(inner pid, exe, argv, cwd) of one process; cached per pid + start time
+        (a pid reused by a new process is read again), ``memo`` per batch."""
+        if pid in memo:
+            return memo[pid]
+        memo[pid] = self._read_static(pid)
+        return memo[pid]
+
+    def _read_static(self, pid):
         try:
             with open("/proc/%d/stat" % pid, "rb") as f:
                 stat = f.read()
@@ -224,20 +261,21 @@ class Owners:
         self._info[pid] = (start, static)
         return static
 
-    def _process(self, pid, tree):
-        me = self._static(pid)
+    def _process(self, pid, memo):
+        tree = self._tree
+        me = self._static(pid, memo)
         if me is None:
             return None
         chain = []
         parent = tree.get(pid)
         while parent is not None and parent != self._root and len(chain) < ANCESTRY_MAX:
-            info = self._static(parent)
+            info = self._static(parent, memo)
             if info is None:
                 break
             chain.append(info)
             parent = tree.get(parent)
         chain.reverse()
-        ppid_info = self._static(tree[pid]) if tree.get(pid) is not None else None
+        ppid_info = self._static(tree[pid], memo) if tree.get(pid) is not None else None
         nspid, exe, argv, cwd = me
         return Process(
             pid=nspid, ppid=ppid_info[0] if ppid_info else 0, exe=exe, argv=argv, cwd=cwd,

@@ -193,9 +193,10 @@ class NetworkService:
 
     def _handle(self, batch, nursery):
         now = trio.current_time()
+        owners = self._owners_of(batch)
         for ev in batch:
             if ev.kind == "new_flow":
-                self._new_flow(ev, now, nursery)
+                self._new_flow(ev, now, nursery, owners.get(ev.id))
             elif ev.kind == "flow_data":
                 self._flow_data(ev)
             elif ev.kind == "flow_closed":
@@ -203,12 +204,20 @@ class NetworkService:
             elif ev.kind == "dns_query":
                 nursery.start_soon(self._dns, ev)
 
-    def _register(self, ev, now):
+    def _owners_of(self, batch):
+        """{flow id: (Process, reason)} of the batch's new outbound flows, in one lookup."""
+        if self.owners is None:
+            return {}
+        flows = [ev for ev in batch if ev.kind == "new_flow" and not ev.inbound]
+        if not flows:
+            return {}
+        found = self.owners.lookup_many([(ev.proto, *ev.src, *ev.dst) for ev in flows])
+        return {ev.id: owner for ev, owner in zip(flows, found)}
+
+    def _register(self, ev, now, owner=None):
         """A new_flow's record; None when the stack decided it alone."""
         (src_ip, src_port), (dst_ip, dst_port) = ev.src, ev.dst
-        process = unknown = None
-        if self.owners is not None and not ev.inbound:
-            process, unknown = self.owners.lookup(ev.proto, src_ip, src_port, dst_ip, dst_port)
+        process, unknown = owner or (None, None)
         req = pol.ConnectRequest(
             id=ev.id, proto=ev.proto, src_ip=src_ip, src_port=src_port, dst_ip=dst_ip,
             dst_port=dst_port, names=self.names.names_for(dst_ip, now),
@@ -223,8 +232,8 @@ class NetworkService:
             return None
         return flow
 
-    def _new_flow(self, ev, now, nursery):
-        flow = self._register(ev, now)
+    def _new_flow(self, ev, now, nursery, owner=None):
+        flow = self._register(ev, now, owner)
         if flow is None:
             return
         req = flow.req
@@ -482,6 +491,10 @@ async def start(nursery, config, netplan, tap_fd, stream, pcap=None, owners=None
         on_connect=callbacks.get("on_connect"), on_packet=callbacks.get("on_packet"), tap_fd=tap_fd,
         limits=config, owners=owners,
     )
+    if owners is not None:
+        # a rule or callback decides with the process: know every holder of a socket
+        owners.exact = bool(callbacks.get("on_connect") or callbacks.get("on_dns")) or any(
+            rule.scope is not None for rule in (*netplan.policy.allow, *netplan.policy.deny))
     try:
         for proto, host_ip, host_port, sandbox_port in netplan.publish:
             bound = netstack.publish(proto, host_ip, host_port, sandbox_port)
