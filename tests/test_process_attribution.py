@@ -10,6 +10,7 @@ import textwrap
 
 import pytest
 
+from corral.net import owner
 from net_support import PY, corral
 from world import ECHO_V4, HTTP_V4, PORT_ECHO, PORT_HTTP
 
@@ -55,3 +56,136 @@ def test_connect_event_names_the_process_and_its_ancestry(world, tmp_path):
     assert [a.split(" ")[-1] for a in proc["ancestry"][1:]] == ["install.py", "fetch.py"]
     assert proc["pid"] > 1 and proc["ppid"] > 1
     assert proc["cwd"]
+
+
+TAGGED = """
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print(json.dumps({"tag": sys.argv[3], "port": s.getsockname()[1]}), flush=True)
+s.sendall(b"x")
+s.recv(10)
+s.close()
+"""
+
+
+def test_many_processes_connecting_at_once_each_get_their_own(world, tmp_path):
+    child = script(tmp_path, "tagged.py", TAGGED)
+    parent = script(tmp_path, "fan.py", f"""
+        import subprocess
+        procs = [subprocess.Popen([{PY!r}, {child!r}, {ECHO_V4!r}, "{PORT_ECHO}", "t%d" % i])
+                 for i in range(12)]
+        for p in procs:
+            p.wait()
+    """)
+    out = run(world, tmp_path, ["--allow", ECHO_V4], [PY, parent])
+    assert out.proc.returncode == 0, out.dump()
+    tags = {line["port"]: line["tag"] for line in map(json.loads, out.proc.stdout.splitlines())}
+    assert len(tags) == 12
+    for ev in out.connects(dst_ip=ECHO_V4):
+        assert ev["process"]["argv"][-1] == tags[ev["src_port"]], out.dump()
+    assert len({ev["process"]["pid"] for ev in out.connects(dst_ip=ECHO_V4)}) == 12
+
+
+def test_threads_of_one_process_name_that_process(world, tmp_path):
+    prog = script(tmp_path, "threads.py", f"""
+        import json, os, socket, threading
+        def go():
+            s = socket.create_connection(({ECHO_V4!r}, {PORT_ECHO}), timeout=5)
+            s.sendall(b"x"); s.recv(10); s.close()
+        ts = [threading.Thread(target=go) for _ in range(8)]
+        [t.start() for t in ts]
+        [t.join() for t in ts]
+        print(json.dumps({{"pid": os.getpid()}}))
+    """)
+    out = run(world, tmp_path, ["--allow", ECHO_V4], [PY, prog])
+    assert out.proc.returncode == 0, out.dump()
+    pid = json.loads(out.proc.stdout.splitlines()[-1])["pid"]
+    events = out.connects(dst_ip=ECHO_V4)
+    assert len(events) == 8
+    assert {ev["process"]["pid"] for ev in events} == {pid}
+
+
+PASS_SOCKET = f"""
+import os, socket, subprocess, sys
+s = socket.socket()
+s.set_inheritable(True)
+child = subprocess.Popen([{PY!r}, "-c", '''
+import os, socket, sys
+s = socket.socket(fileno=int(sys.argv[1]))
+s.settimeout(5)
+s.connect((sys.argv[2], int(sys.argv[3])))
+s.sendall(b"x"); s.recv(10)
+print(os.getpid(), flush=True)
+''', str(s.fileno()), {ECHO_V4!r}, "{PORT_ECHO}"], pass_fds=[s.fileno()])
+if sys.argv[1] == "close":
+    s.close()
+child.wait()
+print(os.getpid(), flush=True)
+"""
+
+
+def test_socket_passed_to_a_child_names_the_child(world, tmp_path):
+    prog = script(tmp_path, "passer.py", PASS_SOCKET)
+    out = run(world, tmp_path, ["--allow", ECHO_V4], [PY, prog, "close"])
+    assert out.proc.returncode == 0, out.dump()
+    child_pid, parent_pid = map(int, out.proc.stdout.split())
+    proc = out.connect(dst_ip=ECHO_V4)["process"]
+    assert proc["pid"] == child_pid and proc["ppid"] == parent_pid
+    assert "others" not in proc
+
+
+def test_socket_still_held_by_the_parent_names_both(world, tmp_path):
+    prog = script(tmp_path, "passer.py", PASS_SOCKET)
+    out = run(world, tmp_path, ["--allow", ECHO_V4], [PY, prog, "keep"])
+    assert out.proc.returncode == 0, out.dump()
+    child_pid, parent_pid = map(int, out.proc.stdout.split())
+    proc = out.connect(dst_ip=ECHO_V4)["process"]
+    assert proc["pid"] == child_pid
+    assert [o["pid"] for o in proc["others"]] == [parent_pid]
+
+
+def test_short_lived_udp_sender_is_named_or_says_why(world, tmp_path):
+    """A sender that closes its socket right after sendto() may be gone before the
+    lookup: then the event says so; it is never attributed to another process."""
+    prog = script(tmp_path, "burst.py", f"""
+        import socket, sys
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.sendto(b"x", ({ECHO_V4!r}, {PORT_ECHO}))
+        if sys.argv[1] == "wait":
+            s.settimeout(5); s.recv(10)
+    """)
+    for mode in ("exit", "wait"):
+        out = run(world, tmp_path, ["--allow", ECHO_V4], [PY, prog, mode])
+        assert out.proc.returncode == 0, out.dump()
+        ev = out.connect(dst_ip=ECHO_V4, proto="udp")
+        if ev["process"] is None:
+            assert mode == "exit" and ev["process_unknown"] in (owner.GONE, owner.ORPHAN), out.dump()
+        else:
+            assert ev["process"]["argv"][1:] == [prog, mode], out.dump()
+
+
+def test_dns_query_names_the_process(world, tmp_path):
+    prog = script(tmp_path, "resolve.py", """
+        import socket
+        socket.getaddrinfo("www.corral.test", 80, socket.AF_INET, socket.SOCK_STREAM)
+    """)
+    out = run(world, tmp_path, ["--allow", "www.corral.test"], ["sh", "-c", f"{PY} {prog}"])
+    assert out.proc.returncode == 0, out.dump()
+    queries = out.dns(qname="www.corral.test")
+    assert queries, out.dump()
+    for q in queries:
+        assert q["process"]["argv"] == [PY, prog], out.dump()
+        assert q["process"]["ancestry"][-1] == "%s resolve.py" % q["process"]["exe"].rsplit("/", 1)[-1]
+
+
+def test_icmp_echo_has_no_process_and_says_why(world, tmp_path):
+    prog = script(tmp_path, "ping.py", f"""
+        import socket
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+        s.settimeout(3)
+        s.sendto(b"\\x08\\x00\\x00\\x00\\x00\\x01\\x00\\x01ping", ({ECHO_V4!r}, 0))
+        s.recv(100)
+    """)
+    out = run(world, tmp_path, ["--allow", ECHO_V4], [PY, prog])
+    ev = out.connect(dst_ip=ECHO_V4, proto="icmp")
+    assert ev["process"] is None and ev["process_unknown"] == owner.ICMP
