@@ -187,3 +187,17 @@ def test_netstack_debug_file_symlink_to_bashrc_is_not_followed(work, home, varia
                     env=env, timeout=60)
     assert result.returncode == 0, result.stderr
     assert (home / ".bashrc").read_text() == RC
+
+
+def test_report_to_dev_stdout_and_dev_null_use_corral_s_own_descriptors(work, home):
+    result = run(work, home, "--net", "none", "--report", "/dev/stdout", "--suggest", "/dev/null")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["schema"] == "corral.audit/1"
+
+
+def test_output_that_is_a_directory_is_refused_before_the_command(work, home):
+    (work / "out").mkdir()
+    result = run(work, home, "--net", "none", "--report", "out", script="touch ran")
+    assert result.returncode == 2, result.stderr
+    assert "--report out: is a directory" in one_line(result.stderr)
+    assert not (work / "ran").exists()
