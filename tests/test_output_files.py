@@ -201,3 +201,20 @@ def test_output_that_is_a_directory_is_refused_before_the_command(work, home):
     assert result.returncode == 2, result.stderr
     assert "--report out: is a directory" in one_line(result.stderr)
     assert not (work / "ran").exists()
+
+
+def test_keep_changes_across_filesystems_says_where_the_record_is_and_how_to_fix(work, home):
+    from corral.launch import remove_tree
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(work).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's directory")
+    scratch = f"/dev/shm/corral-test-{os.getpid()}"
+    try:
+        result = run(work, home, "--net", "none", "--scratch", scratch, "--keep-changes", "kept",
+                     script="echo x > /etc/corral-keep-test")
+        assert result.returncode == 0, result.stderr
+        line = one_line(result.stderr)
+        assert "kept" in line and "--scratch" in line and scratch in line
+        assert not (work / "kept").exists()
+    finally:
+        remove_tree(scratch)
