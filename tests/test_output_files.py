@@ -133,13 +133,18 @@ def test_events_dash_is_stderr(work, home):
     assert b'"type":"sandbox_exit"' in result.stderr
 
 
-def test_keep_changes_symlink_planted_at_dir_is_not_followed(work, home):
+def test_keep_changes_symlink_planted_at_dir_is_not_followed(work, home, tmp_path):
+    from corral.launch import remove_tree
+
     (home / "target").mkdir()
-    result = run(work, home, "--net", "none", "--keep-changes", "kept",
+    scratch = tmp_path / "scratch"
+    result = run(work, home, "--net", "none", "--scratch", str(scratch), "--keep-changes", "kept",
                  script='echo x > /etc/corral-keep-test; ln -s "$HOME/target" kept')
     assert result.returncode == 0, result.stderr
     assert os.listdir(home / "target") == []
-    assert "kept" in result.stderr.decode() and "symlink" in result.stderr.decode()
+    line = one_line(result.stderr)
+    assert "kept" in line and "symlink" in line and str(scratch) in line  # where the record is
+    remove_tree(scratch)
 
 
 def test_keep_changes_parent_swapped_for_a_symlink_does_not_redirect(work, home):
