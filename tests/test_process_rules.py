@@ -138,3 +138,30 @@ def test_on_connect_and_on_dns_see_the_process(world, tmp_path):
     assert {kind for kind, _, _ in lines} == {"connect", "dns"}
     for _kind, pid, ancestry in lines:
         assert pid and ancestry[-1].endswith("fetch.py")
+
+
+@pytest.mark.network
+def test_attack_sharing_a_socket_with_pip_does_not_borrow_its_scope(world, tmp_path):
+    """evil.py hands a copy of its socket to a sleeping `pip` child, then connects
+    itself: the flow is held by both, so `@pip` does not cover it."""
+    pip = script(tmp_path, "pip", "import time; time.sleep(5)\n")
+    evil = script(tmp_path, "evil.py", f"""
+        import socket, subprocess, time
+        s = socket.socket()
+        s.set_inheritable(True)
+        child = subprocess.Popen([{PY!r}, {pip!r}], pass_fds=[s.fileno()])
+        time.sleep(0.5)
+        s.settimeout(5)
+        try:
+            s.connect(({ECHO_V4!r}, {PORT_ECHO}))
+            print("connected")
+        except OSError as exc:
+            print("refused", exc.errno)
+        child.kill()
+    """)
+    out = corral(world, tmp_path, ["--ro", str(tmp_path), "--allow", f"{ECHO_V4}@pip"], [PY, evil])
+    assert out.proc.stdout.startswith("refused"), out.dump()
+    ev = out.connect(dst_ip=ECHO_V4)
+    assert ev["verdict"] == "deny"
+    assert ev["process"]["ancestry"][-1].endswith("evil.py") or any(
+        o["ancestry"][-1].endswith("evil.py") for o in ev["process"]["others"])
