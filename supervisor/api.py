@@ -322,6 +322,7 @@ class Sandbox:
         self.report = reporting.build_report(
             self.recorded_events, changes=self.changes,
             exit_code=result.exit_code if result is not None else None,
+            suggest_scope=self.config.suggest_scope,
         )
         if "report" in self._outputs:
             self._outputs["report"].replace_with((json.dumps(self.report, indent=2) + "\n").encode())

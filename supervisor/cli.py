@@ -133,9 +133,12 @@ def _add_sandbox_options(p):
                      help="show connections and DNS live: redrawn on the terminal when the "
                      "command's output is redirected, else one line per event on stderr")
     out.add_argument("--report", metavar="FILE",
-                     help="write the audit report (JSON, schema corral.audit/1) at exit")
+                     help="write the audit report (JSON, schema corral.audit/2) at exit")
     out.add_argument("--suggest", metavar="FILE",
                      help="write an allowlist that `corral run --allow-file` accepts as is")
+    out.add_argument("--suggest-scope", choices=("none", "program"), default="none",
+                     help="program: scope each suggested rule to the program that used it "
+                     "(pypi.org:443/tcp@pip)")
     out.add_argument("--quiet", action="store_true",
                      help="no 'denied …, allow with --allow …' lines on stderr")
 

@@ -291,6 +291,9 @@ class Config:
     monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit
+    # --suggest-scope: "program" ends each suggested rule in @PROGRAM (docs/policy.md)
+    suggest_scope: str = attrs.field(default="none", validator=_choice(("none", "program")))
+    baseline: str | None = None  # corral audit --baseline OLD.json: diff the new report against it
     quiet: bool = False  # no "denied …, allow with --allow …" hints on stderr
     audit: bool = False
 

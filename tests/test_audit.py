@@ -43,7 +43,7 @@ def audited(world, tmp_path_factory):
 
 def test_report_validates_against_its_schema(audited):
     jsonschema.validate(audited["report"], load_schema())
-    assert audited["report"]["schema"] == "corral.audit/1"
+    assert audited["report"]["schema"] == "corral.audit/2"
 
 
 def test_report_lists_names_destinations_denials_and_files(audited):

@@ -121,7 +121,7 @@ def test_report_and_suggest_are_written_where_asked(work, home):
     result = run(work, home, "--net", "none", "--report", "r.json", "--suggest", "s.txt",
                  "--events", "e.jsonl")
     assert result.returncode == 0, result.stderr
-    assert json.loads((work / "r.json").read_text())["schema"] == "corral.audit/1"
+    assert json.loads((work / "r.json").read_text())["schema"] == "corral.audit/2"
     assert (work / "s.txt").read_text().startswith("#")
     assert '"sandbox_start"' in (work / "e.jsonl").read_text()
     assert not [p for p in os.listdir(work) if ".corral-" in p]  # no temp file left
@@ -177,7 +177,7 @@ def test_api_run_writes_the_outputs_it_is_given_without_a_network(work, home, mo
     os.unlink(work / "r.json")
     result = corral.run(["true"], net="none", report="r.json", events="e.jsonl")
     assert result.exit_code == 0 and result.report is not None
-    assert json.loads((work / "r.json").read_text())["schema"] == "corral.audit/1"
+    assert json.loads((work / "r.json").read_text())["schema"] == "corral.audit/2"
     assert (work / "e.jsonl").read_text().count("\n") >= 2
     assert (home / ".bashrc").read_text() == RC
 
@@ -197,7 +197,7 @@ def test_netstack_debug_file_symlink_to_bashrc_is_not_followed(work, home, varia
 def test_report_to_dev_stdout_and_dev_null_use_corral_s_own_descriptors(work, home):
     result = run(work, home, "--net", "none", "--report", "/dev/stdout", "--suggest", "/dev/null")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["schema"] == "corral.audit/1"
+    assert json.loads(result.stdout)["schema"] == "corral.audit/2"
 
 
 def test_output_that_is_a_directory_is_refused_before_the_command(work, home):

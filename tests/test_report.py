@@ -113,13 +113,13 @@ def report():
 
 def test_report_validates_against_its_schema(report):
     jsonschema.validate(report, load_schema())
-    assert report["schema"] == SCHEMA == "corral.audit/1"
+    assert report["schema"] == SCHEMA == "corral.audit/2"
     assert json.loads(json.dumps(report)) == report
     bare = build_report([], generated=1.0)  # nothing happened, no file record
     jsonschema.validate(bare, load_schema())
     assert bare["files"] is None and bare["summary"]["connections"] == 0
     with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate({**report, "schema": "corral.audit/2"}, load_schema())
+        jsonschema.validate({**report, "schema": "corral.audit/1"}, load_schema())
 
 
 def test_summary_and_sandbox(report):

@@ -2,7 +2,7 @@
 
 :func:`build_report` turns the events of one run (the records ``--events`` writes, as
 objects or dicts), the file changes (:class:`corral.fs.changes.ChangeSet`) and the exit
-status into a JSON-able dict whose ``schema`` is ``corral.audit/1`` (documented in
+status into a JSON-able dict whose ``schema`` is ``corral.audit/2`` (documented in
 ``docs/report.md``, JSON Schema in ``report.schema.json`` next to this file).
 :func:`render_text` is the human summary for stderr and :func:`render_allowlist` the
 suggested allowlist, a file ``corral run --allow-file`` accepts as is.
@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 from corral.errors import ConfigError
 from corral.fs.persist import is_persistence
 from corral.policy import Rule, always_denied, claimed_name, normalize_ip, normalize_name
+from corral.policy._process import script_of
 
 __all__ = [
     "CORRAL_RESOLVERS",
@@ -36,7 +37,7 @@ __all__ = [
     "render_text",
 ]
 
-SCHEMA = "corral.audit/1"
+SCHEMA = "corral.audit/2"
 SCHEMA_FILE = os.path.join(os.path.dirname(__file__), "report.schema.json")
 
 CORRAL_RESOLVERS = frozenset({ipaddress.ip_address("10.0.2.3"), ipaddress.ip_address("fd00::3")})
@@ -162,8 +163,85 @@ def _flows(events: list[dict]) -> list[dict]:
             "bytes_out": close.get("bytes_out", 0) if close else 0,
             "bytes_in": close.get("bytes_in", 0) if close else 0,
             "closed": close is not None, "close_reason": close.get("reason") if close else None,
+            "process": e.get("process"), "process_unknown": e.get("process_unknown"),
         })
     return flows
+
+
+PROCESS_LIST_MAX = 100  # connections / queries listed per process (the rest are counted)
+
+
+def _program(process: dict | None) -> str:
+    """A process as one line: its ancestry ('dash > python3.11 pip > curl')."""
+    if not process:
+        return "(unknown process)"
+    return " > ".join(_safe(a) for a in process.get("ancestry") or ()) or _safe(process.get("exe"))
+
+
+def _processes(flows: list[dict], dns: list[dict]) -> list[dict]:
+    """The network use of each process inside: its connections and DNS queries."""
+    groups: dict[Any, dict] = {}
+
+    def group(process: dict | None, reason: str | None, ts: float) -> dict:
+        key = process["pid"] if process else None
+        g = groups.get(key)
+        if g is None:
+            p = process or {}
+            g = groups[key] = {
+                "pid": p.get("pid"), "ppid": p.get("ppid"), "exe": p.get("exe"), "argv": list(p.get("argv") or ()),
+                "cwd": p.get("cwd"), "ancestry": list(p.get("ancestry") or ()), "program": _program(process),
+                "unknown_reasons": [], "first": ts, "connections": [], "connections_total": 0,
+                "queries": [], "queries_total": 0, "destinations": [],
+            }
+        if reason and reason not in g["unknown_reasons"]:
+            g["unknown_reasons"].append(reason)
+        return g
+
+    for f in flows:
+        if _is_corral_dns(f):
+            continue
+        g = group(f["process"], f["process_unknown"], f["ts"])
+        g["connections_total"] += 1
+        if len(g["connections"]) < PROCESS_LIST_MAX:
+            g["connections"].append({"id": f["id"], "proto": f["proto"], "dst_ip": f["dst_ip"],
+                                     "dst_port": f["dst_port"], "name": f["name"], "verdict": f["verdict"]})
+        dest = f["name"] or f["dst_ip"]
+        if dest not in g["destinations"]:
+            g["destinations"].append(dest)
+    for e in dns:
+        g = group(e.get("process"), e.get("process_unknown"), e["ts"])
+        g["queries_total"] += 1
+        if len(g["queries"]) < PROCESS_LIST_MAX:
+            g["queries"].append({"qname": normalize_name(e["qname"]), "qtype": e["qtype"], "verdict": e["verdict"]})
+    return sorted(groups.values(), key=lambda g: (g["pid"] is None, g["first"]))
+
+
+def _lineage(process: dict | None) -> tuple[set, set] | None:
+    """(pids of the process and its ancestors, {its pid}) or None when unknown."""
+    if not process:
+        return None
+    return set(process.get("ancestry_pids") or ()) | {process["pid"]}, process["pid"]
+
+
+def _related(a: dict | None, b: dict | None) -> bool:
+    """One process is the other, or an ancestor of it (one process tree).  An unknown
+    process is taken as related (nothing to judge by)."""
+    la, lb = _lineage(a), _lineage(b)
+    if la is None or lb is None:
+        return True
+    return la[1] in lb[0] or lb[1] in la[0]
+
+
+def _resolvers_of(dns: list[dict]) -> dict:
+    """{address: [processes whose allowed queries were answered with it]}."""
+    out: dict = collections.defaultdict(list)
+    for e in dns:
+        for a in e.get("answers") or ():
+            if a.get("type") in ("A", "AAAA"):
+                ip = _ip(a.get("value"))
+                if ip is not None:
+                    out[ip].append(e.get("process"))
+    return out
 
 
 def _destinations(flows: list[dict]) -> list[dict]:
@@ -178,7 +256,7 @@ def _destinations(flows: list[dict]) -> list[dict]:
                 "name": normalize_name(f["name"]) if f["name"] else None, "ips": [], "endpoints": [],
                 "connections": 0, "allowed": 0, "denied": 0, "bytes_out": 0, "bytes_in": 0,
                 "first": f["ts"], "last": f["ts"], "rules": [], "sni": [], "http_hosts": [],
-                "http_requests": [], "dns_names": [], "_endpoints": {},
+                "http_requests": [], "dns_names": [], "programs": [], "_endpoints": {},
             }
         g["connections"] += 1
         g["allowed" if f["verdict"] == "allow" else "denied"] += 1
@@ -193,6 +271,9 @@ def _destinations(flows: list[dict]) -> list[dict]:
         for n in f["names"]:
             if n not in g["dns_names"]:
                 g["dns_names"].append(n)
+        program = _program(f["process"])
+        if program not in g["programs"]:
+            g["programs"].append(program)
         if f["http_path"] and len(g["http_requests"]) < 20:
             req = f"{f['http_method'] or '?'} {f['http_path']}"
             if req not in g["http_requests"]:
@@ -313,7 +394,8 @@ def _flag_dns(flags: _Flags, dns: list[dict]) -> None:
                       f"{len(names)} distinct names queried below {parent} (threshold {SUBDOMAIN_BURST})")
 
 
-def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
+def _flag_flows(flags: _Flags, flows: list[dict], dns: list[dict] = ()) -> None:
+    resolvers = _resolvers_of(dns)
     for f in flows:
         dst, port, proto = f["dst"], f["dst_port"], f["proto"]
         where = f"{proto} {_addr(f['dst_ip'], port if proto != 'icmp' else None)}"
@@ -338,6 +420,12 @@ def _flag_flows(flags: _Flags, flows: list[dict]) -> None:
             if claimed:
                 detail += f"; the client named {_safe(claimed[0])!r}"
             flags.add("raw-ip", "medium", where, f"{detail} ({verdict})")
+        elif proto != "icmp" and f["process"] and not any(
+                _related(f["process"], asker) for asker in resolvers.get(dst, ())):
+            others = ", ".join(dict.fromkeys(_program(a) for a in resolvers.get(dst, ())))
+            flags.add("raw-ip", "medium", where,
+                      f"{_program(f['process'])} connected to an address no DNS answer to its process "
+                      f"tree gave; {_safe(f['names'][0])} was resolved by {others or 'another process'} ({verdict})")
         for name in {*(f["names"][:1]), claimed_name(f["sni"]), claimed_name(f["http_host"])} - {None}:
             hit = _watched(name)
             if hit:
@@ -377,12 +465,36 @@ def _changes_dict(changes: Any) -> dict | None:
     return dict(changes)
 
 
-def _suggestions(flows: list[dict], names: list[dict]) -> tuple[list[dict], list[str]]:
-    """Rules that allow the run's allowed flows and nothing more; see render_allowlist."""
+def _scope_of(process: dict | None) -> str | None:
+    """The @PROGRAM a suggested rule for this process's flow ends in: the script an
+    interpreter runs, else the executable (basenames); None when unknown."""
+    if not process or not process.get("exe"):
+        return None
+    path = script_of(process["exe"], tuple(process.get("argv") or ())) or process["exe"]
+    return os.path.basename(path) or None
+
+
+def _suggestions(flows: list[dict], names: list[dict], scope: str = "none") -> tuple[list[dict], list[str]]:
+    """Rules that allow the run's allowed flows and nothing more; see render_allowlist.
+    ``scope="program"``: each rule ends in the @PROGRAM that used it."""
     rules: dict[str, dict] = {}
     notes: list[str] = []
 
     def add(text: str, why: str, flow: dict) -> None:
+        if scope == "program":
+            program = _scope_of(flow["process"])
+            scoped = f"{text}@{program}" if program else None
+            try:
+                if scoped is None:
+                    raise ConfigError("the process is unknown")
+                Rule.parse(scoped)
+            except ConfigError:  # unknown, or a name no rule can carry: say so, keep it unscoped
+                why = flow["process_unknown"] or f"the program name {program!r} cannot be a scope"
+                note = f"{text}: no program scope ({_safe(why)}): the rule applies to every process"
+                if note not in notes:
+                    notes.append(note)
+            else:
+                text = scoped
         r = rules.setdefault(text, {"rule": text, "comment": why, "connections": 0, "bytes_out": 0, "bytes_in": 0})
         r["connections"] += 1
         r["bytes_out"] += flow["bytes_out"]
@@ -455,12 +567,14 @@ def _suggestions(flows: list[dict], names: list[dict]) -> tuple[list[dict], list
 
 def build_report(
     events: Iterable[Any], *, changes: Any = None, exit_code: int | None = None, generated: float | None = None,
+    suggest_scope: str = "none",
 ) -> dict:
-    """The ``corral.audit/1`` report of one run.
+    """The ``corral.audit/2`` report of one run.
 
     *events*: the run's events (corral event objects or their ``to_dict()``); *changes*: a
     :class:`corral.fs.changes.ChangeSet` (or its ``to_dict()``), ``None`` when the mode
-    records none; *exit_code*: overrides the ``sandbox_exit`` event's.
+    records none; *exit_code*: overrides the ``sandbox_exit`` event's; *suggest_scope*:
+    ``"program"`` scopes each suggested rule to its program (``--suggest-scope``).
     """
     evs = [_as_dict(e) for e in events]
     start = next((e for e in evs if e.get("type") == "sandbox_start"), None)
@@ -472,12 +586,12 @@ def build_report(
 
     flags = _Flags()
     _flag_dns(flags, dns)
-    _flag_flows(flags, flows)
+    _flag_flows(flags, flows, dns)
     if files:
         _flag_files(flags, files.get("changes", []))
     names = _names(dns)
     destinations = _destinations(flows)
-    suggestions, notes = _suggestions(flows, names)
+    suggestions, notes = _suggestions(flows, names, suggest_scope)
     denials = _denials(flows, dns)
     shown = [f for f in flows if not _is_corral_dns(f)]
     times = [e["ts"] for e in evs if isinstance(e.get("ts"), (int, float))]
@@ -516,11 +630,13 @@ def build_report(
         },
         "denials": denials,
         "flags": flag_list,
+        "processes": _processes(flows, dns),
         "destinations": destinations,
         "names": names,
         "dns": [
             {k: e.get(k) for k in ("ts", "qname", "qtype", "transport", "verdict", "rule", "reason", "rcode",
-                                   "upstream")} | {"answers": list(e.get("answers") or ())}
+                                   "upstream")} | {"answers": list(e.get("answers") or ()),
+                                                   "pid": (e.get("process") or {}).get("pid")}
             for e in dns
         ],
         "policy_errors": [{k: e.get(k) for k in ("ts", "callback", "subject", "error", "timed_out")} for e in errors],
@@ -609,6 +725,16 @@ def render_text(report: dict, *, max_rows: int = 20) -> str:
         rows.append(f"  {_safe(who):<40} {ports:<14} {d['connections']:>4} conn  "
                     f"{_size(d['bytes_out']):>9} up {_size(d['bytes_in']):>9} down  {verdict}")
     section("DESTINATIONS", rows)
+    rows = []
+    for p in sorted(report.get("processes") or (), key=lambda p: (p["pid"] is None, p["ancestry"], p["pid"] or 0)):
+        who = p["program"] if p["pid"] is not None else "(unknown process: " + "; ".join(
+            _safe(r) for r in p["unknown_reasons"]) + ")"
+        pid = f" [pid {p['pid']}]" if p["pid"] is not None else ""
+        dests = ", ".join(_safe(d) for d in p["destinations"][:8]) + (
+            f" (+{len(p['destinations']) - 8})" if len(p["destinations"]) > 8 else "")
+        queried = f"; {p['queries_total']} DNS queries" if p["queries_total"] else ""
+        rows.append(f"  {who}{pid}: {p['connections_total']} conn{queried}" + (f" -> {dests}" if dests else ""))
+    section("BY PROCESS", rows)
     section("NAMES RESOLVED", [
         f"  {_safe(n['name']):<40} {'/'.join(n['types']):<10} x{n['queries']:<3} "
         + (", ".join(_safe(a["value"]) for a in n["answers"][:4]) or "/".join(n["rcodes"]) or "-")

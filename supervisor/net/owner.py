@@ -281,6 +281,7 @@ class Owners:
             pid=nspid, ppid=ppid_info[0] if ppid_info else 0, exe=exe, argv=argv, cwd=cwd,
             ancestry=tuple(program_label(e, a) for _p, e, a, _c in chain) + (program_label(exe, argv),),
             ancestry_exe=tuple(e for _p, e, _a, _c in chain) + (exe,),
+            ancestry_pids=tuple(p for p, _e, _a, _c in chain) + (nspid,),
         )
 
 

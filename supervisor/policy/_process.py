@@ -27,7 +27,8 @@ class Process:
     """A process inside the sandbox (pids as the sandbox sees them).
 
     ``ancestry`` names the programs from the sandbox's first command down to this one
-    (``["npm", "sh", "node install.js", "curl"]``); ``ancestry_exe`` their executables.
+    (``["npm", "sh", "node install.js", "curl"]``); ``ancestry_exe`` their executables,
+    ``ancestry_pids`` their pids.
     ``others``: further processes holding the same socket (inherited or passed), each
     of which could have used it.
     """
@@ -39,6 +40,7 @@ class Process:
     cwd: str | None = None
     ancestry: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     ancestry_exe: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    ancestry_pids: tuple[int, ...] = attrs.field(default=(), converter=tuple)
     others: tuple[Process, ...] = attrs.field(default=(), converter=tuple)
 
     def with_others(self, others: tuple[Process, ...]) -> Process:
@@ -51,6 +53,7 @@ class Process:
         d = {
             "pid": self.pid, "ppid": self.ppid, "exe": self.exe, "argv": list(self.argv),
             "cwd": self.cwd, "ancestry": list(self.ancestry), "ancestry_exe": list(self.ancestry_exe),
+            "ancestry_pids": list(self.ancestry_pids),
         }
         if self.others:
             d["others"] = [o.to_dict() for o in self.others]
@@ -60,7 +63,7 @@ class Process:
     def from_dict(cls, d: dict) -> Process:
         return cls(
             pid=d["pid"], ppid=d["ppid"], exe=d["exe"], argv=d.get("argv", ()), cwd=d.get("cwd"),
-            ancestry=d.get("ancestry", ()), ancestry_exe=d.get("ancestry_exe", ()),
+            ancestry=d.get("ancestry", ()), ancestry_exe=d.get("ancestry_exe", ()), ancestry_pids=d.get("ancestry_pids", ()),
             others=tuple(cls.from_dict(o) for o in d.get("others", ())),
         )
 
@@ -117,8 +120,9 @@ class Scope:
         program = text[len(WITHIN):] if within else text
         if not program:
             raise ValueError("no program after '@' (write host@pip, host@/usr/bin/pip or host@within:pip)")
-        if any(c in program for c in "@*?[]"):
-            raise ValueError(f"program {program!r} may not contain '@', '*', '?', '[' or ']'")
+        if any(c in program for c in "@*?[]#") or not program.isprintable() or any(c.isspace() for c in program):
+            raise ValueError(f"program {program!r} may not contain '@', '*', '?', '[', ']', '#', "
+                             "spaces or control characters")
         if "/" in program and not program.startswith("/"):
             raise ValueError(f"program path {program!r} must be absolute (or a bare name like pip)")
         return cls(program=program, within=within)
