@@ -136,6 +136,9 @@ def _add_sandbox_options(p):
                      help="write the audit report (JSON, schema corral.audit/2) at exit")
     out.add_argument("--suggest", metavar="FILE",
                      help="write an allowlist that `corral run --allow-file` accepts as is")
+    out.add_argument("--baseline", metavar="OLD.json",
+                     help="corral audit: compare this run's report with OLD.json (as `corral "
+                     "diff`) and exit 1 when anything is new")
     out.add_argument("--suggest-scope", choices=("none", "program"), default="none",
                      help="program: scope each suggested rule to the program that used it "
                      "(pypi.org:443/tcp@pip)")
@@ -168,6 +171,11 @@ def build_parser():
     from .runtime_cli import add_parsers as add_runtime_parsers
 
     add_runtime_parsers(sub)  # ps, logs, stop, exec
+    p = sub.add_parser("diff", help="what NEW.json (an audit report) has that OLD.json has not; "
+                       "exit 1 when anything is new, 0 when nothing, 2 for unreadable input")
+    p.add_argument("old", metavar="OLD.json")
+    p.add_argument("new", metavar="NEW.json")
+    p.add_argument("--json", action="store_true", help="the difference as JSON (schema corral.diff/1)")
     p = sub.add_parser("top", help="the live view (as --monitor) of a running sandbox")
     p.add_argument("id", metavar="ID", help="sandbox id or a unique prefix (see `corral ps`)")
     return parser
@@ -183,7 +191,7 @@ def parse(argv):
         raise UsageError("no command given. Fix: corral run [OPTIONS] -- CMD, or corral --help")
     if args.command == "doctor":
         return "doctor", None, []
-    if args.command in ("ps", "logs", "stop", "exec", "top"):
+    if args.command in ("ps", "logs", "stop", "exec", "top", "diff"):
         return args.command, None, args  # runtime_cli reads the parsed arguments
     if not args.argv or args.argv[0] != "--":
         raise UsageError(
@@ -223,6 +231,20 @@ def main(argv=None):
         from .events.monitor import main_top
 
         return main_top(command_argv.id, _say)
+    if command == "diff":
+        return _diff(command_argv)
+    baseline = None
+    if config.baseline is not None:
+        if not config.audit:
+            _say("--baseline compares audit reports. Fix: corral audit --baseline OLD.json -- CMD")
+            return EXIT_USAGE
+        from .events import diff as differ
+
+        try:
+            baseline = differ.load_report(config.baseline)
+        except ConfigError as exc:
+            _say("--baseline: %s" % exc)
+            return EXIT_USAGE
     if command in ("ps", "logs", "stop", "exec"):
         from . import runtime_cli
 
@@ -251,7 +273,35 @@ def main(argv=None):
         sys.stderr.write(render_text(result.report))
     if result.timed_out == "kill":
         _say("the command did not stop within %gs of SIGTERM; sent SIGKILL" % config.kill_grace)
+    if baseline is not None and result.report is not None:
+        from .events import diff as differ
+
+        found = differ.diff_reports(baseline, result.report)
+        sys.stderr.write(differ.render_diff(found))
+        if result.exit_code == 0 and found["count"]:
+            return 1
     return result.exit_code
+
+
+def _diff(args):
+    """`corral diff OLD NEW [--json]`: 1 when NEW has anything OLD has not, 0 when
+    not, 2 when either file is not a readable audit report."""
+    from .errors import ConfigError
+    from .events import diff as differ
+
+    try:
+        old, new = differ.load_report(args.old), differ.load_report(args.new)
+    except ConfigError as exc:
+        _say(str(exc))
+        return EXIT_USAGE
+    found = differ.diff_reports(old, new)
+    if args.json:
+        import json
+
+        sys.stdout.write(json.dumps(found, indent=2) + "\n")
+    else:
+        sys.stdout.write(differ.render_diff(found))
+    return 1 if found["count"] else 0
 
 
 def console():

@@ -183,7 +183,7 @@ def _processes(flows: list[dict], dns: list[dict]) -> list[dict]:
     groups: dict[Any, dict] = {}
 
     def group(process: dict | None, reason: str | None, ts: float) -> dict:
-        key = process["pid"] if process else None
+        key = (process["pid"], tuple(process.get("ancestry") or ())) if process else None  # a reused pid is another
         g = groups.get(key)
         if g is None:
             p = process or {}
