@@ -1,5 +1,6 @@
 """The README's demo: audit a misbehaving installer, then run it under the
-allowlist the audit suggested.
+allowlist the audit suggested.  Second act: audit two versions of a package
+and show what the new one does that the old one did not (`corral diff`).
 
 Everything happens offline in a private "world" (corral.world): a network
 namespace whose only addresses are documentation ones, with its own DNS, HTTP
@@ -88,8 +89,29 @@ def main():
         print("  %-9s ~/.bashrc" % ("unchanged" if same else "CHANGED!"))
         leaked = os.path.exists("/etc/profile.d/left-pad.sh")
         print("  %-9s /etc/profile.d/left-pad.sh" % ("CREATED!" if leaked else "absent"))
+        diffed = second_act(world, corral, tmp, env, project)
         print(NEXT_STEPS, end="")
-        return 0 if same and not leaked and code == 0 else 1
+        return 0 if same and not leaked and code == 0 and diffed else 1
+
+
+def second_act(world, corral, tmp, env, project):
+    """Audit version 1.0 and 1.1 of a package; `corral diff` shows what 1.1 added."""
+    print("\n\033[1mSecond act: what does version 1.1 do that 1.0 did not?\033[0m", flush=True)
+    package = [sys.executable, os.path.join(HERE, "package.py")]
+    reports = {}
+    for version in ("1.0", "1.1"):
+        reports[version] = os.path.join(tmp, "v%s.json" % version)
+        banner("corral audit --report v%s.json -- python package.py %s" % (version, version))
+        done = world.run(corral + ["audit", "--report", reports[version], "--"] + package + [version],
+                         env=env, cwd=project, timeout=120, capture_output=True, text=True)
+        sys.stdout.write(done.stdout)
+    banner("corral diff v1.0.json v1.1.json")
+    diff = world.run(corral + ["diff", reports["1.0"], reports["1.1"]], capture_output=True, text=True,
+                     timeout=60)
+    sys.stdout.write(diff.stdout + diff.stderr)
+    print("(exit %d: something is new)" % diff.returncode if diff.returncode == 1 else
+          "(exit %d)" % diff.returncode)
+    return diff.returncode == 1 and "webhook.site" in diff.stdout
 
 
 if __name__ == "__main__":
