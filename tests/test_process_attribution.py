@@ -189,3 +189,28 @@ def test_icmp_echo_has_no_process_and_says_why(world, tmp_path):
     out = run(world, tmp_path, ["--allow", ECHO_V4], [PY, prog])
     ev = out.connect(dst_ip=ECHO_V4, proto="icmp")
     assert ev["process"] is None and ev["process_unknown"] == owner.ICMP
+
+
+def test_audit_report_groups_by_process_and_flags_an_address_another_tree_resolved(world, tmp_path):
+    """resolve.py looks www.corral.test up; its sibling connect.py dials the address it
+    printed: the report names both processes, and connect.py's flow is raw-ip."""
+    resolve = script(tmp_path, "resolve.py", """
+        import socket
+        print(socket.getaddrinfo("www.corral.test", 80, socket.AF_INET, socket.SOCK_STREAM)[0][4][0])
+    """)
+    dial = script(tmp_path, "dial.py", """
+        import socket, sys
+        socket.create_connection((sys.stdin.read().strip(), 80), timeout=5).close()
+    """)
+    report = tmp_path / "report.json"
+    proc = world.run([PY, "-m", "corral", "audit", "--ro", str(tmp_path), "--report", str(report), "--",
+                      "sh", "-c", f"{PY} {resolve} | {PY} {dial}"],
+                     capture_output=True, text=True, timeout=60, cwd=str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(report.read_text())
+    programs = {p["program"].rsplit(" ", 1)[-1]: p for p in data["processes"]}
+    assert programs["resolve.py"]["queries_total"] >= 1 and programs["resolve.py"]["connections_total"] == 0
+    assert programs["dial.py"]["connections"][0]["dst_ip"] == HTTP_V4
+    raw = [f for f in data["flags"] if f["kind"] == "raw-ip" and f["subject"] == f"tcp {HTTP_V4}:80"]
+    assert raw and "dial.py" in raw[0]["detail"] and "resolve.py" in raw[0]["detail"], data["flags"]
+    assert "BY PROCESS" in proc.stderr and "dial.py [pid" in proc.stderr

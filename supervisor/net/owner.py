@@ -50,6 +50,7 @@ ORPHAN = "no process in the sandbox holds the socket any more (its process ended
 ICMP = "ICMP echo sockets are not listed by sock_diag"
 NO_DIAG = "process attribution is unavailable (the sandbox's sock_diag socket could not be opened)"
 
+DIAG_TIMEOUT = 0.5  # seconds for the kernel's sock_diag answer (it takes microseconds)
 ARGV_MAX = 16  # argv elements kept
 ARG_MAX_CHARS = 256  # characters kept of each
 ANCESTRY_MAX = 32
@@ -66,6 +67,8 @@ class Owners:
 
     def __init__(self, diag_fd, root_pid):
         self._sock = socket.socket(fileno=diag_fd) if diag_fd is not None else None
+        if self._sock is not None:
+            self._sock.settimeout(DIAG_TIMEOUT)  # never hang the supervisor on an answer
         self._root_pid = root_pid  # () -> pid 1 of the sandbox, in our pid namespace
         self._root = None
         self._tree = None
