@@ -12,7 +12,7 @@ import pytest
 
 from corral.net import owner
 from net_support import PY, corral
-from world import ECHO_V4, HTTP_V4, PORT_ECHO, PORT_HTTP
+from world import ECHO_V4, ECHO_V6, HTTP_V4, PORT_ECHO
 
 pytestmark = pytest.mark.network
 
@@ -214,3 +214,19 @@ def test_audit_report_groups_by_process_and_flags_an_address_another_tree_resolv
     raw = [f for f in data["flags"] if f["kind"] == "raw-ip" and f["subject"] == f"tcp {HTTP_V4}:80"]
     assert raw and "dial.py" in raw[0]["detail"] and "resolve.py" in raw[0]["detail"], data["flags"]
     assert "BY PROCESS" in proc.stderr and "dial.py [pid" in proc.stderr
+
+
+def test_ipv6_and_dual_stack_sockets_are_named(world, tmp_path):
+    """An AF_INET6 socket to a v6 address, and one dialing a v4 address as ::ffff:a.b.c.d."""
+    prog = script(tmp_path, "six.py", f"""
+        import socket
+        for host in ({ECHO_V6!r}, "::ffff:{ECHO_V4}"):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect((host, {PORT_ECHO}))
+            s.sendall(b"x"); s.recv(1); s.close()
+    """)
+    out = run(world, tmp_path, ["--allow", ECHO_V4, "--allow", ECHO_V6], [PY, prog])
+    assert out.proc.returncode == 0, out.dump()
+    for dst in (ECHO_V6, ECHO_V4):
+        assert out.connect(dst_ip=dst)["process"]["argv"] == [PY, prog], out.dump()

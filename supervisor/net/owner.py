@@ -22,7 +22,6 @@ after sendto() may not be, and its flow says why (``process_unknown``).
 """
 
 import errno
-import ipaddress
 import logging
 import os
 import socket
@@ -42,7 +41,6 @@ _REQ = struct.Struct("=IHHII BBBBI HH16s16sIII")  # nlmsghdr + inet_diag_req_v2 
 _HDR = struct.Struct("=IHHII")
 _INODE_AT = _HDR.size + 4 + 48 + 16  # inet_diag_msg: ..., idiag_uid, idiag_inode
 _PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
-_MAPPED = ipaddress.ip_network("::ffff:0:0/96")
 
 # Why a flow has no process (docs/events.md).
 GONE = "the socket was closed before it could be looked up (its process had already ended)"
@@ -56,9 +54,12 @@ ARG_MAX_CHARS = 256  # characters kept of each
 ANCESTRY_MAX = 32
 
 
-def _addr16(ip):
-    packed = ip.packed
-    return packed + bytes(16 - len(packed))
+def _packed(ip):
+    """(family, 16 bytes) of an address given as text or an ipaddress object."""
+    text = str(ip)
+    if ":" in text:
+        return socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text)
+    return socket.AF_INET, socket.inet_pton(socket.AF_INET, text) + bytes(12)
 
 
 class Owners:
@@ -126,17 +127,17 @@ class Owners:
         return results
 
     def _lookup_inode(self, proto, src_ip, src_port, dst_ip, dst_port):
-        src_ip, dst_ip = ipaddress.ip_address(src_ip), ipaddress.ip_address(dst_ip)
-        inode = self._inode(proto, src_ip, src_port, dst_ip, dst_port)
-        if inode is None and src_ip.version == 4:  # a dual-stack AF_INET6 socket
-            inode = self._inode(proto, ipaddress.IPv6Address("::ffff:" + str(src_ip)), src_port,
-                                ipaddress.IPv6Address("::ffff:" + str(dst_ip)), dst_port)
+        family, src = _packed(src_ip)
+        dst = _packed(dst_ip)[1]
+        inode = self._inode(proto, family, src, src_port, dst, dst_port)
+        if inode is None and family == socket.AF_INET:  # a dual-stack AF_INET6 socket
+            mapped = bytes(10) + b"\xff\xff"
+            inode = self._inode(proto, socket.AF_INET6, mapped + src[:4], src_port, mapped + dst[:4], dst_port)
         return inode
 
     # -- sock_diag ---------------------------------------------------------------
-    def _inode(self, proto, src_ip, src_port, dst_ip, dst_port):
-        family = socket.AF_INET if src_ip.version == 4 else socket.AF_INET6
-        local, remote = (_addr16(src_ip), src_port), (_addr16(dst_ip), dst_port)
+    def _inode(self, proto, family, src, src_port, dst, dst_port):
+        local, remote = (src, src_port), (dst, dst_port)
         if proto == "udp":  # udp_dump_one swaps src and dst ("for historical reasons")
             local, remote = remote, local
         self._seq = (self._seq + 1) & 0xFFFFFFFF
@@ -203,6 +204,7 @@ class Owners:
                 fds = os.listdir(base)
             except OSError:
                 continue
+            left = len(targets)
             for fd in fds:
                 try:
                     inode = targets.get(os.readlink(base + fd))
@@ -210,6 +212,9 @@ class Owners:
                     continue
                 if inode is not None and pid not in found.setdefault(inode, []):
                     found[inode].append(pid)
+                    left -= 1
+                    if not left:
+                        break  # this process holds them all: the rest of its fds cannot add a holder
 
     def _holders(self, inodes):
         """{inode: [host pids holding it]}.  The process tree is cached between
@@ -265,6 +270,12 @@ class Owners:
         return static
 
     def _process(self, pid, memo):
+        key = ("process", pid)
+        if key not in memo:
+            memo[key] = self._build_process(pid, memo)
+        return memo[key]
+
+    def _build_process(self, pid, memo):
         tree = self._tree
         me = self._static(pid, memo)
         if me is None:

@@ -34,6 +34,7 @@ PolicyErrorEvent).  Every flow gets exactly one ConnectEvent and one
 CloseEvent, even when the sandbox ends first (reason ``shutdown``).
 """
 
+import functools
 import ipaddress
 import logging
 import os
@@ -377,8 +378,7 @@ class NetworkService:
         src_ip, src_port = ev.src
         owner = None
         if self.owners is not None:
-            def owner():
-                return self.owners.lookup(ev.proto, src_ip, src_port, ev.dst[0], ev.dst[1])
+            owner = functools.partial(self.owners.lookup, ev.proto, src_ip, src_port, *ev.dst)
         reply = await self.dns.handle(ev.payload, transport=ev.proto, src_ip=src_ip, src_port=src_port,
                                       owner=owner)
         try:

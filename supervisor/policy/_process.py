@@ -59,19 +59,6 @@ class Process:
             d["others"] = [o.to_dict() for o in self.others]
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> Process:
-        return cls(
-            pid=d["pid"], ppid=d["ppid"], exe=d["exe"], argv=d.get("argv", ()), cwd=d.get("cwd"),
-            ancestry=d.get("ancestry", ()), ancestry_exe=d.get("ancestry_exe", ()), ancestry_pids=d.get("ancestry_pids", ()),
-            others=tuple(cls.from_dict(o) for o in d.get("others", ())),
-        )
-
-    @property
-    def program(self) -> str:
-        """The label of this process ('curl', 'python3 pip')."""
-        return self.ancestry[-1] if self.ancestry else os.path.basename(self.exe)
-
     def __repr__(self) -> str:
         return f"<Process {self.pid} {' > '.join(self.ancestry) or self.exe}>"
 
