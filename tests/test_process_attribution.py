@@ -82,8 +82,8 @@ def test_many_processes_connecting_at_once_each_get_their_own(world, tmp_path):
     tags = {line["port"]: line["tag"] for line in map(json.loads, out.proc.stdout.splitlines())}
     assert len(tags) == 12
     for ev in out.connects(dst_ip=ECHO_V4):
-        assert ev["process"]["argv"][-1] == tags[ev["src_port"]], out.dump()
-    assert len({ev["process"]["pid"] for ev in out.connects(dst_ip=ECHO_V4)}) == 12
+        assert ev["process"] and ev["process"]["argv"][-1] == tags[ev["src_port"]], out.dump()
+    assert len({ev["process"]["pid"] for ev in out.connects(dst_ip=ECHO_V4)}) == 12, out.dump()
 
 
 def test_threads_of_one_process_name_that_process(world, tmp_path):

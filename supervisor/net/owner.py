@@ -48,6 +48,7 @@ ORPHAN = "no process in the sandbox holds the socket any more (its process ended
 ICMP = "ICMP echo sockets are not listed by sock_diag"
 NO_DIAG = "process attribution is unavailable (the sandbox's sock_diag socket could not be opened)"
 
+BATCH = 64  # sock_diag requests per datagram
 DIAG_TIMEOUT = 0.5  # seconds for the kernel's sock_diag answer (it takes microseconds)
 ARGV_MAX = 16  # argv elements kept
 ARG_MAX_CHARS = 256  # characters kept of each
@@ -95,20 +96,30 @@ class Owners:
             return [(None, NO_DIAG)] * len(flows)
         self._root = self._root_pid()
         inodes = {}
+        asks = {}
         for i, (proto, src_ip, src_port, dst_ip, dst_port) in enumerate(flows):
             if proto not in _PROTO:
                 results[i] = (None, ICMP)
                 continue
-            try:
-                inode = self._lookup_inode(proto, src_ip, src_port, dst_ip, dst_port)
-            except OSError as exc:
-                log.warning("process attribution: sock_diag failed (%s)", exc)
+            family, src = _packed(src_ip)
+            asks[i] = (proto, family, src, src_port, _packed(dst_ip)[1], dst_port)
+        try:
+            found = self._inodes(asks)
+            # a v4 flow from a dual-stack AF_INET6 socket: ask again as ::ffff:a.b.c.d
+            mapped = bytes(10) + b"\xff\xff"
+            again = {i: (a[0], socket.AF_INET6, mapped + a[2][:4], a[3], mapped + a[4][:4], a[5])
+                     for i, a in asks.items() if found.get(i) is None and a[1] == socket.AF_INET}
+            found.update(self._inodes(again))
+        except OSError as exc:
+            log.warning("process attribution: sock_diag failed (%s)", exc)
+            for i in asks:
                 results[i] = (None, "sock_diag failed: %s" % (exc.strerror or exc))
-                continue
-            if inode is None:
+            return results
+        for i in asks:
+            if found.get(i) is None:
                 results[i] = (None, GONE)
             else:
-                inodes[i] = inode
+                inodes[i] = found[i]
         if inodes:
             holders = self._holders(set(inodes.values()))
             memo = {}
@@ -126,48 +137,54 @@ class Owners:
                 results[i] = (first, None)
         return results
 
-    def _lookup_inode(self, proto, src_ip, src_port, dst_ip, dst_port):
-        family, src = _packed(src_ip)
-        dst = _packed(dst_ip)[1]
-        inode = self._inode(proto, family, src, src_port, dst, dst_port)
-        if inode is None and family == socket.AF_INET:  # a dual-stack AF_INET6 socket
-            mapped = bytes(10) + b"\xff\xff"
-            inode = self._inode(proto, socket.AF_INET6, mapped + src[:4], src_port, mapped + dst[:4], dst_port)
-        return inode
-
     # -- sock_diag ---------------------------------------------------------------
-    def _inode(self, proto, family, src, src_port, dst, dst_port):
-        local, remote = (src, src_port), (dst, dst_port)
-        if proto == "udp":  # udp_dump_one swaps src and dst ("for historical reasons")
-            local, remote = remote, local
-        self._seq = (self._seq + 1) & 0xFFFFFFFF
-        msg = _REQ.pack(_REQ.size, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0,
-                        family, _PROTO[proto], 0, 0, 0xFFFFFFFF,
-                        0, 0, local[0], remote[0], 0, NOCOOKIE, NOCOOKIE)
-        # the ports are big-endian: patch them in after the generic pack
-        msg = bytearray(msg)
-        struct.pack_into("!HH", msg, _HDR.size + 8, local[1], remote[1])
-        self._sock.send(msg)
-        while True:
-            data, addr = self._sock.recvfrom(8192)
-            if addr[0] != 0:  # not from the kernel: ignore
-                continue
-            offset = 0
-            while offset + _HDR.size <= len(data):
-                length, kind, _flags, seq, _pid = _HDR.unpack_from(data, offset)
-                if length < _HDR.size:
-                    break
-                if seq == self._seq:
-                    if kind == NLMSG_ERROR:
-                        code = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
-                        if code in (0, errno.ENOENT):
-                            return None
+    def _inodes(self, asks):
+        """{key: socket inode or None} for {key: (proto, family, src, sport, dst, dport)}:
+        the requests go out in one datagram (at most BATCH at a time, so the answers
+        fit the socket's buffer), the kernel's answers are matched by sequence number."""
+        out = {}
+        items = list(asks.items())
+        for at in range(0, len(items), BATCH):
+            chunk = items[at:at + BATCH]
+            wanted = {}
+            buf = bytearray()
+            for key, (proto, family, src, sport, dst, dport) in chunk:
+                if proto == "udp":  # udp_dump_one swaps src and dst ("for historical reasons")
+                    src, sport, dst, dport = dst, dport, src, sport
+                self._seq = (self._seq + 1) & 0xFFFFFFFF
+                wanted[self._seq] = key
+                msg = bytearray(_REQ.pack(_REQ.size, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0,
+                                          family, _PROTO[proto], 0, 0, 0xFFFFFFFF,
+                                          0, 0, src, dst, 0, NOCOOKIE, NOCOOKIE))
+                struct.pack_into("!HH", msg, _HDR.size + 8, sport, dport)  # big-endian ports
+                buf += msg
+            self._sock.send(buf)
+            while wanted:
+                data, addr = self._sock.recvfrom(65536)
+                if addr[0] != 0:  # not from the kernel: ignore
+                    continue
+                self._answers(data, wanted, out)
+        return out
+
+    @staticmethod
+    def _answers(data, wanted, out):
+        offset = 0
+        while offset + _HDR.size <= len(data):
+            length, kind, _flags, seq, _pid = _HDR.unpack_from(data, offset)
+            if length < _HDR.size:
+                break
+            key = wanted.pop(seq, None)  # an answer to an older, timed-out request: skipped
+            if key is not None:
+                if kind == NLMSG_ERROR:
+                    code = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
+                    if code not in (0, errno.ENOENT):
                         raise OSError(code, os.strerror(code))
-                    if kind == SOCK_DIAG_BY_FAMILY and length >= _INODE_AT + 4:
-                        inode = struct.unpack_from("=I", data, offset + _INODE_AT)[0]
-                        return inode or None
-                offset += (length + 3) & ~3
-            # an answer to an older request (a timed-out one): read on
+                    out[key] = None
+                elif kind == SOCK_DIAG_BY_FAMILY and length >= _INODE_AT + 4:
+                    out[key] = struct.unpack_from("=I", data, offset + _INODE_AT)[0] or None
+                else:
+                    out[key] = None
+            offset += (length + 3) & ~3
 
     # -- /proc -------------------------------------------------------------------
     def _build_tree(self):

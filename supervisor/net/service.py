@@ -67,6 +67,9 @@ PEEK_TIMEOUT = 0.3
 # by the rules (DNS names, addresses) alone.
 SERVER_FIRST_PORTS = frozenset({21, 22, 23, 25, 110, 119, 143, 587, 3306, 5900, 5901})
 
+# The process of a flow first seen as the sandbox ended (docs/events.md).
+SHUTDOWN_UNKNOWN = "the sandbox ended before the flow was looked up"
+
 # Close reasons of a flow the stack ended before the supervisor's verdict counted.
 _STACK_DENIALS = frozenset({"denied", "policy-timeout", "overload", "shutdown"})
 
@@ -410,7 +413,7 @@ class NetworkService:
         now = trio.current_time()
         for ev in leftover:
             if ev.kind == "new_flow":  # never answered: its close says shutdown
-                self._register(ev, now)
+                self._register(ev, now, (None, SHUTDOWN_UNKNOWN) if not ev.inbound else None)
             elif ev.kind == "flow_closed":
                 self._closed(ev)
         self.dns.close()  # a limit episode still open is reported
