@@ -165,3 +165,28 @@ def test_attack_sharing_a_socket_with_pip_does_not_borrow_its_scope(world, tmp_p
     assert ev["verdict"] == "deny"
     assert ev["process"]["ancestry"][-1].endswith("evil.py") or any(
         o["ancestry"][-1].endswith("evil.py") for o in ev["process"]["others"])
+
+
+@pytest.mark.network
+def test_attack_exec_after_a_lookup_does_not_keep_pips_identity(world, tmp_path):
+    """`pip` connects (allowed by @pip), then exec()s evil.py in the same pid: the
+    second flow is evil.py's, not pip's (no identity cached across an exec)."""
+    evil = script(tmp_path, "evil.py", f"""
+        import socket
+        try:
+            socket.create_connection(({ECHO_V4!r}, {PORT_ECHO}), timeout=5).close()
+            print("evil connected")
+        except OSError as exc:
+            print("evil refused", exc.errno)
+    """)
+    pip = script(tmp_path, "pip", f"""
+        import os, socket
+        socket.create_connection(({ECHO_V4!r}, {PORT_ECHO}), timeout=5).close()
+        print("pip connected", flush=True)
+        os.execv({PY!r}, [{PY!r}, {evil!r}])
+    """)
+    out = corral(world, tmp_path, ["--ro", str(tmp_path), "--allow", f"{ECHO_V4}@pip"], [PY, pip])
+    assert out.proc.stdout.splitlines() == ["pip connected", "evil refused 111"], out.dump()
+    first, second = out.connects(dst_ip=ECHO_V4)
+    assert first["process"]["pid"] == second["process"]["pid"]
+    assert second["process"]["ancestry"][-1].endswith("evil.py") and second["verdict"] == "deny"
