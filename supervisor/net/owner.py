@@ -76,7 +76,6 @@ class Owners:
         self._tree = None
         self.exact = False  # walk the process tree on every lookup (see _holders)
         self._seq = 0
-        self._info = {}  # host pid -> (start time, Process without ancestry/others)
 
     def close(self):
         if self._sock is not None:
@@ -252,23 +251,15 @@ class Owners:
         return found
 
     def _static(self, pid, memo):
-        """(inner pid, exe, argv, cwd) of one process; cached per pid + start time
-        (a pid reused by a new process is read again), ``memo`` per batch."""
-        if pid in memo:
-            return memo[pid]
-        memo[pid] = self._read_static(pid)
+        """(inner pid, exe, argv, cwd) of one process, read once per batch (``memo``).
+        Never cached across batches: an exec() keeps the pid and start time but
+        changes the program, so a cached identity would follow the pid to another."""
+        if pid not in memo:
+            memo[pid] = self._read_static(pid)
         return memo[pid]
 
-    def _read_static(self, pid):
-        try:
-            with open("/proc/%d/stat" % pid, "rb") as f:
-                stat = f.read()
-            start = stat[stat.rfind(b")") + 2:].split()[19]
-        except (OSError, IndexError):
-            return None
-        cached = self._info.get(pid)
-        if cached is not None and cached[0] == start:
-            return cached[1]
+    @staticmethod
+    def _read_static(pid):
         try:
             with open("/proc/%d/status" % pid, "rb") as f:
                 status = f.read()
@@ -280,11 +271,7 @@ class Owners:
         except (OSError, IndexError, ValueError):
             return None
         argv = tuple(a.decode("utf-8", "replace")[:ARG_MAX_CHARS] for a in raw.split(b"\0")[:-1][:ARGV_MAX])
-        static = (nspid, exe, argv, cwd)
-        if len(self._info) > 4096:
-            self._info.clear()
-        self._info[pid] = (start, static)
-        return static
+        return nspid, exe, argv, cwd
 
     def _process(self, pid, memo):
         key = ("process", pid)
