@@ -62,7 +62,7 @@ TAGGED = """
 import json, os, socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
 # one write(2) of less than PIPE_BUF: lines of concurrent writers never interleave
-os.write(1, (json.dumps({"tag": sys.argv[3], "port": s.getsockname()[1]}) + "\n").encode())
+os.write(1, (json.dumps({"tag": sys.argv[3], "port": s.getsockname()[1]}) + "\\n").encode())
 s.sendall(b"x")
 s.recv(10)
 s.close()
