@@ -11,7 +11,8 @@ each call returns a :class:`SniffResult` whose ``state`` is one of
     sent none (a ClientHello without SNI, an HTTP/1.0 request without Host).
 ``not-this-protocol``
     the first bytes are not a TLS ClientHello / an HTTP/1.x request (SSH, raw data, HTTP/2
-    prior knowledge...): the flow claims no name.
+    prior knowledge...): the flow claims no name this module can read (``protocol`` is
+    ``"h2"`` for HTTP/2 prior knowledge, whose names are in HPACK-coded frames).
 ``malformed``
     it started like the protocol but breaks its grammar, or the first message did not fit
     in the byte budget (``reason`` says which).
@@ -73,7 +74,7 @@ class SniffResult:
     """What the first bytes of a flow say. See the module docstring for ``state``."""
 
     state: str
-    protocol: str | None = None  # "tls" | "http" once recognised
+    protocol: str | None = None  # "tls" | "http" once recognised; "h2": HTTP/2 prior knowledge
     name: str | None = None  # normalized claimed host name
     raw_name: str | None = None  # the SNI / Host value exactly as sent (decoded as latin-1)
     reason: str | None = None  # why not-this-protocol / malformed
@@ -388,7 +389,7 @@ class HttpSniffer(_Sniffer):
                 if _H2_PREFACE.startswith(bytes(self._buf[: len(_H2_PREFACE)])):
                     if len(self._buf) < len(_H2_PREFACE):
                         return _NEED
-                    return SniffResult(state=NOT_THIS_PROTOCOL, reason="HTTP/2 connection preface")
+                    return SniffResult(state=NOT_THIS_PROTOCOL, protocol="h2", reason="HTTP/2 connection preface")
                 self._method_ok = True
                 return None
             if b not in _METHOD_CHARS:
