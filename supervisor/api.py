@@ -42,7 +42,7 @@ def _config(config, options):
 
 
 def run(argv, *, config=None, capture_output=False, input=None, on_connect=None, on_dns=None,
-        on_packet=None, **options):
+        on_packet=None, on_claim=None, **options):
     """Run ``argv`` in a sandbox, wait, and return a :class:`Result`.
 
     Options are :class:`Config` fields (``allow=[...]``, ``rw=[...]``,
@@ -50,7 +50,7 @@ def run(argv, *, config=None, capture_output=False, input=None, on_connect=None,
     ``Result.stdout``/``stderr``; ``input`` (bytes) is fed to stdin.
     """
     config = _config(config, options)
-    callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+    callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet, on_claim=on_claim)
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
             and not any(callbacks.values())):
         return _launch.run_blocking(config, argv)
@@ -99,14 +99,15 @@ async def _forward_signals(receiver, proc):
 
 
 @contextlib.asynccontextmanager
-async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, **options):
+async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, on_claim=None,
+                       **options):
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
     tasks live in this context; leaving it kills whatever still runs inside."""
     config = _config(config, options)
     try:
         async with trio.open_nursery() as nursery:
             box = Sandbox(config, nursery, callbacks=dict(on_connect=on_connect, on_dns=on_dns,
-                                                          on_packet=on_packet))
+                                                          on_packet=on_packet, on_claim=on_claim))
             try:
                 yield box
             finally:

@@ -156,8 +156,9 @@ class _Flow:
     req: pol.ConnectRequest
     state: str = _DONE
     first: pol.Decision | None = None  # the rules' decision at connect time
-    allowed: pol.Decision | None = None  # the allow it has so far (rule, audit, on_connect)
+    so_far: pol.Decision | None = None  # its decision so far (rule, audit, on_connect)
     sniffer: FlowSniffer | None = None
+    read: int = 0  # bytes of its first message read so far (held flows)
     http_method: str | None = None
     http_path: str | None = None
     reported: bool = False  # its ConnectEvent was emitted
@@ -223,7 +224,7 @@ class FlowMachine:
             # deny is an immediate RST / ECONNREFUSED like a rule's.
             flow.state = _DECIDING
             return [Ask(id=ev.id, callback="on_connect", req=req)]
-        return self._allowed_so_far(flow, decision)
+        return self._so_far(flow, decision)
 
     def _over_limit(self, now):
         """--max-conns / --max-rate: a Decision denying the new flow, or None."""
@@ -240,13 +241,16 @@ class FlowMachine:
             self._tokens -= 1.0
         return None
 
-    def _allowed_so_far(self, flow, decision) -> list:
-        """Rules (or on_connect) decided ``decision``: final, or hold / observe a TCP flow."""
+    def _so_far(self, flow, decision) -> list:
+        """Rules (or on_connect) decided ``decision``: final, or hold / observe a TCP flow.
+        A flow no rule decided is held for on_claim even when the default denies it."""
         req = flow.req
-        if not decision.allowed or req.proto != "tcp" or req.dst_port in SERVER_FIRST_PORTS:
+        for_claim = self.on_claim and flow.first.by_default
+        readable = req.proto == "tcp" and req.dst_port not in SERVER_FIRST_PORTS
+        if not readable or not (decision.allowed or (for_claim and decision.by_default)):
             return self._final(flow, decision)
-        flow.allowed = decision
-        if pol.claims_can_deny(self.policy, req) or (self.on_claim and flow.first.by_default):
+        flow.so_far = decision
+        if for_claim or pol.claims_can_deny(self.policy, req):
             flow.state = _HOLDING
             flow.sniffer = FlowSniffer()
             return [Answer(id=req.id, action="peek", dial=decision.dial)]
@@ -263,15 +267,16 @@ class FlowMachine:
             return self._observed(flow, ev.data)
         if flow.state != _HOLDING:
             return []
+        flow.read += len(ev.data)
         result = flow.sniffer.feed(ev.data)
         if result.state == NEED_MORE:
             if not ev.last:
                 return [Answer(id=ev.id, action="more")]
-            if ev.eof and flow.sniffer.seen == 0:  # closed without sending: it claims nothing
-                return self._final(flow, flow.allowed)
-            return self._final(flow, self._incomplete(flow, ev))
-        if result.state == MALFORMED or result.protocol == "h2":
-            if flow.sniffer.seen >= DEFAULT_BUDGET and result.state == MALFORMED:
+            if not (ev.eof and flow.read == 0):
+                return self._final(flow, self._incomplete(flow, ev))
+            # closed without sending a byte: it claims nothing
+        elif result.state == MALFORMED or result.protocol == "h2":
+            if flow.read >= DEFAULT_BUDGET and result.state == MALFORMED:
                 return self._final(flow, self._incomplete(flow, ev))
             return self._final(flow, pol.Decision(
                 verdict=pol.deny("%s: its first message names no readable host (%s), and a name rule "
@@ -283,11 +288,11 @@ class FlowMachine:
             if self.on_claim and flow.first.by_default:
                 flow.state = _CLAIM
                 return [Ask(id=ev.id, callback="on_claim", req=flow.req)]
-            decision = flow.allowed  # no rule on the names: the allow so far stands
+            decision = flow.so_far  # no rule on the names: the allow so far stands
         return self._final(flow, decision)
 
     def _incomplete(self, flow, ev) -> pol.Decision:
-        seen = flow.sniffer.seen
+        seen = flow.read
         if seen >= DEFAULT_BUDGET:
             why = "its first message does not fit in %d KiB" % (DEFAULT_BUDGET // 1024)
         elif ev.eof:
@@ -313,11 +318,11 @@ class FlowMachine:
         flow.state = _DONE
         decision = pol.decide_connect(self.policy, flow.req)
         if decision.by_default:
-            decision = flow.allowed
+            decision = flow.so_far
         if not decision.allowed:  # claims_can_deny is wrong: say so, report what happened
             log.error("flow %s was let through unheld, but its first bytes make it %s "
                       "(policy.claims_can_deny missed this case)", flow.req, decision.verdict.reason)
-            decision = flow.allowed
+            decision = flow.so_far
         return [self._report(flow, decision)]
 
     # -- callbacks ------------------------------------------------------------------
@@ -337,7 +342,7 @@ class FlowMachine:
         if flow is None or flow.reported:
             return out
         if ev.callback == "on_connect" and flow.state == _DECIDING:
-            return out + self._allowed_so_far(flow, decision)
+            return out + self._so_far(flow, decision)
         if ev.callback == "on_claim" and flow.state == _CLAIM:
             return out + self._final(flow, decision)
         return out
@@ -365,7 +370,7 @@ class FlowMachine:
             # Ended before the final verdict: the stack denied it (policy timeout,
             # overload, shutdown), or a held flow ended on its own (refused
             # upstream, client reset) under the allow it had so far.
-            first = flow.allowed or flow.first
+            first = flow.so_far or flow.first
             if ev.reason in _STACK_DENIALS or first is None or not first.allowed:
                 first = pol.Decision(verdict=pol.deny(ev.reason), rule="stack:" + ev.reason)
             out.append(self._report(flow, first))
