@@ -7,6 +7,7 @@ README's example reaches its callback with the name.
 
 import pytest
 
+from net_support import HERE, probe
 from test_net_api import connect_events, drive
 from world import HELLO_BODY, HTTP_V4, OTHER_V4
 
@@ -75,3 +76,21 @@ def test_readme_on_connect_example_reaches_its_callback_with_the_name(world):
     (ev,) = connect_events(out, dst_ip=OTHER_V4[0], dst_port=80)
     assert (ev["verdict"], ev["rule"], ev["reason"], ev["name"]) == (
         "deny", "callback", "not a package host", "example.com")
+
+
+def test_policy_md_on_claim_example_runs_verbatim(world, tmp_path):
+    """The on_claim example of docs/policy.md, loaded with --policy, decides by Host."""
+    text = (HERE.parent / "docs" / "policy.md").read_text()
+    block = next(b for b in text.split("```python\n")[1:] if "async def on_claim" in b).split("```")[0]
+    policy = tmp_path / "policy.py"
+    policy.write_text("import corral\n\n" + block)
+    out = probe(world, tmp_path, ["--policy", str(policy)], [
+        {"op": "sh", "argv": ["curl", "-sS", "-m", "5", "http://files.pythonhosted.org/"]},
+        {"op": "sh", "argv": ["curl", "-sS", "-m", "5", "http://example.com/"]},
+    ])
+    hosted, other = out.results
+    assert hosted["rc"] == 0 and HELLO_BODY.decode() in hosted["out"], hosted
+    assert other["rc"] == 56 and "reset" in other["err"].lower(), other
+    ev = out.connect(http_host="example.com")
+    assert (ev["verdict"], ev["rule"], ev["reason"]) == ("deny", "callback", "example.com is not a package host")
+    assert out.connect(http_host="files.pythonhosted.org")["verdict"] == "allow"

@@ -73,10 +73,10 @@ def build_policy(config):
 
 
 def load_policy_file(path):
-    """``--policy FILE.py``: the module's on_connect / on_dns / on_packet."""
+    """``--policy FILE.py``: the module's on_connect / on_claim / on_dns / on_packet."""
     if not os.path.isfile(path):
         raise ConfigError("--policy %s: no such file. Fix: name a .py file defining "
-                          "async def on_connect(req) and/or async def on_dns(query)" % path)
+                          "async def on_connect(req), on_claim(req) and/or on_dns(query)" % path)
     try:
         namespace = runpy.run_path(path)
     except Exception as exc:
