@@ -206,7 +206,7 @@ const peekMax = 16 << 10
 // the last FLOW_DATA carries FlagLast and a PEEK answer to it is a deny.
 // Nothing is written upstream before the final allow; then every byte read
 // is, in order, and ReasonNone is returned; otherwise the reason to close.
-func (st *Stack) peekAndAsk(f *flow, sb *gonet.TCPConn, hc *net.TCPConn) int32 {
+func (st *Stack) peekAndAsk(f *flow, sb deadlineReader, hc io.Writer) int32 {
 	buf := make([]byte, 0, peekMax)
 	defer func() { _ = sb.SetReadDeadline(time.Time{}) }()
 	timed := false
@@ -251,6 +251,12 @@ func (st *Stack) peekAndAsk(f *flow, sb *gonet.TCPConn, hc *net.TCPConn) int32 {
 		f.bytesOut.Add(uint64(len(buf)))
 	}
 	return ReasonNone
+}
+
+// deadlineReader is the client side as peekAndAsk uses it (a gonet.TCPConn).
+type deadlineReader interface {
+	io.Reader
+	SetReadDeadline(time.Time) error
 }
 
 // peeked queues the FLOW_DATA of one peek read (see peekAndAsk).
