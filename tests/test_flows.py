@@ -141,6 +141,8 @@ def http_heads(name):
         "absolute-form": f"GET http://{name}/x HTTP/1.1\r\nHost: {ALLOWED}\r\n\r\n".encode(),
         "connect": f"CONNECT {name}:443 HTTP/1.1\r\nHost: {name}:443\r\n\r\n".encode(),
         "http/1.0": f"POST /up HTTP/1.0\r\nContent-Length: 0\r\nHost: {name}\r\n\r\n".encode(),
+        # servers skip empty lines before the request line (RFC 9112 2.2): so must corral
+        "leading-crlf": f"\r\n\r\nGET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode(),
     }
 
 

@@ -294,3 +294,12 @@ def test_default_budget_is_16k():
     assert DEFAULT_BUDGET == 16384
     with pytest.raises(ValueError):
         TlsSniffer(budget=10)
+
+
+def test_empty_lines_before_the_request_line_do_not_hide_the_host():
+    """Servers skip CRLFs before the request line (RFC 9112 2.2); a sniffer that calls
+    such a stream 'not HTTP' would let its Host dodge every name rule."""
+    data = b"\r\n\n\r\nGET /x HTTP/1.1\r\nHost: pastebin.test\r\n\r\n"
+    r = sniff(data)
+    assert (r.state, r.protocol, r.name, r.http_path) == (FOUND, "http", "pastebin.test", "/x")
+    assert feed_all(FlowSniffer(), every_byte(data)) == r

@@ -361,6 +361,12 @@ class HttpSniffer(_Sniffer):
     def _feed(self, chunk: bytes) -> SniffResult:
         self._buf += chunk
         if not self._method_ok:
+            # RFC 9112 §2.2: servers ignore empty lines before the request line, so
+            # a request behind CRLFs is still a request (and still names its Host).
+            blank = len(self._buf) - len(self._buf.lstrip(b"\r\n"))
+            del self._buf[:blank]
+            if not self._buf:
+                return _NEED
             result = self._check_method()
             if result is not None:
                 return result
@@ -453,7 +459,7 @@ class HttpSniffer(_Sniffer):
 
 
 class FlowSniffer(_Sniffer):
-    """TLS or HTTP/1.x, whichever the first byte says (0x16: TLS; a letter: HTTP)."""
+    """TLS or HTTP/1.x, whichever the first byte says (0x16: TLS; a letter, CR or LF: HTTP)."""
 
     protocol = "TLS or HTTP"
 
@@ -469,7 +475,7 @@ class FlowSniffer(_Sniffer):
             first = data[0]
             if first == _HANDSHAKE:
                 self._inner = TlsSniffer(budget=self.budget)
-            elif first in _METHOD_CHARS:
+            elif first in _METHOD_CHARS or first in b"\r\n":
                 self._inner = HttpSniffer(budget=self.budget)
             else:
                 self.result = SniffResult(state=NOT_THIS_PROTOCOL, reason="neither TLS nor HTTP/1.x")
