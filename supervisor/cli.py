@@ -83,7 +83,7 @@ def _add_sandbox_options(p):
     net.add_argument("--publish", action="append", default=[],
                      metavar="[HOSTIP:]HOSTPORT:SANDBOXPORT[/udp]")
     net.add_argument("--dns-upstream", metavar="IP[:PORT]")
-    net.add_argument("--policy", metavar="FILE.py", help="load on_connect/on_dns/on_packet")
+    net.add_argument("--policy", metavar="FILE.py", help="load on_connect/on_claim/on_dns/on_packet")
     net.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS")
     net.add_argument("--data-path", choices=("direct", "pump"))
     net.add_argument("--events", metavar="FILE", help="JSON lines of every event (- = stderr)")
