@@ -173,10 +173,11 @@ class NetworkService:
     def _translate(self, ev, now, *, shutting_down=False):
         """A stack NetEvent as a FlowMachine event (None: not a flow event)."""
         if ev.kind == "new_flow":
-            decided = ev.decided or shutting_down  # never answered: its close says shutdown
+            # Left over at shutdown: never answered, it is reported as the stack's deny.
+            reason = "shutdown" if shutting_down and not ev.decided else ev.reason
             return _flows.NewFlow(id=ev.id, proto=ev.proto, src=ev.src, dst=ev.dst,
-                                  names=self.names.names_for(ev.dst[0], now), now=now, decided=decided,
-                                  inbound=ev.inbound, reason=ev.reason if ev.decided else "shutdown")
+                                  names=self.names.names_for(ev.dst[0], now), now=now,
+                                  decided=ev.decided or shutting_down, inbound=ev.inbound, reason=reason)
         if ev.kind == "flow_data":
             return _flows.FlowData(id=ev.id, data=ev.payload, last=ev.last, eof=ev.reason == "eof")
         if ev.kind == "flow_closed":
