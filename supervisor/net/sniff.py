@@ -338,9 +338,10 @@ def _parse_alpn(data: bytes) -> list[str]:
 class HttpSniffer(_Sniffer):
     """HTTP/1.x request head → Host (and method, path, version).
 
-    The request target's authority wins over Host (absolute-form, ``CONNECT host:port``),
-    as RFC 9112 §3.2.2 says. Two Host headers, obs-folded lines or bad header names are
-    malformed. HTTP/2 prior knowledge (``PRI * HTTP/2.0``) is not-this-protocol.
+    The request target's authority names the request (absolute-form, ``CONNECT host:port``),
+    as RFC 9112 §3.2.2 says; a Host header naming another host is malformed (servers
+    differ on which one they route by), and so are two Host headers, obs-folded lines or
+    bad header names. HTTP/2 prior knowledge (``PRI * HTTP/2.0``) is not-this-protocol.
     """
 
     protocol = "http"
@@ -448,6 +449,11 @@ class HttpSniffer(_Sniffer):
         if authority is not None:
             if not authority or any(ord(c) not in _HOST_CHARS for c in authority):
                 raise _Bad(f"invalid authority in the request target {target[:80]!r}")
+            # Servers differ on which one routes (RFC 9112 says the target; many
+            # backends and proxies read Host): two different names are not one claim.
+            if self._host and _normalize_host(self._host) != _normalize_host(authority):
+                raise _Bad(f"the request target names {authority[:80]!r} but its Host header "
+                           f"names {self._host[:80]!r}")
             raw = authority
         elif version != "1.0" and not self._host_seen:
             raise _Bad("HTTP/1.1 request without a Host header")
