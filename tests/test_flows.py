@@ -433,3 +433,52 @@ def test_max_conns_denies_beyond_the_limit():
 def test_machine_rejects_unknown_events():
     with pytest.raises(TypeError, match="cannot handle"):
         FlowMachine(policy=ATTACK_POLICY).handle(object())
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=st.lists(st.tuples(
+    st.sampled_from(["new", "data", "last", "eof", "connect-ok", "connect-no", "claim-ok", "claim-no",
+                     "claim-junk", "close", "close-denied"]),
+    st.integers(1, 4), st.sampled_from([80, 443, 22, 2222])), max_size=40),
+    on_connect=st.booleans(), on_claim=st.booleans(),
+    rules=st.sampled_from([ATTACK_POLICY, pol.Policy(), pol.Policy(allow=[DST]), pol.Policy(mode="audit")]))
+def test_any_event_order_gives_each_flow_one_connect_one_close_and_one_final_answer(
+        steps, on_connect, on_claim, rules):
+    head = f"GET / HTTP/1.1\r\nHost: {DENIED}\r\n\r\n".encode()
+    m = FlowMachine(policy=rules, on_connect=on_connect, on_claim=on_claim)
+    opened, acts, finals = set(), [], {}
+    for kind, fid, port in steps:
+        if kind == "new":
+            if fid in opened:
+                continue
+            opened.add(fid)
+            finals[fid] = 0
+            ev = new_flow(fid, port=port)
+        elif kind in ("data", "last", "eof"):
+            ev = FlowData(id=fid, data=head[:20] if kind == "data" else head[20:], last=kind != "data",
+                          eof=kind == "eof")
+        elif kind.startswith("connect") or kind.startswith("claim"):
+            result = {"ok": pol.ALLOW, "no": pol.deny("no"), "junk": "junk"}[kind.split("-")[1]]
+            ev = CallbackDone(id=fid, callback="on_connect" if kind.startswith("connect") else "on_claim",
+                              result=result)
+        else:
+            if fid not in opened:
+                continue
+            opened.discard(fid)
+            ev = FlowClosed(id=fid, reason="denied" if kind == "close-denied" else "eof")
+        step = m.handle(ev)
+        for a in step:
+            if isinstance(a, Answer):
+                # answers only for a flow that is open (or closing with this very event)
+                assert a.id == fid and (fid in opened or isinstance(ev, FlowClosed)), (a, ev)
+                if a.action in ("allow", "deny"):
+                    finals[fid] += 1
+                    assert finals[fid] == 1, "two final answers for one flow"
+        acts += step
+    acts += m.shutdown()
+    assert len(m) == 0
+    events = [a.event for a in acts if isinstance(a, Emit)]
+    for fid in {e.id for e in events if isinstance(e, (ConnectEvent, CloseEvent))}:
+        mine = [type(e).__name__ for e in events if isinstance(e, (ConnectEvent, CloseEvent)) and e.id == fid]
+        # each life of a flow id: exactly one connect, then exactly one close
+        assert mine == ["ConnectEvent", "CloseEvent"] * (len(mine) // 2) and len(mine) % 2 == 0, mine
