@@ -174,7 +174,9 @@ type firstBytes struct {
 
 func (st *Stack) observeFirst(f *flow) *firstBytes {
 	fb := &firstBytes{st: st, f: f}
-	fb.timer = time.AfterFunc(st.cfg.PeekTimeout, func() { fb.report(nil) })
+	// The timer's func never touches fb.timer: it may fire before the
+	// assignment below is visible to it.
+	fb.timer = time.AfterFunc(st.cfg.PeekTimeout, func() { fb.queue(nil) })
 	return fb
 }
 
@@ -184,8 +186,12 @@ func (fb *firstBytes) report(b []byte) {
 	if fb == nil {
 		return
 	}
+	fb.timer.Stop()
+	fb.queue(b)
+}
+
+func (fb *firstBytes) queue(b []byte) {
 	fb.once.Do(func() {
-		fb.timer.Stop()
 		b = b[:min(len(b), peekMax)]
 		fb.f.data(fb.st, append([]byte(nil), b...))
 	})
