@@ -30,10 +30,10 @@ from .spawn import stage1
 log = logging.getLogger("corral.api")
 
 
-def _check_callbacks(on_connect, on_dns, on_packet):
+def _check_callbacks(on_connect, on_dns, on_packet, on_claim=None):
     from .policy import check_callbacks
 
-    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet, on_claim=on_claim)
 
 
 class _FirstPolicyError:
@@ -70,16 +70,16 @@ def _config(config, options):
 
 
 def run(argv, *, config=None, capture_output=False, input=None, on_connect=None, on_dns=None,
-        on_packet=None, **options):
+        on_packet=None, on_claim=None, **options):
     """Run ``argv`` in a sandbox, wait, and return a :class:`Result`.
 
     Options are :class:`Config` fields (``allow=[...]``, ``rw=[...]``,
     ``net="none"``…) or a ready ``config``.  ``capture_output=True`` fills
     ``Result.stdout``/``stderr``; ``input`` (bytes) is fed to stdin.
     """
-    _check_callbacks(on_connect, on_dns, on_packet)
+    _check_callbacks(on_connect, on_dns, on_packet, on_claim)
     config = _config(config, options)
-    callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+    callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet, on_claim=on_claim)
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
             and not any(callbacks.values())
             and not (config.events or config.report or config.suggest or config.audit)):
@@ -129,10 +129,11 @@ async def _forward_signals(receiver, proc):
 
 
 @contextlib.asynccontextmanager
-async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, **options):
+async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, on_claim=None,
+                       **options):
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
     tasks live in this context; leaving it kills whatever still runs inside."""
-    _check_callbacks(on_connect, on_dns, on_packet)
+    _check_callbacks(on_connect, on_dns, on_packet, on_claim)
     try:
         trio.lowlevel.current_task()
     except RuntimeError:
@@ -142,7 +143,7 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
     try:
         async with trio.open_nursery() as nursery:
             box = Sandbox(config, nursery, callbacks=dict(on_connect=on_connect, on_dns=on_dns,
-                                                          on_packet=on_packet))
+                                                          on_packet=on_packet, on_claim=on_claim))
             try:
                 yield box
             finally:
