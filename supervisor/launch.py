@@ -9,6 +9,7 @@ imported, so ``corral run --net none`` starts fast.
 """
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -130,6 +131,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     cwd = os.path.realpath(config.cwd or os.getcwd())
     if not os.path.isdir(cwd):
         raise ConfigError("--cwd %s: no such directory" % cwd)
+    _check_status_fd(config.json_status_fd)
     harden = hardening.spec(config)  # may reject input: before anything is created
     scratch_root = config.scratch or default_scratch_root()
     _private_dir(scratch_root, explicit=bool(config.scratch))
@@ -173,6 +175,21 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         "harden": harden,
     }
     return Launch(spec=spec, scratch=scratch, warnings=tuple(plan.warnings))
+
+
+def _check_status_fd(fd):
+    """--json-status-fd must name an fd open for writing, checked before anything runs."""
+    if fd is None:
+        return
+    fix = "Fix: open it in the shell, e.g. corral run --json-status-fd 3 ... 3>status.jsonl"
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise ConfigError("--json-status-fd %r: expected a file descriptor number. %s" % (fd, fix))
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        raise ConfigError("--json-status-fd %d: not an open file descriptor. %s" % (fd, fix)) from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise ConfigError("--json-status-fd %d: open for reading only. %s" % (fd, fix))
 
 
 def _read(path):

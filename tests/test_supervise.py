@@ -271,3 +271,118 @@ def test_gone_helper_sees_a_live_process():
     finally:
         child.kill()
         child.wait()
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+
+def _one_line_usage_error(result, *words):
+    err = result.stderr.decode()
+    assert result.returncode == 2, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err
+    for word in words:
+        assert word in err, err
+
+
+def test_allow_file_dev_zero_is_refused_not_read_forever():
+    result = corral_cli("run", "--allow-file", "/dev/zero", "--", "true", timeout=30)
+    _one_line_usage_error(result, "/dev/zero", "1 MiB")
+
+
+def test_allow_file_with_an_endless_line_is_refused(tmp_path):
+    rules = tmp_path / "rules.txt"
+    rules.write_text("example.com\n" + "a" * 5000 + "\n")
+    _one_line_usage_error(corral_cli("run", "--allow-file", str(rules), "--", "true"),
+                          "rules.txt:2", "longer than")
+
+
+@pytest.mark.parametrize("body, said", [
+    ("import os\nos._exit(0)\n", "os._exit(0)"),
+    ("import sys\nsys.exit(3)\n", "sys.exit(3)"),
+    ("raise SystemExit\n", "sys.exit(None)"),
+])
+def test_policy_file_that_exits_at_import_is_a_policy_error(tmp_path, body, said):
+    policy = tmp_path / "policy.py"
+    policy.write_text(body)
+    result = corral_cli("run", "--policy", str(policy), "--", "true")
+    _one_line_usage_error(result, "--policy", said)
+
+
+def test_policy_file_exit_does_not_leave_os_exit_patched(tmp_path):
+    from corral.net import service
+
+    policy = tmp_path / "policy.py"
+    policy.write_text("import os\nos._exit(1)\n")
+    real = os._exit
+    with pytest.raises(corral.ConfigError):
+        service.load_policy_file(str(policy))
+    assert os._exit is real
+
+
+@pytest.mark.parametrize("rule", ["2001:db8::1:53/udp", "2001:db8::1:53", "fe80::1:443/tcp"])
+def test_ambiguous_ipv6_with_port_is_refused_with_the_bracket_fix(rule):
+    result = corral_cli("run", "--allow", rule, "--", "true")
+    _one_line_usage_error(result, "ambiguous", "[")
+    from corral.policy import parse_rules
+
+    with pytest.raises(corral.ConfigError, match=r"Fix: write \["):
+        parse_rules([rule], "allow")
+
+
+@pytest.mark.parametrize("rule", ["[2001:db8::1]:53/udp", "[2001:db8::1:53]", "::1", "2001:db8::53",
+                                  "2001:db8:0:0:0:0:1:53", "2001:db8::/32"])
+def test_unambiguous_ipv6_rules_still_parse(rule):
+    from corral.policy import parse_rules
+
+    assert parse_rules([rule], "allow")
+
+
+@pytest.mark.namespaces
+def test_json_status_fd_that_is_not_open_is_refused_before_running(tmp_path):
+    marker = tmp_path / "ran"
+    result = corral_cli("run", "--net", "none", "--rw", str(tmp_path), "--json-status-fd", "99",
+                        "--", "touch", str(marker))
+    _one_line_usage_error(result, "--json-status-fd 99", "not an open file descriptor")
+    assert not marker.exists()
+    with pytest.raises(corral.ConfigError, match="--json-status-fd 99"):
+        corral.run(["true"], net="none", json_status_fd=99)
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--kill-grace", "-1"), ("--kill-grace", "0 or more seconds")),
+    (("--memory", "1"), ("--memory", "minimum is 16M")),
+    (("--memory", "1M"), ("--memory", "minimum is 16M")),
+    (("--max-conns", "-1"), ("--max-conns -1", "positive number of open flows")),
+    (("--max-rate", "0"), ("--max-rate", "flows per second")),
+])
+def test_bad_numbers_are_one_line_with_the_right_words(args, words):
+    _one_line_usage_error(corral_cli("run", *args, "--", "true"), *words)
+
+
+# ---------------------------------------------------------------- argv and types
+
+
+@pytest.mark.parametrize("argv", ["true", b"true", __import__("pathlib").Path("/bin/true")])
+def test_run_with_a_string_is_a_type_error_not_a_split_argv(argv):
+    with pytest.raises(TypeError, match="list of strings"):
+        corral.run(argv, net="none")
+
+
+async def test_start_with_a_string_is_a_type_error():
+    async with corral.open_sandbox(net="none") as box:
+        with pytest.raises(TypeError, match="list of strings"):
+            await box.start("true")
+        with pytest.raises(TypeError, match="items must be str"):
+            await box.start(["echo", 3])
+
+
+def test_config_of_the_wrong_type_is_a_type_error():
+    with pytest.raises(TypeError, match="corral.Config"):
+        corral.run(["true"], config={"net": "none"})
+
+
+def test_package_ships_py_typed():
+    import importlib.resources
+
+    assert importlib.resources.files("corral").joinpath("py.typed").is_file()
