@@ -35,7 +35,8 @@ import select
 import stat
 import threading
 
-CHUNK = 1 << 16
+CHUNK = 1 << 20
+PIPE_SIZE = 1 << 20  # fewer wake-ups for bulk data (the unprivileged maximum by default)
 # Character devices that give nothing more when reopened (major 1: mem).
 _HARMLESS_CHAR = {(1, 3), (1, 5), (1, 7), (1, 8), (1, 9)}  # null zero full random urandom
 FINISH_GRACE = 2.0  # seconds the relay may still take once the sandbox ended
@@ -147,6 +148,10 @@ class Relay:
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         for src, dst, ours in self._pumps:
             os.set_blocking(ours, False)
+            try:
+                fcntl.fcntl(ours, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # over fs.pipe-max-size or the user's pipe quota: the default 64 KiB
             thread = threading.Thread(target=_pump, args=(src, dst, ours, self._stop_r),
                                       name="corral-stdio", daemon=True)
             thread.start()
