@@ -55,7 +55,7 @@ def keystroke_echo(argv, reps, label):
     tmux("new-session", "-d", "-x", "120", "-y", "40",
          env + " ".join(argv + ["bash", "--norc", "--noprofile", "-i"]))
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while "$" not in tmux.screen():
             if time.monotonic() > deadline:
                 raise SystemExit("%s: no prompt:\n%s" % (label, tmux.screen()))
