@@ -33,6 +33,8 @@ import fcntl
 import os
 import select
 import stat
+import struct
+import termios
 import threading
 
 CHUNK = 1 << 20
@@ -96,6 +98,7 @@ class Relay:
         self._pumps = []  # (src, dst, ours)
         self._threads = []
         self._stop_r = self._stop_w = None
+        self._stdin = self._stdin_r = None  # to give unread stdin back (see _give_back)
         stdin, stdout, stderr = fds
         try:
             if stdin is not None and needs_relay(stdin):
@@ -103,6 +106,7 @@ class Relay:
                 self._theirs.append(r)
                 self.child_fds[0] = r
                 self._pumps.append((stdin, w, w))
+                self._stdin, self._stdin_r = stdin, os.dup(r)
             shared = None
             for index, fd in ((1, stdout), (2, stderr)):
                 if fd is None or not needs_relay(fd):
@@ -137,6 +141,8 @@ class Relay:
             os.close(ours)
         for fd in set(self._theirs):
             os.close(fd)
+        if self._stdin_r is not None:
+            os.close(self._stdin_r)
 
     def spawned(self):
         """The sandbox holds its ends now: close ours and start relaying."""
@@ -168,6 +174,8 @@ class Relay:
             os.write(self._stop_w, b"x")
             for thread, _output in self._threads:
                 thread.join()
+            if self._stdin_r is not None:
+                _give_back(self._stdin, self._stdin_r)
         self.close()
 
     def close(self):
@@ -179,10 +187,10 @@ class Relay:
                 os.close(ours)
         self._pumps = []
         self._threads = []
-        for fd in (self._stop_r, self._stop_w):
+        for fd in (self._stop_r, self._stop_w, self._stdin_r):
             if fd is not None:
                 os.close(fd)
-        self._stop_r = self._stop_w = None
+        self._stop_r = self._stop_w = self._stdin_r = None
 
 
 def _pump(src, dst, ours, stop):
@@ -192,6 +200,18 @@ def _pump(src, dst, ours, stop):
         _move(src, dst, ours, stop)
     finally:
         os.close(ours)
+
+
+def _give_back(src, pipe_r):
+    """Stdin read ahead into the pipe but never read by the command goes back
+    to the file (``while read l; do corral run ...; done < file`` must not
+    lose lines): seek the shared offset back by what is still in the pipe."""
+    try:
+        unread = struct.unpack("i", fcntl.ioctl(pipe_r, termios.FIONREAD, b"\0\0\0\0"))[0]
+        if unread and stat.S_ISREG(os.fstat(src).st_mode):
+            os.lseek(src, -unread, os.SEEK_CUR)
+    except OSError:
+        pass
 
 
 def _move(src, dst, ours, stop):

@@ -188,3 +188,28 @@ async def test_relay_of_a_sandbox_cancelled_midway_finishes(tmp_path):
                 await box.start(["sh", "-c", "echo start; exec sleep 100"], stdout=stdout)
                 await trio.sleep_forever()
     assert out.read_bytes() == b"start\n"
+
+
+def test_stdin_the_command_does_not_read_stays_in_the_file(tmp_path):
+    """`while read l; do corral run ...; done < file`: the relay reads ahead,
+    but what the command never read is given back to the shared offset."""
+    src = tmp_path / "lines"
+    src.write_bytes(b"".join(b"line %d\n" % i for i in range(3)))
+    script = ("while read l; do echo \"$l\"; %s -m corral run --net none -- true; done"
+              % sys.executable)
+    with open(src, "rb") as stdin:
+        result = subprocess.run(["sh", "-c", script], stdin=stdin, capture_output=True,
+                                timeout=120)
+    assert result.stdout.splitlines() == [b"line 0", b"line 1", b"line 2"]
+    content = b"".join(b"line %d\n" % i for i in range(20000))
+    src.write_bytes(content)
+    with open(src, "rb") as stdin:
+        result = subprocess.run(["sh", "-c", "read l; %s -m corral run --net none -- "
+                                 "head -n 2; cat" % sys.executable],
+                                stdin=stdin, capture_output=True, timeout=60)
+    out = result.stdout
+    assert out.startswith(b"line 1\nline 2\n")
+    # head read one buffer from its pipe (as from `cat file | head`); cat goes on right after
+    # it, not after all the relay had read ahead (up to 1 MiB)
+    rest = out[len(b"line 1\nline 2\n"):]
+    assert content.endswith(rest) and len(rest) > len(content) - 65536
