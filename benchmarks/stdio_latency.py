@@ -126,6 +126,8 @@ def throughput(prefix, directory, size=256 << 20):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--echo-only", action="store_true",
+                        help="only the keystroke echo (e.g. to compare with a corral without the relay)")
     args = parser.parse_args()
     if not shutil.which("tmux"):
         raise SystemExit("tmux is needed")
@@ -134,6 +136,8 @@ def main():
     print("## keystroke echo, bash -i under tmux")
     for label, prefix in paths.items():
         print("%-20s %s" % (label, summary(keystroke_echo(prefix, args.reps, label))))
+    if args.echo_only:
+        return
     with tempfile.TemporaryDirectory() as directory:
         print("## a line written to a regular-file stdout until the host sees it")
         for label, prefix in paths.items():

@@ -48,7 +48,7 @@ def _config(config, options):
 # ---------------------------------------------------------------- types
 
 Argv = Sequence["str | os.PathLike[str]"]
-StdioArg = "int | IO[Any] | None"  # None, subprocess.PIPE/DEVNULL, an fd or a file object
+StdioArg = int | IO[Any] | None  # None, subprocess.PIPE/DEVNULL, an fd or a file object
 OnConnect = Callable[[ConnectRequest], Awaitable[Verdict]]
 OnDns = Callable[[DnsQuery], Awaitable[Verdict]]
 OnPacket = Callable[[Any], bool]

@@ -207,7 +207,6 @@ async def test_cancelled_before_the_command_started_leaves_nothing(net, tmp_path
 
 SCRIPT = textwrap.dedent("""
     import os, sys, corral
-    r, w = os.pipe()
     print(os.getpid(), flush=True)
     corral.run(["sleep", "1000"], net=sys.argv[1], capture_output=sys.argv[2] == "1",
                json_status_fd=1)
@@ -336,6 +335,14 @@ def test_unambiguous_ipv6_rules_still_parse(rule):
     from corral.policy import parse_rules
 
     assert parse_rules([rule], "allow")
+
+
+def test_an_ambiguous_address_prints_with_brackets_and_parses_back():
+    from corral.policy import parse_rules
+
+    rule = parse_rules(["[2001:db8::1:53]"], "deny")[0]
+    assert str(rule) == "[2001:db8::1:53]"
+    assert parse_rules([str(rule)], "deny")[0] == rule
 
 
 @pytest.mark.namespaces

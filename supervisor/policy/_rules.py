@@ -87,21 +87,27 @@ def _parse_network(host: str) -> IPNetwork:
     return net
 
 
-def _refuse_ambiguous_ipv6(host: str) -> None:
+def _ambiguous_ipv6(host: str) -> bool:
     """``2001:db8::1:53`` is an address, but reads as ``[2001:db8::1]:53`` too:
-    when the last group could be a port of a shorter valid address, ask for brackets."""
+    true when the last group could be a port of a shorter valid address."""
     if "::" not in host or "/" in host:
-        return
+        return False
     head, _, last = host.rpartition(":")
     if not (last.isascii() and last.isdigit() and 1 <= int(last) <= 65535):
-        return
+        return False
     try:
         ipaddress.IPv6Address(head)
         ipaddress.IPv6Address(host)
     except ValueError:
-        return
-    raise _Bad(f"{host} is ambiguous: an IPv6 address, or {head} with port {last}? "
-               f"Fix: write [{head}]:{last} for the port, or [{host}] for the address")
+        return False
+    return True
+
+
+def _refuse_ambiguous_ipv6(host: str) -> None:
+    if _ambiguous_ipv6(host):
+        head, _, last = host.rpartition(":")
+        raise _Bad(f"{host} is ambiguous: an IPv6 address, or {head} with port {last}? "
+                   f"Fix: write [{head}]:{last} for the port, or [{host}] for the address")
 
 
 def _parse_domain(host: str) -> tuple[str, bool]:
@@ -210,7 +216,7 @@ class Rule:
         if self.network is not None:
             net = self.network
             host = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
-            if self.port is not None and net.version == 6:
+            if net.version == 6 and (self.port is not None or _ambiguous_ipv6(host)):
                 host = f"[{host}]"
         else:
             host = ("*." if self.wildcard else "") + str(self.domain)
