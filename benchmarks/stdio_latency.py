@@ -50,7 +50,7 @@ class Tmux:
 
 
 def keystroke_echo(argv, reps, label):
-    tmux = Tmux("corral-bench-%d" % os.getpid())
+    tmux = Tmux("corral-bench-%d-%d" % (os.getpid(), abs(hash(label))))
     env = "env -i HOME=%s TERM=xterm PS1='$ ' PATH=/usr/bin:/bin " % tempfile.gettempdir()
     tmux("new-session", "-d", "-x", "120", "-y", "40",
          env + " ".join(argv + ["bash", "--norc", "--noprofile", "-i"]))
