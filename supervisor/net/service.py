@@ -78,7 +78,9 @@ def load_policy_file(path):
         raise ConfigError("--policy %s: no such file. Fix: name a .py file defining "
                           "async def on_connect(req), on_claim(req) and/or on_dns(query)" % path)
     try:
-        namespace = runpy.run_path(path)
+        namespace = _run_policy_file(path)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError("--policy %s: the file raised %s: %s" % (path, type(exc).__name__, exc)) from None
     found = {name: namespace.get(name) for name in CALLBACK_NAMES}
@@ -86,6 +88,35 @@ def load_policy_file(path):
         raise ConfigError("--policy %s defines none of %s" % (path, ", ".join(CALLBACK_NAMES)))
     pol.check_callbacks(**found, where="--policy %s" % path)
     return found
+
+
+class _PolicyExited(BaseException):
+    pass
+
+
+def _run_policy_file(path):
+    """runpy.run_path, except that a file exiting at import (sys.exit,
+    os._exit) is a policy error instead of corral ending silently.  The
+    limit: a policy file is code run with your rights, and os.kill, os.abort
+    or ctypes can still end corral (docs/policy.md)."""
+    import posix
+
+    real = os._exit
+
+    def refuse(code):
+        raise _PolicyExited("called os._exit(%r) at import" % (code,))
+
+    os._exit = posix._exit = refuse
+    try:
+        return runpy.run_path(path)
+    except SystemExit as exc:
+        raise ConfigError("--policy %s: the file called sys.exit(%r) at import. Fix: define "
+                          "the callbacks without exiting" % (path, exc.code)) from None
+    except _PolicyExited as exc:
+        raise ConfigError("--policy %s: the file %s. Fix: define the callbacks without exiting"
+                          % (path, exc)) from None
+    finally:
+        os._exit = posix._exit = real
 
 
 def parse_publish(text):
