@@ -213,3 +213,23 @@ def test_stdin_the_command_does_not_read_stays_in_the_file(tmp_path):
     # it, not after all the relay had read ahead (up to 1 MiB)
     rest = out[len(b"line 1\nline 2\n"):]
     assert content.endswith(rest) and len(rest) > len(content) - 65536
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("net", ["none", "filtered"])
+def test_callers_extra_fds_do_not_reach_the_command(world, tmp_path, net):
+    """`corral run -- sh -c 'echo X >&5' 5>>~/file` must not write a host file: the
+    command gets stdio and nothing else, neither the caller's fds nor corral's own."""
+    import shlex
+
+    target = tmp_path / "host-file"
+    target.write_text("before\n")
+    corral_argv = [sys.executable, "-m", "corral", "run", "--net", net, "--", "sh", "-c",
+                   "ls /proc/self/fd; echo X >&5"]
+    proc = world.run(["sh", "-c", "exec %s 5>>%s" % (shlex.join(corral_argv),
+                                                      shlex.quote(str(target)))],
+                     stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    assert target.read_text() == "before\n"
+    fds = sorted(int(n) for n in proc.stdout.split())
+    assert fds[:3] == [0, 1, 2] and len(fds) <= 4, proc.stdout  # + ls's own directory fd
+    assert "5" in proc.stderr, proc.stderr  # sh: 5: Bad file descriptor
