@@ -80,6 +80,7 @@ StdioArg = int | IO[Any] | None  # None, subprocess.PIPE/DEVNULL, an fd or a fil
 OnConnect = Callable[[ConnectRequest], Awaitable[Verdict]]
 OnDns = Callable[[DnsQuery], Awaitable[Verdict]]
 OnPacket = Callable[[Any], bool]
+OnWarning = Callable[[str], None]
 
 
 def _check_argv(argv):
@@ -104,12 +105,16 @@ def _check_argv(argv):
 def run(argv: Argv, *, config: Config | None = None, capture_output: bool = False,
         input: bytes | None = None, on_connect: OnConnect | None = None,
         on_dns: OnDns | None = None, on_packet: OnPacket | None = None,
-        on_claim: OnConnect | None = None, **options: Any) -> Result:
+        on_claim: OnConnect | None = None, on_warning: OnWarning | None = None,
+        **options: Any) -> Result:
     """Run ``argv`` in a sandbox, wait, and return a :class:`Result`.
 
     Options are :class:`Config` fields (``allow=[...]``, ``rw=[...]``,
     ``net="none"``…) or a ready ``config``.  ``capture_output=True`` fills
     ``Result.stdout``/``stderr``; ``input`` (bytes) is fed to stdin.
+    ``on_warning(text)`` gets the one-line notices the CLI prints (a denied
+    destination and how to allow it, a plan notice); without it they are logged
+    on ``corral.api``.
     """
     argv = _check_argv(argv)
     _check_callbacks(on_connect, on_dns, on_packet, on_claim)
@@ -118,8 +123,8 @@ def run(argv: Argv, *, config: Config | None = None, capture_output: bool = Fals
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
             and not any(callbacks.values())
             and not (config.events or config.report or config.suggest or config.audit)):
-        return _launch.run_blocking(config, argv)
-    return trio.run(_run_async, config, argv, capture_output, input, callbacks)
+        return _launch.run_blocking(config, argv, on_warning=on_warning)
+    return trio.run(_run_async, config, argv, capture_output, input, callbacks, on_warning)
 
 
 def run_config(config: Config, argv: Argv, *, on_warning: Callable[[str], None] | None = None,
@@ -133,8 +138,7 @@ def run_config(config: Config, argv: Argv, *, on_warning: Callable[[str], None] 
 async def _run_async(config, argv, capture_output, input, callbacks, on_warning=None,
                      on_timeout=None, forward_signals=False):
     pipe = subprocess.PIPE if capture_output else None
-    async with open_sandbox(config, **callbacks) as box:
-        box._on_warning = on_warning
+    async with open_sandbox(config, on_warning=on_warning, **callbacks) as box:
         box._on_timeout = on_timeout
         with contextlib.ExitStack() as stack:
             if forward_signals:
@@ -166,9 +170,11 @@ async def _forward_signals(receiver, proc):
 @contextlib.asynccontextmanager
 async def open_sandbox(config: Config | None = None, *, on_connect: OnConnect | None = None,
                        on_dns: OnDns | None = None, on_packet: OnPacket | None = None,
-                       on_claim: OnConnect | None = None, **options: Any) -> AsyncIterator["Sandbox"]:
+                       on_claim: OnConnect | None = None, on_warning: OnWarning | None = None,
+                       **options: Any) -> AsyncIterator["Sandbox"]:
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
-    tasks live in this context; leaving it kills whatever still runs inside."""
+    tasks live in this context; leaving it kills whatever still runs inside.
+    ``on_warning(text)``: as for :func:`run`."""
     _check_callbacks(on_connect, on_dns, on_packet, on_claim)
     try:
         trio.lowlevel.current_task()
@@ -180,6 +186,7 @@ async def open_sandbox(config: Config | None = None, *, on_connect: OnConnect | 
         async with trio.open_nursery() as nursery:
             box = Sandbox(config, nursery, callbacks=dict(on_connect=on_connect, on_dns=on_dns,
                                                           on_packet=on_packet, on_claim=on_claim))
+            box._on_warning = on_warning
             try:
                 yield box
             finally:
