@@ -234,6 +234,10 @@ def main(argv=None):
         return main_top(command_argv.id, _say)
     if command == "diff":
         return _diff(command_argv)
+    if command in ("ps", "logs", "stop", "exec"):
+        from . import runtime_cli
+
+        return runtime_cli.main(command_argv, _say)
     baseline = None
     if config.baseline is not None:
         if not config.audit:
@@ -246,10 +250,6 @@ def main(argv=None):
         except ConfigError as exc:
             _say("--baseline: %s" % exc)
             return EXIT_USAGE
-    if command in ("ps", "logs", "stop", "exec"):
-        from . import runtime_cli
-
-        return runtime_cli.main(command_argv, _say)
     try:
         if config.net == "filtered" or config.events or config.monitor or config.audit or config.report or config.suggest:
             from . import api
