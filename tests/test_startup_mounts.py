@@ -1,0 +1,39 @@
+"""Start-up does not grow with the host's mount table (issue 11), in a real namespace:
+a world whose /etc/resolv.conf is a bind mount and that has 60 more read-only mounts."""
+
+import sys
+
+import pytest
+
+from corral.world import World, WorldUnavailable
+
+pytestmark = pytest.mark.namespaces
+
+SNAPS = 60
+
+
+def test_a_host_with_sixty_read_only_mounts_gets_a_small_sandbox_mount_table(tmp_path):
+    try:
+        world = World.start(extra_mounts=SNAPS)
+    except WorldUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        (tmp_path / "home").mkdir()
+        (tmp_path / "work").mkdir()
+        script = ("n=$(grep -c '' /proc/self/mountinfo); cat /etc/resolv.conf; "
+                  "ls -d /mnt/snap/app%d/%d /etc/passwd; echo mounts=$n; "
+                  "touch /mnt/snap/x 2>/dev/null && echo WROTE; true" % (SNAPS - 1, 100 + SNAPS - 1))
+        proc = world.run([sys.executable, "-m", "corral", "run", "--net", "none", "--",
+                          "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                         cwd=str(tmp_path / "work"), env={"HOME": str(tmp_path / "home"), "PATH": "/usr/bin:/bin"})
+    finally:
+        world.close()
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert "nameserver" in out  # the world's bind-mounted resolv.conf is what the command sees
+    assert "/mnt/snap/app%d/%d" % (SNAPS - 1, 100 + SNAPS - 1) in out and "/etc/passwd" in out
+    assert "WROTE" not in out  # shown read-only
+    mounts = int(out.split("mounts=")[1].split()[0])
+    # the 60 snaps arrive with one recursive bind (60 + 1 entries), not one overlay or
+    # bind each plus a directory per level: the rest is the base view's own handful
+    assert mounts < SNAPS + 60, out
