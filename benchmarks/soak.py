@@ -5,6 +5,10 @@
 2. ``storm-rules`` / ``storm-callback``: a connection storm for D seconds (default 60):
    C workers connect, send, read the echo, close, again and again; once decided by an
    ``--allow`` rule, once by a Python ``on_connect`` callback (``--policy``).
+3. ``floods``: for D seconds, a DNS query flood, a UDP flood to new 4-tuples and a TCP
+   connection flood at once, with no options (issue 14): the supervisor's RSS peak and its growth (least-squares
+   slope over the second half, MiB/s), the events by type and the ``limit`` records.
+   The CI test (tests/test_floods.py) runs the same client and asserts the ceiling.
 
 For each run: zero lost events (every connection the client made has one ``connect``
 event, and every connect has its ``close``), the supervisor's RSS and fd count at the
@@ -182,13 +186,41 @@ def run_one(world, name: str, options: list[str], client_args: list[str], tmp: P
     return res
 
 
+def run_floods(world, tmp: Path, duration: float) -> dict:
+    from test_floods import FLOOD, slope
+    from world import ECHO_V4, PORT_ECHO
+
+    events = tmp / "floods.jsonl"
+    proc = world.popen([sys.executable, "-m", "corral", "run", "--events", str(events), "--",
+                        sys.executable, "-c", FLOOD, str(duration), ECHO_V4, str(PORT_ECHO)],
+                       cwd=str(tmp), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "flooding", proc.stderr.read()
+    t0, samples = time.monotonic(), []
+    while proc.poll() is None:
+        samples.append((time.monotonic() - t0, proc_rss_kib(proc.pid) / 1024))
+        time.sleep(0.5)
+    out, _ = proc.communicate()
+    evs = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
+    by_type: dict[str, int] = {}
+    for e in evs:
+        by_type[e["type"]] = by_type.get(e["type"], 0) + 1
+    return {
+        "run": "floods", "exit_code": proc.returncode, "flooder": out.strip().splitlines(),
+        "rss_mib": {"baseline": round(samples[0][1], 1), "peak": round(max(r for _, r in samples), 1),
+                    "slope_second_half": round(slope([s for s in samples if duration / 2 <= s[0] <= duration]), 3)},
+        "seconds_to_exit_after_flood": round(samples[-1][0] - duration, 1),
+        "events": by_type, "limits": [e for e in evs if e["type"] == "limit"],
+        "ceiling_exceeded": max(r for _, r in samples) > 200,
+    }
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--conns", type=int, default=10_000, help="concurrent connections")
     ap.add_argument("--duration", type=float, default=60.0, help="storm length, seconds")
     ap.add_argument("--concurrency", type=int, default=32, help="storm workers")
     ap.add_argument("--settle", type=float, default=3.0, help="idle seconds before/after")
-    ap.add_argument("--only", choices=["concurrent", "storm-rules", "storm-callback"])
+    ap.add_argument("--only", choices=["concurrent", "storm-rules", "storm-callback", "floods"])
     args = ap.parse_args(argv)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = args.conns + 1024  # per process: the client, the supervisor and the echo server each hold N
@@ -221,10 +253,14 @@ def main(argv=None) -> int:
             res = run_one(world, name, options, client, tmp, args.settle)
             print(json.dumps(res), flush=True)
             results.append(res)
-    bad = [r["run"] for r in results if r["lost_connect_events"] or r["connects_without_close"]
-           or r["exit_code"] != 0 or r["client"]["failed"]]
+        if args.only in (None, "floods"):
+            res = run_floods(world, tmp, args.duration)
+            print(json.dumps(res), flush=True)
+            results.append(res)
+    bad = [r["run"] for r in results if r.get("lost_connect_events") or r.get("connects_without_close")
+           or r["exit_code"] != 0 or r.get("client", {}).get("failed") or r.get("ceiling_exceeded")]
     if bad:
-        print(f"soak: lost events or failures in {bad}", file=sys.stderr)
+        print(f"soak: lost events, failures or memory over the ceiling in {bad}", file=sys.stderr)
     return 1 if bad else 0
 
 

@@ -51,9 +51,9 @@ type Event struct {
 }
 
 // maxQueuedEvents bounds the queue for new work: while this many events wait
-// for Python, a new DNS query or UDP flow is dropped before it has an event
-// (the client retries: the sandbox is slowed, not the supervisor flooded;
-// counted in stats.drops).  push itself never drops: the events of work
+// for Python, a new DNS query or UDP flow is dropped and a new TCP connection
+// reset before it has an event (the client retries: the sandbox is slowed,
+// not the supervisor flooded; counted in stats.drops).  push itself never drops: the events of work
 // already under way (a flow's close, a verdict's request) are bounded by
 // that work (MaxPending, maxDNSPending, the open flows).
 const maxQueuedEvents = 1 << 14

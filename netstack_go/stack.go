@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"sync"
@@ -128,11 +129,13 @@ type Stack struct {
 	pending    atomic.Int64
 	dnsQueries atomic.Uint64
 	drops      atomic.Uint64
+	dnsConns   atomic.Int64 // DNS-over-TCP connections being served (dns.go)
 
 	synMu   sync.Mutex // guards synHdrs
 	synHdrs map[stack.TransportEndpointID][]byte
 
-	profile *os.File // CPU profile being written, see profileEnv
+	profile    *os.File // CPU profile being written, see profileEnv
+	goroutines *os.File // where shutdown dumps the goroutines, see goroutinesEnv
 
 	udpFlows  flowTable // pending UDP flows by 4-tuple
 	icmpFlows flowTable // ping flows by echoKey
@@ -298,11 +301,14 @@ func (st *Stack) tune() error {
 const profileEnv = "CORRAL_NETSTACK_CPUPROFILE"
 
 func (st *Stack) startProfile() {
+	if path := os.Getenv(goroutinesEnv); path != "" {
+		st.goroutines, _ = createDebugFile(path)
+	}
 	path := os.Getenv(profileEnv)
 	if path == "" {
 		return
 	}
-	f, err := os.Create(path)
+	f, err := createDebugFile(path)
 	if err != nil {
 		return
 	}
@@ -313,21 +319,33 @@ func (st *Stack) startProfile() {
 	st.profile = f
 }
 
+// createDebugFile creates a new file and renames it to path, before the sandbox
+// runs: the file is often in the sandbox's writable cwd, so it is never opened
+// by name (a symlink, hard link or FIFO planted there is replaced, not followed).
+func createDebugFile(path string) (*os.File, error) {
+	f, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".corral-*")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.Rename(f.Name(), path); err != nil {
+		os.Remove(f.Name())
+		f.Close()
+		return nil, err
+	}
+	return f, nil
+}
+
 // goroutinesEnv names a file that receives every goroutine's stack when the
 // stack shuts down (leak hunting: which goroutines outlived their flows).
 const goroutinesEnv = "CORRAL_NETSTACK_GOROUTINES"
 
-func dumpGoroutines() {
-	path := os.Getenv(goroutinesEnv)
-	if path == "" {
+func (st *Stack) dumpGoroutines() {
+	if st.goroutines == nil {
 		return
 	}
-	f, err := os.Create(path)
-	if err != nil {
-		return
-	}
-	defer f.Close()
-	_ = pprof.Lookup("goroutine").WriteTo(f, 1)
+	_ = pprof.Lookup("goroutine").WriteTo(st.goroutines, 1)
+	st.goroutines.Close()
+	st.goroutines = nil
 }
 
 func (st *Stack) stopProfile() {
@@ -398,7 +416,7 @@ func (st *Stack) Shutdown() {
 }
 
 func (st *Stack) shutdown() {
-	dumpGoroutines()
+	st.dumpGoroutines()
 	st.mu.Lock()
 	st.closed = true
 	closers := st.closers

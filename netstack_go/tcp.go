@@ -107,6 +107,11 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 		return
 	}
 	defer st.wg.Done()
+	if st.events.full() { // new work waits for Python: see maxQueuedEvents
+		st.drops.Add(1)
+		r.Complete(true)
+		return
+	}
 	src, dst := endpointAddrs(id)
 	if isDNSAddr(dst.Addr()) && dst.Port() == 53 {
 		st.serveDNSTCP(r, src, dst)

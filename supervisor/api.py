@@ -227,7 +227,8 @@ class Sandbox:
 
     @property
     def recorded_events(self):
-        """Every event so far, in order."""
+        """The events so far, in order: all of them up to 20,000, else the first and latest
+        10,000 with an ``events_dropped`` record between (ListSink; docs/events.md)."""
         return list(self._recorded.events)
 
     @property

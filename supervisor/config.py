@@ -182,7 +182,8 @@ def _positive_or_none(instance, attribute, value):
 
 def _positive_number_or_none(instance, attribute, value):
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ConfigError("%s must be a positive number (or None: no limit), not %r" % (attribute.name, value))
+        raise ConfigError("%s (--%s) must be a positive number, not %r. Fix: give a limit above 0"
+                          % (attribute.name, attribute.name.replace("_", "-"), value))
 
 
 def _env_items(instance, attribute, value):

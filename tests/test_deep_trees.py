@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import corral
-from corral.events.report import build_report
+from corral.events.report import build_report, render_text
 from corral.fs import changes as fschanges
 from corral.fs.changes import collect_changes
 from corral.launch import remove_tree
@@ -87,6 +87,7 @@ def test_a_100k_entry_tree_is_bounded_with_a_count_of_what_was_cut(tmp_path):
     assert found.to_dict()["omitted"] == found.omitted
     report = build_report([], changes=found, exit_code=0)
     assert any(f["kind"] == "persistence" for f in report["flags"])  # survives the flood
+    assert f"{found.omitted} more changes not listed" in render_text(report)
     assert len(json.dumps(report)) < 8 * 1024 * 1024
 
 

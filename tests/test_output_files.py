@@ -133,13 +133,18 @@ def test_events_dash_is_stderr(work, home):
     assert b'"type":"sandbox_exit"' in result.stderr
 
 
-def test_keep_changes_symlink_planted_at_dir_is_not_followed(work, home):
+def test_keep_changes_symlink_planted_at_dir_is_not_followed(work, home, tmp_path):
+    from corral.launch import remove_tree
+
     (home / "target").mkdir()
-    result = run(work, home, "--net", "none", "--keep-changes", "kept",
+    scratch = tmp_path / "scratch"
+    result = run(work, home, "--net", "none", "--scratch", str(scratch), "--keep-changes", "kept",
                  script='echo x > /etc/corral-keep-test; ln -s "$HOME/target" kept')
     assert result.returncode == 0, result.stderr
     assert os.listdir(home / "target") == []
-    assert "kept" in result.stderr.decode() and "symlink" in result.stderr.decode()
+    line = one_line(result.stderr)
+    assert "kept" in line and "symlink" in line and str(scratch) in line  # where the record is
+    remove_tree(scratch)
 
 
 def test_keep_changes_parent_swapped_for_a_symlink_does_not_redirect(work, home):
@@ -175,3 +180,46 @@ def test_api_run_writes_the_outputs_it_is_given_without_a_network(work, home, mo
     assert json.loads((work / "r.json").read_text())["schema"] == "corral.audit/1"
     assert (work / "e.jsonl").read_text().count("\n") >= 2
     assert (home / ".bashrc").read_text() == RC
+
+
+@pytest.mark.parametrize("variable", ["CORRAL_NETSTACK_CPUPROFILE", "CORRAL_NETSTACK_GOROUTINES"])
+def test_netstack_debug_file_symlink_to_bashrc_is_not_followed(work, home, variable):
+    """The netstack's developer knobs write files too: created before the command runs,
+    never opened by name."""
+    (work / "dbg").symlink_to(home / ".bashrc")  # left by an earlier run
+    env = dict(os.environ, HOME=str(home), **{variable: "dbg"})
+    result = corral("run", "--", "sh", "-c", 'rm -f dbg; ln -s "$HOME/.bashrc" dbg', cwd=work,
+                    env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (home / ".bashrc").read_text() == RC
+
+
+def test_report_to_dev_stdout_and_dev_null_use_corral_s_own_descriptors(work, home):
+    result = run(work, home, "--net", "none", "--report", "/dev/stdout", "--suggest", "/dev/null")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["schema"] == "corral.audit/1"
+
+
+def test_output_that_is_a_directory_is_refused_before_the_command(work, home):
+    (work / "out").mkdir()
+    result = run(work, home, "--net", "none", "--report", "out", script="touch ran")
+    assert result.returncode == 2, result.stderr
+    assert "--report out: is a directory" in one_line(result.stderr)
+    assert not (work / "ran").exists()
+
+
+def test_keep_changes_across_filesystems_says_where_the_record_is_and_how_to_fix(work, home):
+    from corral.launch import remove_tree
+
+    if not os.path.isdir("/dev/shm") or os.stat("/dev/shm").st_dev == os.stat(work).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's directory")
+    scratch = f"/dev/shm/corral-test-{os.getpid()}"
+    try:
+        result = run(work, home, "--net", "none", "--scratch", scratch, "--keep-changes", "kept",
+                     script="echo x > /etc/corral-keep-test")
+        assert result.returncode == 0, result.stderr
+        line = one_line(result.stderr)
+        assert "kept" in line and "--scratch" in line and scratch in line
+        assert not (work / "kept").exists()
+    finally:
+        remove_tree(scratch)

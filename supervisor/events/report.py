@@ -631,5 +631,6 @@ def render_text(report: dict, *, max_rows: int = 20) -> str:
             rows.append(f"  {c['change']:<9} {_safe(c['path'])}{'/' if c['kind'] == 'dir' else ''}{extra}")
         if files.get("truncated"):
             rows.append("  (list truncated)")
-        section("FILES CHANGED (kept in the sandbox, not on the host)", rows)
+        cut = f"; {files['omitted']} more changes not listed" if files.get("omitted") else ""
+        section(f"FILES CHANGED (kept in the sandbox, not on the host{cut})", rows)
     return "\n".join(out) + "\n"

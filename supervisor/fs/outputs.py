@@ -229,6 +229,9 @@ class KeptDir:
         try:
             os.rename(scratch, self._name, dst_dir_fd=self._dir_fd)
         except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return ("it is on another filesystem than the scratch directory. Fix: pass "
+                        "--scratch DIR on the same filesystem")
             return exc.strerror
         return None
 
