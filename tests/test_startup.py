@@ -1,17 +1,36 @@
-"""Start-up does not grow with the host's mount table (issue 11), in a real namespace:
-a world whose /etc/resolv.conf is a bind mount and that has 60 more read-only mounts."""
+"""Start-up (issue 11): it does not grow with the host's mount table (a real world
+whose /etc/resolv.conf is a bind mount and that has 60 more read-only mounts), and
+nothing on the run path forks a helper program."""
 
+import subprocess
 import sys
 
 import pytest
 
 from corral.world import World, WorldUnavailable
 
-pytestmark = pytest.mark.namespaces
-
 SNAPS = 60
 
+NO_HELPER = """
+import subprocess, sys
+import corral
+spawned = []
+subprocess.Popen.__init__ = lambda self, argv, *a, **kw: spawned.append(argv) or 1 / 0
+import trio
+from trio._core import _thread_cache
+assert _thread_cache.set_os_thread_name is not None, "trio lost thread names"
+assert not spawned, spawned
+"""
 
+
+def test_importing_trio_through_corral_runs_no_ldconfig():
+    # trio asks ctypes.util.find_library for libpthread, which forks /sbin/ldconfig -p
+    proc = subprocess.run([sys.executable, "-c", NO_HELPER], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.namespaces
 def test_a_host_with_sixty_read_only_mounts_gets_a_small_sandbox_mount_table(tmp_path):
     try:
         world = World.start(extra_mounts=SNAPS)
