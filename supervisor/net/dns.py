@@ -35,7 +35,8 @@ from corral.policy import (
     from_callback_error,
 )
 
-from . import dnsmsg
+# dnsmsg (dnspython, ~50 ms to import) is imported where it is used: loaded by
+# service.preload() while the sandbox starts, not before it is spawned.
 
 __all__ = ["DnsService", "forward", "host_upstreams", "parse_dns_upstream", "parse_resolv_conf"]
 
@@ -164,6 +165,7 @@ async def forward(
     the truncated one is returned so the client retries over TCP itself.
     Raises TimeoutError after *timeout* seconds per attempt, OSError on network errors.
     """
+    from . import dnsmsg
     with trio.move_on_after(timeout) as scope:
         answer = await (_tcp if tcp else _udp)(query, upstream)
     if scope.cancelled_caught:
@@ -230,6 +232,7 @@ class DnsService:
 
     async def handle(self, wire: bytes, *, transport: str = "udp", src_ip=None, src_port=None) -> bytes | None:
         """Answer one query from the sandbox. None: send nothing (not even a header to reply to)."""
+        from . import dnsmsg
         try:
             q = dnsmsg.parse_query(wire)
         except dnsmsg.MalformedDnsMessage as e:
@@ -288,6 +291,7 @@ class DnsService:
             self._report(episode)
 
     async def _answer(self, q, wire, transport, src_ip, src_port) -> bytes:
+        from . import dnsmsg
         query = DnsQuery(id=q.id, qname=q.qname, qtype=q.qtype, transport=transport, src_ip=src_ip, src_port=src_port)
         decision = decide_dns(self.policy, query)
         if decision.by_default and self.on_dns is not None:

@@ -38,6 +38,7 @@ import ipaddress
 import logging
 import os
 import runpy
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -46,8 +47,10 @@ from .. import policy as pol
 from ..errors import ConfigError
 from ..events import CloseEvent, ConnectEvent, PolicyErrorEvent
 from . import dns as dnsmod
-from .netstack import FlowVerdict, Netstack
 from .sniff import FOUND, FlowSniffer
+
+if TYPE_CHECKING:
+    from .netstack import Netstack
 
 log = logging.getLogger("corral.net")
 
@@ -146,7 +149,7 @@ def parse_publish(text):
 class NetworkService:
     """The running network of one sandbox."""
 
-    netstack: Netstack
+    netstack: "Netstack"
     policy: pol.Policy
     names: pol.NameTable
     dns: dnsmod.DnsService
@@ -262,6 +265,7 @@ class NetworkService:
         """Allowed so far: let the stack read the first bytes (SNI / Host).
         If a claimed name could deny the flow, before the final verdict (peek);
         else the flow goes through now and the bytes only name it (observe)."""
+        from .netstack import FlowVerdict  # loaded by start(); imported late (preload)
         dial = decision.dial if decision.allowed else None
         if pol.claims_can_deny(self.policy, flow.req):
             self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, peek=True, dial=dial))
@@ -331,6 +335,7 @@ class NetworkService:
 
     def _decided(self, flow, decision):
         """The final decision: report it and queue the verdict."""
+        from .netstack import FlowVerdict
         if not self._report(flow, decision):
             return  # the stack ended the flow first (timeout, shutdown)
         dial = None
@@ -436,11 +441,25 @@ def plan(config, callbacks):
                 publish=tuple(parse_publish(text) for text in config.publish))
 
 
+def preload():
+    """Import the heavy parts of the network (the Go netstack and its runtime,
+    cffi, dnspython): called in a worker thread once stage-1 runs, so that this
+    overlaps the sandbox building its namespaces and mounts (DESIGN §2) instead
+    of delaying the spawn.  Best effort: a module that fails to load fails again,
+    with its error, where :func:`start` imports it."""
+    try:
+        from . import dnsmsg, netstack  # noqa: F401
+    except Exception:  # reported by start(), in its place
+        pass
+
+
 async def start(nursery, config, netplan, tap_fd, stream, pcap=None):
     """Open the stack on ``tap_fd`` and start serving; return the service.
     The fd is consumed (direct: Go keeps a dup; pump: the service owns it).
     ``pcap``: the ``--pcap`` :class:`corral.fs.outputs.OutputFile`, prepared
     before the sandbox started."""
+    from .netstack import Netstack
+
     pcap_fd = None
     try:
         if pcap is not None:
