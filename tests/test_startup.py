@@ -56,3 +56,33 @@ def test_a_host_with_sixty_read_only_mounts_gets_a_small_sandbox_mount_table(tmp
     # the 60 snaps arrive with one recursive bind (60 + 1 entries), not one overlay or
     # bind each plus a directory per level: the rest is the base view's own handful
     assert mounts < SNAPS + 60, out
+
+
+LEAVES_OPEN = r"""
+import os, socket, sys
+host, port, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+socks = [socket.create_connection((host, port), timeout=10) for _ in range(count)]
+for s in socks:
+    s.sendall(b"x")
+    assert s.recv(1) == b"x"
+print(count, flush=True)
+os._exit(0)  # every connection still open: the sandbox's teardown ends them
+"""
+
+
+@pytest.mark.namespaces
+@pytest.mark.network
+def test_teardown_loses_no_event_of_connections_left_open(world, tmp_path):
+    from net_support import PY, corral
+    from world import ECHO_V4, PORT_ECHO
+
+    count = 20
+    out = corral(world, tmp_path, ["--allow", "%s:%d" % (ECHO_V4, PORT_ECHO)],
+                 [PY, "-c", LEAVES_OPEN, ECHO_V4, str(PORT_ECHO), str(count)])
+    assert out.proc.returncode == 0 and out.proc.stdout.split() == [str(count)], out.proc.stderr
+    connects = [e for e in out.events if e["type"] == "connect"]
+    closes = [e["id"] for e in out.events if e["type"] == "close"]
+    assert len(connects) == count and all(e["verdict"] == "allow" for e in connects)
+    assert sorted(closes) == sorted(e["id"] for e in connects)  # exactly one close each
+    assert [e["type"] for e in out.events][0] == "sandbox_start"
+    assert [e["type"] for e in out.events][-1] == "sandbox_exit"
