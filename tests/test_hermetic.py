@@ -102,3 +102,28 @@ def test_elf_loader_is_read_from_pt_interp_and_bad_headers_are_ignored(tmp_path)
         assert _missing_to_start(str(prog), "") is None
     os.mkfifo(tmp_path / "fifo")  # never blocks on something that is not a file
     assert _missing_to_start(str(tmp_path / "fifo"), "") is None
+
+
+def test_corral_exec_names_a_missing_interpreter_too(tmp_path):
+    import subprocess
+
+    from test_runtime import corral as runtime_corral
+    from test_runtime import start, wait_listed
+
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    script = tmp_path / "tool"
+    script.write_text("#!/opt/nowhere/bin/interp\n")
+    script.chmod(0o755)
+    proc = start(env, "--net", "none", argv=["sh", "-c", "echo ready; exec sleep 30"],
+                 cwd=tmp_path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        row = wait_listed(env, proc)
+        out = runtime_corral(env, "exec", row["id"], "--", "./tool")
+        assert out.returncode == 127
+        assert "#! interpreter /opt/nowhere/bin/interp is missing" in out.stderr, out.stderr
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)

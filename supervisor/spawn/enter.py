@@ -161,10 +161,7 @@ def _command(spec, hardened, argv, err_w, lifeline):
     except OSError as exc:
         err = exc.errno or errno.EIO
         code = 127 if err == errno.ENOENT else 126
-        _report(err_w, stage1.StepError(
-            "exec", err, argv[0], exit_code=code,
-            fix="check the command name, and that it exists and is executable inside the "
-            "sandbox's view"))
+        _report(err_w, stage1.exec_error(argv[0], err, env.get("PATH", os.defpath)))
         os._exit(code)
     finally:
         os._exit(125)

@@ -378,22 +378,26 @@ def _spawn_command(ctl, spec, lifeline, hardened):
         if failed_step:
             raise StepError("preparing the command (cwd, limits, capabilities, seccomp)", err,
                             os.strerror(err), fix="report this as a corral bug")
-        missing = None
-        if err == errno.ENOENT:
-            missing = _missing_to_start(argv[0], env.get("PATH", os.defpath))
-        if missing:
-            raise StepError(
-                "exec: missing " + missing[1], err, "%s: cannot start: %s %s is missing inside "
-                "the sandbox (the command itself is there)" % (argv[0], missing[1], missing[0]),
-                exit_code=127, fix="show the directory that holds it (e.g. --ro %s)"
-                % os.path.dirname(missing[0]),
-            )
-        raise StepError(
-            "exec", err, argv[0], exit_code=127 if err == errno.ENOENT else 126,
-            fix="check the command name, and that it exists and is executable inside "
-            "the sandbox's view",
-        )
+        raise exec_error(argv[0], err, env.get("PATH", os.defpath))
     return pid
+
+
+def exec_error(name, err, path):
+    """The :class:`StepError` for an execve of ``name`` (found on ``path``)
+    that failed with ``err``, run in the sandbox's view after the failure."""
+    missing = _missing_to_start(name, path) if err == errno.ENOENT else None
+    if missing:
+        return StepError(
+            "exec: missing " + missing[1], err, "%s: cannot start: %s %s is missing inside "
+            "the sandbox (the command itself is there)" % (name, missing[1], missing[0]),
+            exit_code=127, fix="show the directory that holds it (e.g. --ro %s)"
+            % os.path.dirname(missing[0]),
+        )
+    return StepError(
+        "exec", err, name, exit_code=127 if err == errno.ENOENT else 126,
+        fix="check the command name, and that it exists and is executable inside "
+        "the sandbox's view",
+    )
 
 
 def _missing_to_start(name, path):
