@@ -318,7 +318,7 @@ def _setup_network(ctl, spec):
     except OSError as exc:
         raise StepError("ping_group_range", exc.errno, "allowing ICMP echo sockets") from None
     if spec["net"] == "filtered":
-        from . import tap  # pyroute2 is only paid for when there is a network
+        from . import tap  # only loaded when there is a network
 
         try:
             fd = tap.create(spec["tap"])
