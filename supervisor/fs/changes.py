@@ -153,7 +153,7 @@ def _persist_changes(scratch: str) -> list[FileChange]:
         mode = stat.S_IMODE(st.st_mode)
         same = None
         if hst is not None and stat.S_ISREG(hst.st_mode) and max(st.st_size, hst.st_size) <= COMPARE_LIMIT:
-            same = st.st_size == hst.st_size and _same_content(os.path.join(scratch, copy), host)
+            same = st.st_size == hst.st_size and _same_paths(os.path.join(scratch, copy), host)
         if same and hst is not None and mode == stat.S_IMODE(hst.st_mode):
             continue
         out.append(FileChange(
@@ -249,11 +249,24 @@ def _is_opaque(fd: int) -> bool:
     return False
 
 
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
 def _same_content(name: str, upper_fd: int, host_fd: int) -> bool | None:
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    """Whether ``name`` has the same bytes in the upper layer and on the host."""
+    return _same_bytes(lambda: os.open(name, _READ_FLAGS, dir_fd=upper_fd),
+                       lambda: os.open(name, _READ_FLAGS, dir_fd=host_fd))
+
+
+def _same_paths(a: str, b: str) -> bool | None:
+    """Whether files ``a`` and ``b`` (neither followed if a symlink) hold the same bytes."""
+    return _same_bytes(lambda: os.open(a, _READ_FLAGS), lambda: os.open(b, _READ_FLAGS))
+
+
+def _same_bytes(open_a, open_b) -> bool | None:
+    """Compare what ``open_a()`` and ``open_b()`` (fd openers) read; None if either fails."""
     try:
-        with open(os.open(name, flags, dir_fd=upper_fd), "rb") as fa, \
-                open(os.open(name, flags, dir_fd=host_fd), "rb") as fb:
+        with open(open_a(), "rb") as fa, open(open_b(), "rb") as fb:
             while True:
                 x, y = fa.read(65536), fb.read(65536)
                 if x != y:
