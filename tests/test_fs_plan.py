@@ -521,17 +521,25 @@ def test_sixty_read_only_host_mounts_add_at_most_a_handful_of_operations():
     assert not [o for o in after.to_json() if o.get("path", "").startswith("/snap/")]
 
 
-def test_a_bind_mounted_file_does_not_split_its_directory():
-    # what `ip netns exec` and every container do to /etc/resolv.conf
-    fs = host(**{"/etc/resolv.conf": Stat("file"), "/etc/ssl/certs/a.pem": Stat("file"),
-                 "/etc/hosts": Stat("file")})
-    before = plan_of(fs)
-    after = plan_of(fs, mountinfo=MOUNTINFO + "90 27 0:40 /netns/resolv.conf /etc/resolv.conf "
-                    "rw,relatime - tmpfs tmpfs rw\n")
-    assert len(after.ops) == len(before.ops)
-    (etc,) = ops(after, "bind", "/etc")
-    assert etc["ro"] and etc["dir"]
-    assert not [o for o in after.to_json() if o.get("path", "").startswith("/etc/")]
+def test_a_bind_mounted_file_keeps_its_directory_writable():
+    # what `ip netns exec` and every container do to /etc/resolv.conf: overlayfs refuses
+    # /etc as a lower layer then, and a read-only bind would make /etc unwritable
+    # (an installer's write to /etc/profile.d would fail instead of being recorded)
+    fs = host(**{"/etc/resolv.conf": Stat("file"), "/etc/ssl/certs/a.pem": Stat("file")})
+    plan = plan_of(fs, mountinfo=MOUNTINFO + "90 27 0:40 /netns/resolv.conf /etc/resolv.conf "
+                   "rw,relatime - tmpfs tmpfs rw\n")
+    assert not ops(plan, "bind", "/etc") and ops(plan, "mkdir", "/etc")
+    assert ops(plan, "overlay", "/etc/ssl")
+
+
+@pytest.mark.parametrize("where", ["home", "cwd", "/var/tmp"])
+def test_a_directory_meant_to_be_written_stays_writable_over_sealed_mounts(where):
+    top = {"home": HOME, "cwd": HOME + "/proj", "/var/tmp": "/var/tmp"}[where]
+    line = "90 27 7:9 / %s/iso ro - iso9660 /dev/loop9 ro\n" % top
+    fs = host(**{top + "/iso/README": Stat("file"), "/var/tmp/x": Stat("file")})
+    plan = plan_of(fs, mountinfo=MOUNTINFO + line, cwd_access="overlay")
+    assert not [o for o in ops(plan, "bind", top) if o["ro"]]
+    assert ops(plan, path=top + "/iso")  # the mount itself, on its own
 
 
 @pytest.mark.parametrize("opts,superopts", [("ro", "rw"), ("rw", "ro"), ("rw", "rw")])

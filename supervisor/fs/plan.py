@@ -19,9 +19,9 @@ Modes
     entries is planned on its own: directories become overlays (or are split
     again), symlinks are copied, files are bound read-only, sockets, fifos and
     devices are left out.  A directory whose mounts below are all sealed (read-only
-    mount and filesystem: a snap) or single files (a container's
-    ``/etc/resolv.conf``) is one recursive read-only bind instead, so the plan
-    does not grow with such mounts.
+    mount and filesystem: snaps) is one recursive read-only bind instead, so the
+    plan does not grow with such mounts (home, /var/tmp and the working
+    directory excepted: they stay writable).
 ``readonly``
     The same view as ``default``, but every overlay is read-only: lower
     layers only, no upper layer (``lowerdir=DIR:EMPTY``).
@@ -300,19 +300,14 @@ class _Planner:
         # Every proper ancestor of a mount point: those directories cannot be
         # an overlay's lower layer.
         self.holds_mounts = set()
-        # ...and those with a mount below that is neither sealed nor a single file
+        # ...and those with a mount below that is not sealed
         self.holds_open_mounts = set()
         for m in mounts:
             path = m.point
-            is_open = None
             while path != "/":
                 path = os.path.dirname(path)
                 self.holds_mounts.add(path)
-                if path in self.holds_open_mounts:
-                    continue
-                if is_open is None:
-                    is_open = not m.sealed and getattr(fs.lstat(m.point), "kind", None) != "file"
-                if is_open:
+                if not m.sealed:
                     self.holds_open_mounts.add(path)
         self.scratch = self.resolve(_absolute(spec.scratch, "scratch"))
         # resolved now: the base view, planned first, must not mask them either
@@ -320,6 +315,8 @@ class _Planner:
                                 for path in spec.allow_sockets}
         self.host_sockets = None  # [real path], read on first use
         self.relative_sockets = False
+        self.write_roots = {self.resolve(_absolute(spec.home, "home")), "/var/tmp",
+                            self.resolve(_absolute(spec.cwd, "cwd"))}
         protect = {self.scratch}
         protect.update(self.resolve(_absolute(p, "state directory")) for p in spec.protect)
         protect = sorted(protect)
@@ -462,11 +459,13 @@ class _Planner:
     def bindable(self, path):
         """Whether directory ``path``, which holds mounts, can be one recursive
         read-only bind rather than split into its entries (one mount each): every
-        mount below it is sealed (a snap's squashfs) or a single file (a container's
-        /etc/resolv.conf), so a bind passes nothing on to the host that the
-        directory's own filesystem does not (its sockets are masked, as for every
-        bind), and nothing below is fresh or corral's own."""
+        mount below it is sealed (a snap's squashfs), so a bind passes nothing on to
+        the host that the directory's own filesystem does not (its sockets are
+        masked, as for every bind); nothing below is fresh or corral's own; and it
+        is not a directory the command is meant to write to (home, /var/tmp, the
+        working directory): those stay writable, split."""
         return (path != "/" and path not in self.holds_open_mounts
+                and path not in self.write_roots
                 and not any(_under(p, path) for p in FRESH + tuple(self.protect)))
 
     def ro_tree(self, path, st, create):
