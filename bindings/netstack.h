@@ -29,7 +29,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a signature or a struct below changes. */
-#define CORRAL_NET_ABI_VERSION 7
+#define CORRAL_NET_ABI_VERSION 8
 
 /* Status codes. */
 #define CORRAL_OK 0
@@ -53,14 +53,19 @@
 #define CORRAL_EV_NEW_FLOW 1    /* needs a verdict unless CORRAL_FLAG_DECIDED */
 #define CORRAL_EV_FLOW_CLOSED 2 /* exactly one per NEW_FLOW, same id */
 #define CORRAL_EV_DNS_QUERY 3   /* payload = one DNS message; answer with dns_reply */
-/* FLOW_DATA: a TCP flow answered PEEK or OBSERVE.  payload = the client's
- * first bytes (empty if none came within peek_timeout_ms); after PEEK it needs
- * the final verdict, after OBSERVE it is for information only. */
+/* FLOW_DATA: a TCP flow answered PEEK or OBSERVE.  After OBSERVE: one event,
+ * payload = the client's first read (empty if none came within peek_timeout_ms),
+ * for information only.  After PEEK: payload = the bytes read since the previous
+ * FLOW_DATA of the flow (see CORRAL_VERDICT_PEEK); each needs an answer. */
 #define CORRAL_EV_FLOW_DATA 4
 
 /* Event flags. */
 #define CORRAL_FLAG_DECIDED 1 /* NEW_FLOW that needs no verdict (see reason) */
 #define CORRAL_FLAG_INBOUND 2 /* flow into the sandbox through a publish */
+/* FLOW_DATA after PEEK: no more bytes will be read before the final verdict:
+ * peek_timeout_ms passed since the first byte, 16 KiB are buffered, or the
+ * client closed its side (reason CORRAL_REASON_EOF). */
+#define CORRAL_FLAG_LAST 4
 
 /* Close reasons (also the reason of a DECIDED NEW_FLOW). */
 #define CORRAL_REASON_NONE 0
@@ -85,10 +90,16 @@
 /* PEEK (TCP; UDP/ICMP take it as ALLOW): decide on the client's first bytes.
  * The stack dials the destination (dial_* apply) so that a refused or
  * unreachable upstream still fails the client's connect(); it then completes
- * the client's handshake, reads once (at most 16 KiB, at most peek_timeout_ms)
- * and queues FLOW_DATA with those bytes.  Nothing reaches the upstream before
- * the final verdict: ALLOW writes the bytes upstream and splices, DENY resets
- * the client and closes the upstream; none within policy_timeout_ms = deny. */
+ * the client's handshake, lets the server's bytes through to the client (a
+ * server-first protocol is not held up) and reads the client's: each read is
+ * one FLOW_DATA carrying the bytes that came since the previous one.  Answer
+ * a FLOW_DATA with PEEK to read on (no complete first message yet), or with
+ * the final verdict.  Bounds: at most 16 KiB in all, and peek_timeout_ms from
+ * the first byte; when either runs out, or the client closes its side, the
+ * FLOW_DATA carries CORRAL_FLAG_LAST and PEEK to it is a deny.  No client byte
+ * reaches the upstream before the final verdict: ALLOW writes every byte read
+ * upstream, in order, and splices, DENY resets both sides; no answer within
+ * policy_timeout_ms = deny. */
 #define CORRAL_VERDICT_PEEK 2
 /* OBSERVE (TCP; UDP/ICMP take it as ALLOW): allow now, and report the client's
  * first bytes without waiting for anything: the stack dials and splices as for
@@ -109,7 +120,9 @@ typedef struct corral_config {
     uint32_t max_pending;         /* 0 = 256 decisions in flight; more = deny */
     uint32_t udp_idle_timeout_ms; /* 0 = 60000 (UDP and ICMP flows) */
     uint32_t dial_timeout_ms;     /* 0 = 10000; upstream connect timeout */
-    uint32_t peek_timeout_ms;     /* 0 = 300; PEEK: wait for the client's first bytes */
+    uint32_t peek_timeout_ms;     /* 0 = 300; PEEK: the first message is complete within
+                                     this long of its first byte; OBSERVE: an empty
+                                     FLOW_DATA after this long without bytes */
     uint32_t flags;               /* CORRAL_CONFIG_* */
     int32_t pcap_fd;              /* CORRAL_CONFIG_PCAP: pcap file (libpcap 2.4, ethernet,
                                      both directions, both modes); Go dups it, the

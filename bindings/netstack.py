@@ -39,6 +39,7 @@ REASONS = {
 }
 FLAG_DECIDED = lib.CORRAL_FLAG_DECIDED
 FLAG_INBOUND = lib.CORRAL_FLAG_INBOUND
+FLAG_LAST = lib.CORRAL_FLAG_LAST
 # Large enough for one frame at the maximum MTU plus its ethernet header.
 MAX_FRAME = 65520 + 14
 

@@ -17,33 +17,38 @@ import (
 	"unsafe"
 )
 
-// The Go constants must agree with the header.  These fail to compile
-// (constant overflow of a uint8) if any pair drifts apart.
+// The constants shared with Python are the header's own values (cgo
+// untyped constants), so they cannot drift apart; header_test.go checks that
+// every constant the header defines for events and verdicts is bound here.
 const (
-	_ = uint8(EvNewFlow - C.CORRAL_EV_NEW_FLOW)
-	_ = uint8(C.CORRAL_EV_NEW_FLOW - EvNewFlow)
-	_ = uint8(EvFlowClosed - C.CORRAL_EV_FLOW_CLOSED)
-	_ = uint8(C.CORRAL_EV_FLOW_CLOSED - EvFlowClosed)
-	_ = uint8(EvDNSQuery - C.CORRAL_EV_DNS_QUERY)
-	_ = uint8(C.CORRAL_EV_DNS_QUERY - EvDNSQuery)
-	_ = uint8(EvFlowData - C.CORRAL_EV_FLOW_DATA)
-	_ = uint8(C.CORRAL_EV_FLOW_DATA - EvFlowData)
-	_ = uint8(FlagDecided - C.CORRAL_FLAG_DECIDED)
-	_ = uint8(C.CORRAL_FLAG_DECIDED - FlagDecided)
-	_ = uint8(FlagInbound - C.CORRAL_FLAG_INBOUND)
-	_ = uint8(C.CORRAL_FLAG_INBOUND - FlagInbound)
-	_ = uint8(ProtoTCP - C.CORRAL_PROTO_TCP)
-	_ = uint8(C.CORRAL_PROTO_TCP - ProtoTCP)
-	_ = uint8(ProtoUDP - C.CORRAL_PROTO_UDP)
-	_ = uint8(C.CORRAL_PROTO_UDP - ProtoUDP)
-	_ = uint8(ProtoICMP - C.CORRAL_PROTO_ICMP)
-	_ = uint8(C.CORRAL_PROTO_ICMP - ProtoICMP)
-	_ = uint8(ReasonDialTimeout - C.CORRAL_REASON_DIAL_TIMEOUT)
-	_ = uint8(C.CORRAL_REASON_DIAL_TIMEOUT - ReasonDialTimeout)
-	_ = uint8(ReasonShutdown - C.CORRAL_REASON_SHUTDOWN)
-	_ = uint8(C.CORRAL_REASON_SHUTDOWN - ReasonShutdown)
-	_ = uint8(ReasonPolicyTimeout - C.CORRAL_REASON_POLICY_TIMEOUT)
-	_ = uint8(C.CORRAL_REASON_POLICY_TIMEOUT - ReasonPolicyTimeout)
+	EvNewFlow    = C.CORRAL_EV_NEW_FLOW
+	EvFlowClosed = C.CORRAL_EV_FLOW_CLOSED
+	EvDNSQuery   = C.CORRAL_EV_DNS_QUERY
+	EvFlowData   = C.CORRAL_EV_FLOW_DATA
+
+	FlagDecided = C.CORRAL_FLAG_DECIDED
+	FlagInbound = C.CORRAL_FLAG_INBOUND
+	FlagLast    = C.CORRAL_FLAG_LAST
+
+	ProtoICMP = C.CORRAL_PROTO_ICMP
+	ProtoTCP  = C.CORRAL_PROTO_TCP
+	ProtoUDP  = C.CORRAL_PROTO_UDP
+
+	ReasonNone          = C.CORRAL_REASON_NONE
+	ReasonEOF           = C.CORRAL_REASON_EOF
+	ReasonReset         = C.CORRAL_REASON_RESET
+	ReasonDenied        = C.CORRAL_REASON_DENIED
+	ReasonRefused       = C.CORRAL_REASON_REFUSED
+	ReasonUnreachable   = C.CORRAL_REASON_UNREACHABLE
+	ReasonPolicyTimeout = C.CORRAL_REASON_POLICY_TIMEOUT
+	ReasonIdle          = C.CORRAL_REASON_IDLE
+	ReasonOverload      = C.CORRAL_REASON_OVERLOAD
+	ReasonShutdown      = C.CORRAL_REASON_SHUTDOWN
+	ReasonError         = C.CORRAL_REASON_ERROR
+	ReasonDialTimeout   = C.CORRAL_REASON_DIAL_TIMEOUT
+
+	ModeDirect Mode = C.CORRAL_MODE_DIRECT
+	ModePump   Mode = C.CORRAL_MODE_PUMP
 )
 
 var errNoSpace = errors.New("buffer too small")

@@ -7,35 +7,6 @@ import (
 	"time"
 )
 
-// Event kinds, flags, protocols and reasons: the values of netstack.h
-// (capi.go checks at compile time that they agree).
-const (
-	EvNewFlow    = 1
-	EvFlowClosed = 2
-	EvDNSQuery   = 3
-	EvFlowData   = 4
-
-	FlagDecided = 1
-	FlagInbound = 2
-
-	ProtoICMP = 1
-	ProtoTCP  = 6
-	ProtoUDP  = 17
-
-	ReasonNone          = 0
-	ReasonEOF           = 1
-	ReasonReset         = 2
-	ReasonDenied        = 3
-	ReasonRefused       = 4
-	ReasonUnreachable   = 5
-	ReasonPolicyTimeout = 6
-	ReasonIdle          = 7
-	ReasonOverload      = 8
-	ReasonShutdown      = 9
-	ReasonError         = 10
-	ReasonDialTimeout   = 11
-)
-
 // Event is one record for Python.
 type Event struct {
 	ID       uint64

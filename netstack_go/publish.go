@@ -87,7 +87,7 @@ func (st *Stack) publishedTCP(hc *net.TCPConn, to tcpip.FullAddress) {
 	}
 	// gonet hides the endpoint, so a reset from the host client reaches the
 	// sandbox as a close; the other direction keeps full RST semantics.
-	st.splice(f, func() { sc.Close() }, sc, hc, nil)
+	st.splice(f, func() { sc.Close() }, sc, hc, nil, nil)
 }
 
 // servePublishedUDP maps each host client address to its own connected

@@ -26,15 +26,11 @@ import (
 	"gvisor.dev/gvisor/pkg/tcpip/transport/udp"
 )
 
-// Mode selects who moves frames between the TAP device and the stack.
+// Mode selects who moves frames between the TAP device and the stack
+// (values in capi.go): ModeDirect, Go reads and writes the TAP fd (tap.go;
+// IFF_VNET_HDR required); ModePump, the caller injects inbound frames and
+// reads outbound ones.
 type Mode int
-
-const (
-	// ModeDirect: Go reads and writes the TAP fd (tap.go; IFF_VNET_HDR required).
-	ModeDirect Mode = 0
-	// ModePump: the caller injects inbound frames and reads outbound ones.
-	ModePump Mode = 1
-)
 
 // The sandbox side of the link (DESIGN §4).  The stack owns the gateway and
 // the DNS address; everything else is reached through promiscuous mode.
@@ -465,6 +461,7 @@ type Verdict struct {
 	Allow bool
 	// Peek (with Allow) defers the decision of a TCP flow to its first
 	// bytes: see handleTCP.  UDP and ICMP flows take it as a plain allow.
+	// As the answer to a FLOW_DATA it asks for more bytes (peekAndAsk).
 	Peek bool
 	// Observe (with Allow) lets a TCP flow through at once and reports its
 	// first bytes (FLOW_DATA) without waiting: see splice.

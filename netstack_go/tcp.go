@@ -98,7 +98,8 @@ func endpointAddrs(id stack.TransportEndpointID) (src, dst netip.AddrPort) {
 // Order: verdict, then dial, then handshake: the sandbox's connect()
 // succeeds only when the real destination accepted.  A PEEK verdict defers
 // the decision to the client's first bytes (TLS SNI, HTTP Host): dial and
-// handshake as for an allow, then peekAndAsk before any byte moves.
+// handshake as for an allow, then peekAndAsk before any client byte moves
+// upstream.
 func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	id := r.ID()
 	defer st.takeSyn(id)
@@ -154,20 +155,15 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	r.Complete(false)
 	sb := gonet.NewTCPConn(&wq, ep)
 	tc := hc.(*net.TCPConn)
-	if v.Peek {
-		if reason := st.peekAndAsk(f, sb, tc); reason != ReasonNone {
-			ep.Abort() // RST to the client
-			_ = tc.SetLinger(0)
-			tc.Close()
-			f.finish(st, reason)
-			return
-		}
-	}
 	var first *firstBytes
 	if v.Observe {
 		first = st.observeFirst(f)
 	}
-	st.splice(f, ep.Abort, sb, tc, first)
+	var hold func() int32
+	if v.Peek {
+		hold = func() int32 { return st.peekAndAsk(f, sb, tc) }
+	}
+	st.splice(f, ep.Abort, sb, tc, first, hold)
 }
 
 // firstBytes reports an observed flow's first client bytes once, as a
@@ -183,7 +179,9 @@ type firstBytes struct {
 
 func (st *Stack) observeFirst(f *flow) *firstBytes {
 	fb := &firstBytes{st: st, f: f}
-	fb.timer = time.AfterFunc(st.cfg.PeekTimeout, func() { fb.report(nil) })
+	// The timer's func never touches fb.timer: it may fire before the
+	// assignment below is visible to it.
+	fb.timer = time.AfterFunc(st.cfg.PeekTimeout, func() { fb.queue(nil) })
 	return fb
 }
 
@@ -193,41 +191,96 @@ func (fb *firstBytes) report(b []byte) {
 	if fb == nil {
 		return
 	}
+	fb.timer.Stop()
+	fb.queue(b)
+}
+
+func (fb *firstBytes) queue(b []byte) {
 	fb.once.Do(func() {
-		fb.timer.Stop()
 		b = b[:min(len(b), peekMax)]
 		fb.f.data(fb.st, append([]byte(nil), b...))
 	})
 }
 
 // peekMax is the most a peek reads: the sniffer's budget (a ClientHello or
-// request head that does not fit claims no name).
+// request head that does not fit claims no complete name).
 const peekMax = 16 << 10
 
-// peekAndAsk reads the client's first bytes (one read, at most peekMax,
-// waiting at most PeekTimeout: nothing by then is an empty FLOW_DATA),
-// queues FLOW_DATA and waits for the final verdict (policy timeout = deny).
-// Allowed: the bytes are written upstream and ReasonNone is returned;
-// otherwise the reason to close the flow with.
-func (st *Stack) peekAndAsk(f *flow, sb *gonet.TCPConn, hc *net.TCPConn) int32 {
-	buf := make([]byte, peekMax)
-	_ = sb.SetReadDeadline(time.Now().Add(st.cfg.PeekTimeout))
-	n, err := sb.Read(buf)
-	_ = sb.SetReadDeadline(time.Time{})
-	if err != nil && err != io.EOF && !isTimeout(err) {
-		return ReasonReset // the client reset the connection
+// peekAndAsk reads the client's first bytes until the supervisor has what it
+// needs to decide: each read becomes one FLOW_DATA with the bytes that came
+// since the previous one, and the supervisor answers PEEK to read on (a
+// ClientHello or request head split across segments, records or pauses) or
+// with the final verdict.  Meanwhile the server's bytes flow to the client
+// (splice), so a protocol where the server speaks first is not held up;
+// the client's bytes wait.  Bounds: peekMax bytes in all and PeekTimeout
+// from the first byte; when one runs out or the client closes its side,
+// the last FLOW_DATA carries FlagLast and a PEEK answer to it is a deny.
+// Nothing is written upstream before the final allow; then every byte read
+// is, in order, and ReasonNone is returned; otherwise the reason to close.
+func (st *Stack) peekAndAsk(f *flow, sb deadlineReader, hc io.Writer) int32 {
+	buf := make([]byte, 0, peekMax)
+	defer func() { _ = sb.SetReadDeadline(time.Time{}) }()
+	timed := false
+	for {
+		start := len(buf)
+		last, eof := len(buf) == cap(buf), false
+		if !last {
+			n, err := sb.Read(buf[start:cap(buf)])
+			buf = buf[:start+n]
+			if n > 0 && !timed {
+				timed = true
+				_ = sb.SetReadDeadline(time.Now().Add(st.cfg.PeekTimeout))
+			}
+			switch {
+			case err == io.EOF:
+				last, eof = true, true
+			case isTimeout(err):
+				last = true
+			case err != nil && st.ctx.Err() != nil:
+				return ReasonShutdown
+			case err != nil:
+				return ReasonReset // the client reset the connection
+			}
+			last = last || len(buf) == cap(buf)
+		}
+		chunk := buf[start:len(buf):len(buf)]
+		v, err := st.ask(f, func() { f.peeked(st, chunk, last, eof) })
+		if err != nil {
+			return reasonFor(err)
+		}
+		if !v.Peek {
+			break
+		}
+		if last {
+			return ReasonDenied // asked for more than the bounds give
+		}
 	}
-	first := buf[:n:n]
-	if _, err := st.ask(f, func() { f.data(st, first) }); err != nil {
-		return reasonFor(err)
-	}
-	if n > 0 {
-		if _, err := hc.Write(first); err != nil {
+	if len(buf) > 0 {
+		if _, err := hc.Write(buf); err != nil {
 			return ReasonReset
 		}
-		f.bytesOut.Add(uint64(n))
+		f.bytesOut.Add(uint64(len(buf)))
 	}
 	return ReasonNone
+}
+
+// deadlineReader is the client side as peekAndAsk uses it (a gonet.TCPConn).
+type deadlineReader interface {
+	io.Reader
+	SetReadDeadline(time.Time) error
+}
+
+// peeked queues the FLOW_DATA of one peek read (see peekAndAsk).
+func (f *flow) peeked(st *Stack, chunk []byte, last, eof bool) {
+	ev := f.event(EvFlowData)
+	ev.Payload = chunk
+	if last {
+		ev.Flags |= FlagLast
+	}
+	if eof {
+		ev.Reason = ReasonEOF
+	}
+	st.events.push(ev)
 }
 
 func classifyDialError(err error) int32 {
@@ -251,7 +304,11 @@ func classifyDialError(err error) int32 {
 // aborts both (RST to each peer).
 //
 // first (nil unless the flow is observed) is given the client's first bytes.
-func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net.TCPConn, first *firstBytes) {
+// hold (nil unless the flow is peeked) runs before anything moves upstream
+// (the downstream half already copies): a reason other than ReasonNone
+// aborts the flow with that reason.
+func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net.TCPConn, first *firstBytes,
+	hold func() int32) {
 	var once sync.Once
 	abort := func() {
 		once.Do(func() {
@@ -263,34 +320,45 @@ func (st *Stack) splice(f *flow, abortSandbox func(), sb *gonet.TCPConn, hc *net
 	stop := context.AfterFunc(st.ctx, abort)
 	defer stop()
 
-	upErr := make(chan error, 1)
+	downErr := make(chan error, 1)
 	go func() {
-		err := copyHalf(hc, sb, &f.bytesOut, first)
-		first.report(nil) // the client closed without sending
+		err := copyHalf(sb, hc, &f.bytesIn, nil)
 		if err == nil {
-			err = hc.CloseWrite()
+			err = sb.CloseWrite()
 		}
 		if err != nil {
 			abort()
 		}
-		upErr <- err
+		downErr <- err
 	}()
-	downErr := copyHalf(sb, hc, &f.bytesIn, nil)
-	if downErr == nil {
-		downErr = sb.CloseWrite()
+	reason := int32(ReasonNone)
+	if hold != nil {
+		reason = hold()
 	}
-	if downErr != nil {
+	var uErr error
+	if reason == ReasonNone {
+		uErr = copyHalf(hc, sb, &f.bytesOut, first)
+		first.report(nil) // the client closed without sending
+		if uErr == nil {
+			uErr = hc.CloseWrite()
+		}
+		if uErr != nil {
+			abort()
+		}
+	} else {
 		abort()
 	}
-	uErr := <-upErr
+	dErr := <-downErr
 	sb.Close()
 	hc.Close()
-	reason := int32(ReasonEOF)
-	switch {
-	case st.ctx.Err() != nil:
-		reason = ReasonShutdown
-	case uErr != nil || downErr != nil:
-		reason = ReasonReset
+	if reason == ReasonNone {
+		reason = ReasonEOF
+		switch {
+		case st.ctx.Err() != nil:
+			reason = ReasonShutdown
+		case uErr != nil || dErr != nil:
+			reason = ReasonReset
+		}
 	}
 	f.finish(st, reason)
 }

@@ -318,11 +318,11 @@ class Sandbox:
 
 @contextlib.asynccontextmanager
 async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None,
-                       **options) -> AsyncIterator[Sandbox]:
+                       on_claim=None, **options) -> AsyncIterator[Sandbox]:
     """``async with corral.aio.open_sandbox(config) as box:`` — :func:`corral.open_sandbox`
     for asyncio. Leaving the block (normally, by an exception or by cancellation) kills
     whatever still runs inside before it returns."""
-    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet, on_claim=on_claim)
     bridge = await _Bridge.acquire()
     try:
         loop = asyncio.get_running_loop()
@@ -331,6 +331,7 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
 
         async def hold():
             async with api.open_sandbox(config, on_connect=_for_trio(bridge, on_connect),
+                                        on_claim=_for_trio(bridge, on_claim),
                                         on_dns=_for_trio(bridge, on_dns), on_packet=on_packet,
                                         **options) as box:
                 if not opened.done():
@@ -357,13 +358,13 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
 
 
 async def run(argv, *, config=None, capture_output: bool = False, input: bytes | None = None,
-              on_connect=None, on_dns=None, on_packet=None, **options) -> Result:
+              on_connect=None, on_dns=None, on_packet=None, on_claim=None, **options) -> Result:
     """:func:`corral.run` for asyncio: run ``argv`` in a sandbox, wait, return a ``Result``."""
     import subprocess
 
     pipe = subprocess.PIPE if capture_output else None
     async with open_sandbox(config, on_connect=on_connect, on_dns=on_dns, on_packet=on_packet,
-                            **options) as box:
+                            on_claim=on_claim, **options) as box:
         proc = await box.start(argv, stdin=subprocess.PIPE if input is not None else None,
                                stdout=pipe, stderr=pipe)
         out, err = await proc.communicate(input)

@@ -17,23 +17,28 @@ import signal
 import subprocess
 import sys
 
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import IO, Any
+
 import attrs
 import trio
 
+from . import _supervise
 from . import launch as _launch
 from .config import Config
 from .errors import ConfigError
-from .events import EventStream, JsonlSink, ListSink, SandboxExitEvent, SandboxStartEvent
+from .events import Event, EventStream, JsonlSink, ListSink, SandboxExitEvent, SandboxStartEvent
 from .launch import Result
+from .policy import ConnectRequest, DnsQuery, Verdict
 from .spawn import stage1
 
 log = logging.getLogger("corral.api")
 
 
-def _check_callbacks(on_connect, on_dns, on_packet):
+def _check_callbacks(on_connect, on_dns, on_packet, on_claim=None):
     from .policy import check_callbacks
 
-    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+    check_callbacks(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet, on_claim=on_claim)
 
 
 class _FirstPolicyError:
@@ -59,6 +64,8 @@ class _FirstPolicyError:
 
 
 def _config(config, options):
+    if config is not None and not isinstance(config, Config):
+        raise TypeError("config must be a corral.Config, not %s" % type(config).__name__)
     if config is None:
         return Config(**options)
     if options:
@@ -66,38 +73,72 @@ def _config(config, options):
     return config
 
 
+# ---------------------------------------------------------------- types
+
+Argv = Sequence["str | os.PathLike[str]"]
+StdioArg = int | IO[Any] | None  # None, subprocess.PIPE/DEVNULL, an fd or a file object
+OnConnect = Callable[[ConnectRequest], Awaitable[Verdict]]
+OnDns = Callable[[DnsQuery], Awaitable[Verdict]]
+OnPacket = Callable[[Any], bool]
+OnWarning = Callable[[str], None]
+
+
+def _check_argv(argv):
+    """``run("true")`` must not become argv ['t', 'r', 'u', 'e']."""
+    if isinstance(argv, (str, bytes, os.PathLike)):
+        raise TypeError("argv must be a list of strings such as [%r], not a %s. Fix: "
+                        "shlex.split() a command line" % (os.fsdecode(argv), type(argv).__name__))
+    try:
+        items = list(argv)
+    except TypeError:
+        raise TypeError("argv must be a list of strings, not %s" % type(argv).__name__) from None
+    for item in items:
+        if not isinstance(item, (str, os.PathLike)) or not isinstance(os.fspath(item), str):
+            raise TypeError("argv items must be str (or str paths), not %s: %r"
+                            % (type(item).__name__, item))
+    return items
+
+
 # ---------------------------------------------------------------- run
 
 
-def run(argv, *, config=None, capture_output=False, input=None, on_connect=None, on_dns=None,
-        on_packet=None, **options):
+def run(argv: Argv, *, config: Config | None = None, capture_output: bool = False,
+        input: bytes | None = None, on_connect: OnConnect | None = None,
+        on_dns: OnDns | None = None, on_packet: OnPacket | None = None,
+        on_claim: OnConnect | None = None, on_warning: OnWarning | None = None,
+        **options: Any) -> Result:
     """Run ``argv`` in a sandbox, wait, and return a :class:`Result`.
 
     Options are :class:`Config` fields (``allow=[...]``, ``rw=[...]``,
     ``net="none"``…) or a ready ``config``.  ``capture_output=True`` fills
     ``Result.stdout``/``stderr``; ``input`` (bytes) is fed to stdin.
+    ``on_warning(text)`` gets the one-line notices the CLI prints (a denied
+    destination and how to allow it, a plan notice); without it they are logged
+    on ``corral.api``.
     """
-    _check_callbacks(on_connect, on_dns, on_packet)
+    argv = _check_argv(argv)
+    _check_callbacks(on_connect, on_dns, on_packet, on_claim)
     config = _config(config, options)
-    callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet)
+    callbacks = dict(on_connect=on_connect, on_dns=on_dns, on_packet=on_packet, on_claim=on_claim)
     if (config.net != "filtered" and not capture_output and input is None and not config.monitor
             and not any(callbacks.values())
             and not (config.events or config.report or config.suggest or config.audit)):
-        return _launch.run_blocking(config, argv)
-    return trio.run(_run_async, config, argv, capture_output, input, callbacks)
+        return _launch.run_blocking(config, argv, on_warning=on_warning)
+    return trio.run(_run_async, config, argv, capture_output, input, callbacks, on_warning)
 
 
-def run_config(config, argv, *, on_warning=None, on_timeout=None):
+def run_config(config: Config, argv: Argv, *, on_warning: Callable[[str], None] | None = None,
+               on_timeout: Callable[[float], None] | None = None) -> Result:
     """What ``corral run`` calls for sandboxes with a userspace network.  As
     the process's own supervisor, it forwards signals to the sandbox."""
+    argv = _check_argv(argv)
     return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout, True)
 
 
 async def _run_async(config, argv, capture_output, input, callbacks, on_warning=None,
                      on_timeout=None, forward_signals=False):
     pipe = subprocess.PIPE if capture_output else None
-    async with open_sandbox(config, **callbacks) as box:
-        box._on_warning = on_warning
+    async with open_sandbox(config, on_warning=on_warning, **callbacks) as box:
         box._on_timeout = on_timeout
         with contextlib.ExitStack() as stack:
             if forward_signals:
@@ -108,8 +149,9 @@ async def _run_async(config, argv, capture_output, input, callbacks, on_warning=
                 if forward_signals:
                     nursery.start_soon(_forward_signals, receiver, proc)
                 out, err = await proc.communicate(input)
-                await proc.wait()
+                await proc._done.wait()
                 nursery.cancel_scope.cancel()
+        await proc.wait()  # outside the nursery: a SandboxError comes out as itself
     return attrs.evolve(proc.result, stdout=out, stderr=err, events=tuple(box.recorded_events),
                         report=box.report)
 
@@ -118,21 +160,22 @@ async def _forward_signals(receiver, proc):
     """SIGTERM, SIGHUP, SIGUSR1/2 go to the sandbox's pid 1, which passes them
     on; keyboard signals only when the terminal did not already deliver them
     to the command (see docs/design.md)."""
-    keyboard_direct = _launch.in_terminal_foreground()
     async for sig in receiver:
-        if sig in _launch.KEYBOARD_SIGNALS and keyboard_direct:
-            continue
-        proc.send_signal(sig)
+        proc._forward(sig)
 
 
 # ---------------------------------------------------------------- open_sandbox
 
 
 @contextlib.asynccontextmanager
-async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=None, **options):
+async def open_sandbox(config: Config | None = None, *, on_connect: OnConnect | None = None,
+                       on_dns: OnDns | None = None, on_packet: OnPacket | None = None,
+                       on_claim: OnConnect | None = None, on_warning: OnWarning | None = None,
+                       **options: Any) -> AsyncIterator["Sandbox"]:
     """``async with corral.open_sandbox(config) as box:`` — a sandbox whose
-    tasks live in this context; leaving it kills whatever still runs inside."""
-    _check_callbacks(on_connect, on_dns, on_packet)
+    tasks live in this context; leaving it kills whatever still runs inside.
+    ``on_warning(text)``: as for :func:`run`."""
+    _check_callbacks(on_connect, on_dns, on_packet, on_claim)
     try:
         trio.lowlevel.current_task()
     except RuntimeError:
@@ -142,7 +185,8 @@ async def open_sandbox(config=None, *, on_connect=None, on_dns=None, on_packet=N
     try:
         async with trio.open_nursery() as nursery:
             box = Sandbox(config, nursery, callbacks=dict(on_connect=on_connect, on_dns=on_dns,
-                                                          on_packet=on_packet))
+                                                          on_packet=on_packet, on_claim=on_claim))
+            box._on_warning = on_warning
             try:
                 yield box
             finally:
@@ -240,8 +284,13 @@ class Sandbox:
         state = "new" if self.process is None else repr(self.process)
         return "<Sandbox id=%s net=%s %s>" % (self.id, self.config.net, state)
 
-    async def start(self, argv, *, stdin=None, stdout=None, stderr=None):
-        """Start ``argv`` inside; return its :class:`Process` once it runs."""
+    async def start(self, argv: Argv, *, stdin: StdioArg = None, stdout: StdioArg = None,
+                    stderr: StdioArg = None) -> "Process":
+        """Start ``argv`` inside; return its :class:`Process` once it runs.
+        ``stdin``/``stdout``/``stderr`` as for :class:`subprocess.Popen`
+        (``None`` inherits ours; a regular file is relayed, see
+        docs/security.md)."""
+        argv = _check_argv(argv)
         if self.process is not None:
             raise ConfigError("this sandbox already runs a command; open another sandbox")
         if self.config.net == "filtered":
@@ -269,7 +318,7 @@ class Sandbox:
         await self._nursery.start(proc._supervise)
         return proc
 
-    async def events(self):
+    async def events(self) -> AsyncIterator[Event]:
         """Every event of this sandbox, from the first; ends when the sandbox
         ends (the same records ``--events`` writes)."""
         async for event in self.stream.subscribe(replay=True):
@@ -339,13 +388,12 @@ class Process:
         self._launch = prepared
         self._popen = None
         self._ctl = None
-        self.d_pid = None
+        self._relay = None
+        self._machine = None
         self.pid = None  # the command's pid as seen from the supervisor
         self.result = None
-        self._error = None
-        self._exit = None
+        self._error_exc = None
         self._done = trio.Event()
-        self._timed_out = None
         self.stdin = self.stdout = self.stderr = None
         self._status = _launch.StatusWriter(box.config.json_status_fd)
 
@@ -355,6 +403,11 @@ class Process:
         return "<Process pid=%s running>" % self.pid
 
     @property
+    def d_pid(self):
+        """The sandbox's pid 1, in the supervisor's pid namespace."""
+        return self._machine.d_pid if self._machine is not None else None
+
+    @property
     def returncode(self):
         return None if self.result is None else self.result.exit_code
 
@@ -362,7 +415,20 @@ class Process:
         # Popen runs here, in the main thread: PR_SET_PDEATHSIG fires when the
         # *thread* that forked the child exits, so a trio worker thread would
         # kill the sandbox when the thread cache retires it.
-        self._popen, self._ctl = _launch.exec_stage1(self._launch, (stdin, stdout, stderr))
+        stdio = (stdin, stdout, stderr)
+        self._relay = _launch.stdio_relay(tuple(_stdio_fd(v, fd) for fd, v in enumerate(stdio)))
+        try:
+            self._popen, self._ctl = _launch.exec_stage1(self._launch,
+                                                         self._relay.popen_stdio(stdio))
+        except BaseException:
+            self._relay.close()
+            raise
+        self._relay.spawned()
+        config = self._box.config
+        self._machine = _supervise.Supervision(
+            stage1_pid=self._popen.pid, now=trio.current_time(), timeout=config.timeout,
+            kill_grace=config.kill_grace, wait_go=bool(self._launch.spec.get("wait_go")),
+            keyboard_direct=_launch.in_terminal_foreground())
         for name in ("stdin", "stdout", "stderr"):
             stream = getattr(self._popen, name)
             if stream is not None:
@@ -372,64 +438,78 @@ class Process:
         self._ctl.setblocking(False)
 
     async def _supervise(self, task_status=trio.TASK_STATUS_IGNORED):
-        started = False
-        config = self._box.config
-        deadline = trio.current_time() + config.timeout if config.timeout else math.inf
-        kill_at = math.inf
+        """The trio driver of :class:`corral._supervise.Supervision`.  However
+        it ends — the command exits, the caller cancels, an exception — nothing
+        keeps running inside."""
+        started = failed = False
         try:
-            while True:
-                with trio.move_on_at(min(deadline, kill_at)):
-                    await trio.lowlevel.wait_readable(self._ctl)
-                now = trio.current_time()
-                if now >= kill_at:
-                    self._timed_out, kill_at = "kill", math.inf
-                    _launch._kill(self.d_pid, signal.SIGKILL)
-                    continue
-                if now >= deadline and self._timed_out is None and self.d_pid:
-                    self._timed_out, deadline = "term", math.inf
-                    kill_at = now + config.kill_grace
-                    if self._box._on_timeout:
-                        self._box._on_timeout(config.timeout)
-                    _launch._kill(self.d_pid, signal.SIGTERM)
-                    continue
-                try:
-                    message, fds = stage1.recv(self._ctl)
-                except BlockingIOError:
-                    continue
-                if message is None:
-                    break
-                if "d_pid" in message:
-                    self.d_pid = message["d_pid"]
-                elif "tap" in message:
-                    await self._start_network(fds[0])
-                    fds = fds[1:]
-                elif "ready" in message:
-                    if self._launch.spec.get("wait_go"):
-                        stage1.send(self._ctl, {"go": True})
-                elif "child" in message:
-                    self.pid = message.get("pid")
-                    self._status.write(**{"child-pid": self.pid})
-                    self._register()
-                    self._box.stream.emit(SandboxStartEvent(
-                        argv=self._launch.spec["argv"] or (), pid=self.pid, sandbox_id=self._box.id,
-                        mode="audit" if self._box.config.audit else "run",
-                        env_dropped=self._launch.env_dropped))
-                    started = True
-                    task_status.started()
-                elif "exit" in message:
-                    self._exit = message
-                elif "error" in message:
-                    self._error = message["error"]
-                for fd in fds:
-                    os.close(fd)
-            await self._wait_stage1()
+            try:
+                started = await self._drive(task_status)
+            except BaseException:
+                failed = True
+                self._carry_out(self._machine.teardown())
+                raise
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self._wait_stage1()
+                    await trio.to_thread.run_sync(self._relay.finish)
         finally:
             self._ctl.close()
             self._finish()
             self._done.set()
-            await self._box._end()
-            if not started:
+            with trio.CancelScope(shield=True):
+                await self._box._end()
+            if not started and not failed:
                 task_status.started()
+
+    async def _drive(self, task_status):
+        machine = self._machine
+        started = False
+        while not machine.finished:
+            timer = machine.next_timer()
+            with trio.move_on_at(math.inf if timer is None else timer):
+                await trio.lowlevel.wait_readable(self._ctl)
+            actions = []
+            try:
+                message, fds = stage1.recv(self._ctl)
+            except BlockingIOError:
+                pass
+            else:
+                actions += machine.received(message, fds)
+            actions += machine.tick(trio.current_time())
+            for action in actions:
+                if isinstance(action, _supervise.CommandStarted):
+                    self._command_started(action.pid)
+                    started = True
+                    task_status.started()
+                elif isinstance(action, _supervise.StartNetwork):
+                    await self._start_network(action.fd)
+                elif isinstance(action, _supervise.SendGo):
+                    stage1.send(self._ctl, {"go": True})
+                elif isinstance(action, _supervise.TimedOut):
+                    if self._box._on_timeout:
+                        self._box._on_timeout(action.seconds)
+                else:
+                    self._carry_out([action])
+        return started
+
+    @staticmethod
+    def _carry_out(actions):
+        for action in actions:
+            if isinstance(action, _supervise.Kill):
+                _supervise.kill(action.pid, action.sig)
+            elif isinstance(action, _supervise.CloseFds):
+                for fd in action.fds:
+                    os.close(fd)
+
+    def _command_started(self, pid):
+        self.pid = pid
+        self._status.write(**{"child-pid": pid})
+        self._register()
+        box = self._box
+        box.stream.emit(SandboxStartEvent(
+            argv=self._launch.spec["argv"] or (), pid=pid, sandbox_id=box.id,
+            mode="audit" if box.config.audit else "run", env_dropped=self._launch.env_dropped))
 
     def _register(self):
         """List the sandbox for `corral ps/logs/stop/exec`; its events.jsonl
@@ -462,17 +542,13 @@ class Process:
         self._popen.wait()
 
     def _finish(self):
-        if self._exit is None and self._error is not None:
-            exc = _launch.error_from(self._error)
-            self._status.write(**{"exit-code": exc.exit_code})
-            self.result = Result(exit_code=exc.exit_code, scratch=self._launch.scratch)
-            self._error_exc = exc
-        else:
-            self._error_exc = None
-            status = self._popen.returncode if self._popen.returncode is not None else 1
-            self.result = _launch._result(
-                self._exit, _exit_status(status), self._timed_out, self._launch, self._status
-            )
+        returncode = self._popen.returncode if self._popen.returncode is not None else 1
+        wait_status = -returncode if returncode < 0 else returncode << 8
+        outcome = self._machine.outcome(wait_status)
+        self._status.write(**{"exit-code": outcome.exit_code})
+        self._error_exc = outcome.error
+        self.result = Result(exit_code=outcome.exit_code, signal=outcome.signal,
+                             timed_out=outcome.timed_out, scratch=self._launch.scratch)
         try:
             if self._box.wants_report:
                 from .fs.changes import collect_changes
@@ -482,7 +558,7 @@ class Process:
         finally:
             _launch._cleanup_scratch(self._launch)
 
-    async def wait(self):
+    async def wait(self) -> int:
         """Wait for the command; return its exit code (128+N for signal N).
         Raises SandboxError when the sandbox could not be set up or the
         command could not be executed (``exit_code`` 127/126 then)."""
@@ -491,19 +567,26 @@ class Process:
             raise self._error_exc
         return self.result.exit_code
 
-    def send_signal(self, sig):
+    def send_signal(self, sig: int) -> None:
         """Signal the command (through pid 1, which forwards it)."""
         if self.d_pid is not None and self.result is None:
-            _launch._kill(self.d_pid, sig)
+            _supervise.kill(self.d_pid, sig)
 
-    def terminate(self):
+    def _forward(self, sig):
+        """A signal the supervisor received (``corral run``): as the
+        supervision core decides (keyboard signals the terminal already
+        delivered are not sent twice)."""
+        if self.result is None:
+            self._carry_out(self._machine.signalled(sig))
+
+    def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
 
-    def kill(self):
+    def kill(self) -> None:
         """Kill everything in the sandbox."""
         self.send_signal(signal.SIGKILL)
 
-    async def communicate(self, input=None):
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes | None, bytes | None]:
         """Feed ``input`` to stdin, read stdout/stderr to the end."""
         results = {}
 
@@ -532,23 +615,26 @@ class Process:
         return results.get("stdout"), results.get("stderr")
 
     async def _teardown(self):
-        if self.result is None and self.d_pid is not None:
-            _launch._kill(self.d_pid, signal.SIGKILL)
+        if self.result is None and self._machine is not None:
+            self._carry_out(self._machine.teardown())
         with trio.move_on_after(5):
             await self._done.wait()
 
 
-def _exit_status(returncode):
-    """Popen.returncode back to a wait status for launch._result."""
-    if returncode < 0:
-        return -returncode
-    return returncode << 8
+def _stdio_fd(value, default):
+    """The fd a Popen stdio argument hands the sandbox (None: a pipe or
+    /dev/null of our own, nothing to relay)."""
+    if value is None:
+        return default
+    if isinstance(value, int):
+        return value if value >= 0 else None  # PIPE, DEVNULL, STDOUT
+    return value.fileno()
 
 
 # ---------------------------------------------------------------- enter
 
 
-def enter(config=None, **options):
+def enter(config: Config | None = None, **options: Any) -> None:
     """Library mode: from here on this process runs inside a sandbox.
 
     The calling process forks before anything heavy is loaded: the original
@@ -566,11 +652,12 @@ def enter(config=None, **options):
                           "corral.open_sandbox() for a filtered network")
     prepared = _launch.prepare(config, [sys.executable])
     prepared.spec["argv"] = None
+    relay = _launch.stdio_relay()
     try:
-        pid, ctl = _launch.fork_stage1(prepared)
+        pid, ctl = _launch.fork_stage1(prepared, relay)
     except stage1.Entered:
         return  # we are E now
-    result = _launch.supervise_blocking(config, prepared, pid, ctl)
+    result = _launch.supervise_blocking(config, prepared, pid, ctl, relay=relay)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(result.exit_code)

@@ -122,7 +122,8 @@ def _add_sandbox_options(p):
                         help="read --allow rules from FILE, one per line, # comments (what "
                         "--suggest writes)")
     policy.add_argument("--policy", metavar="FILE.py",
-                        help="load async on_connect/on_dns and on_packet callbacks from FILE.py")
+                        help="load async on_connect/on_claim/on_dns and on_packet callbacks from "
+                        "FILE.py")
     policy.add_argument("--policy-timeout", type=float, default=2.0, metavar="SECONDS",
                         help="a callback slower than this is a deny (default 2)")
     out = p.add_argument_group("output")

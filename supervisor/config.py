@@ -180,10 +180,33 @@ def _positive_or_none(instance, attribute, value):
         raise ConfigError("%s must be a positive number of seconds, not %r" % (attribute.name, value))
 
 
-def _positive_number_or_none(instance, attribute, value):
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
-        raise ConfigError("%s (--%s) must be a positive number, not %r. Fix: give a limit above 0"
-                          % (attribute.name, attribute.name.replace("_", "-"), value))
+def _positive(what):
+    def check(instance, attribute, value):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not value > 0):
+            raise ConfigError("--%s %r: expected a positive %s"
+                              % (attribute.name.replace("_", "-"), value, what))
+
+    return check
+
+
+def _non_negative_seconds(instance, attribute, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise ConfigError("--%s %r: expected 0 or more seconds"
+                          % (attribute.name.replace("_", "-"), value))
+
+
+# Below this address-space limit even the dynamic loader cannot map libc and
+# the command dies with SIGSEGV before its first instruction (python3 needs ~16M).
+MIN_MEMORY = 16 << 20
+
+
+def _memory(value):
+    size = hardening.parse_size(value, "--memory")
+    if size is not None and size < MIN_MEMORY:
+        raise ConfigError("--memory %r: too small to start a program (the minimum is 16M). "
+                          "Fix: --memory 16M or more" % (value,))
+    return size
 
 
 def _env_items(instance, attribute, value):
@@ -257,11 +280,11 @@ class Config:
     hostname: str = attrs.field(default="corral")
     env: tuple = attrs.field(default=(), converter=_tuple_of_str, validator=_env_items)
     timeout: float | None = attrs.field(default=None, validator=_positive_or_none)
-    kill_grace: float = 2.0
+    kill_grace: float = attrs.field(default=2.0, validator=_non_negative_seconds)
     json_status_fd: int | None = None
     seccomp: str = attrs.field(default="default", validator=lambda i, a, v: hardening.check_seccomp(v))
     allow_nested: bool = False
-    memory: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_size(v, "--memory"))
+    memory: int | None = attrs.field(default=None, converter=_memory)
     tmp_size: int | None = attrs.field(default=1 << 30,
                                        converter=lambda v: hardening.parse_size(v, "--tmp-size"))
     pids: int | None = attrs.field(default=None, converter=lambda v: hardening.parse_count(v, "--pids"))
@@ -283,11 +306,13 @@ class Config:
     )
     events: str | None = None
     pcap: str | None = None  # pcap file of every frame of the sandbox's interface
-    max_conns: int | None = attrs.field(default=None, validator=_positive_or_none)  # open flows
-    max_rate: float | None = attrs.field(default=None, validator=_positive_or_none)  # new flows/s
+    max_conns: int | None = attrs.field(default=None, validator=_positive("number of open flows"))
+    max_rate: float | None = attrs.field(default=None, validator=_positive("number of new flows per second"))
     # DNS queries per second / at once (None: unlimited); defaults in supervisor/net/dns.py
-    max_dns_rate: float | None = attrs.field(default=200.0, validator=_positive_number_or_none)
-    max_dns_pending: int | None = attrs.field(default=64, validator=_positive_number_or_none)
+    max_dns_rate: float | None = attrs.field(default=200.0,
+                                             validator=_positive("number of DNS queries per second"))
+    max_dns_pending: int | None = attrs.field(default=64,
+                                              validator=_positive("number of pending DNS queries"))
     monitor: bool = False  # live view of the events (corral.events.monitor)
     report: str | None = None  # audit report (JSON) written at exit
     suggest: str | None = None  # suggested allowlist written at exit

@@ -9,6 +9,7 @@ imported, so ``corral run --net none`` starts fast.
 """
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -21,7 +22,8 @@ import time
 
 import attrs
 
-from . import hardening
+from . import _supervise, hardening
+from ._supervise import KEYBOARD_SIGNALS, SETUP_FAILED, error_from  # noqa: F401 (public here)
 from .errors import ConfigError, SandboxError
 from .spawn import stage1
 
@@ -32,8 +34,6 @@ log = logging.getLogger("corral.launch")
 TAP = {"name": "tap0", "mtu": 65520, "ipv4": "10.0.2.100/24", "gateway4": "10.0.2.2",
        "ipv6": "fd00::100/64", "gateway6": "fd00::2", "txqueuelen": 10000, "vnet_hdr": True}
 SANDBOX_RESOLV_CONF = "nameserver 10.0.2.3\noptions edns0 trust-ad\n"
-SETUP_FAILED = 125  # corral itself failed before the command ran (like docker run)
-KEYBOARD_SIGNALS = (signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH)
 
 
 @attrs.frozen(kw_only=True)
@@ -133,6 +133,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     cwd = os.path.realpath(config.cwd or os.getcwd())
     if not os.path.isdir(cwd):
         raise ConfigError("--cwd %s: no such directory" % cwd)
+    _check_status_fd(config.json_status_fd)
     harden = hardening.spec(config)  # may reject input: before anything is created
     keep = None
     if config.keep_changes:
@@ -220,6 +221,21 @@ def _state_root(notes):
     return place.path
 
 
+def _check_status_fd(fd):
+    """--json-status-fd must name an fd open for writing, checked before anything runs."""
+    if fd is None:
+        return
+    fix = "Fix: open it in the shell, e.g. corral run --json-status-fd 3 ... 3>status.jsonl"
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise ConfigError("--json-status-fd %r: expected a file descriptor number. %s" % (fd, fix))
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    except OSError:
+        raise ConfigError("--json-status-fd %d: not an open file descriptor. %s" % (fd, fix)) from None
+    if flags & os.O_ACCMODE == os.O_RDONLY:
+        raise ConfigError("--json-status-fd %d: open for reading only. %s" % (fd, fix))
+
+
 def _read(path):
     with open(path) as f:
         return f.read()
@@ -231,16 +247,19 @@ def can_fork():
     return threading.active_count() == 1 and "corral.bindings._netstack" not in sys.modules
 
 
-def fork_stage1(launch):
+def fork_stage1(launch, relay=None):
     """Start C as a fork of this process (only while :func:`can_fork`).
     Return (pid, ctl socket).  In library mode the child comes back out of
-    this call as E, raising :class:`corral.spawn.stage1.Entered`."""
+    this call as E, raising :class:`corral.spawn.stage1.Entered`.  ``relay``
+    (a :class:`corral._stdio.Relay`) puts its pipes on C's fds 0-2."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     stage1.passcred(ours)
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         ours.close()
+        if relay is not None:
+            relay.dup_into_child()
         stage1.stage1(theirs, launch.spec, parent)  # never returns, but in E
     theirs.close()
     return pid, ours
@@ -262,24 +281,6 @@ def exec_stage1(launch, stdio=(None, None, None)):
         theirs.close()
     stage1.send(ours, launch.spec)
     return proc, ours
-
-
-def error_from(report):
-    code = report.get("exit_code")
-    if code == 127 and report.get("step", "").startswith("exec: missing"):
-        # the command is there, its ELF loader or #! interpreter is not
-        return SandboxError(report["step"], report.get("errno"), exit_code=code,
-                            message="%s. Fix: %s" % (report.get("detail"), report.get("fix")))
-    if code in (126, 127):  # like a shell: "CMD: command not found"
-        return SandboxError(
-            "exec", report.get("errno"), exit_code=code,
-            message="%s: %s" % (report.get("detail"),
-                                "command not found" if code == 127 else "permission denied"),
-        )
-    return SandboxError(
-        report.get("step", "set-up"), report.get("errno"), report.get("fix"), report.get("detail"),
-        exit_code=code if code in (126, 127) else SETUP_FAILED,
-    )
 
 
 def in_terminal_foreground():
@@ -321,31 +322,64 @@ def run_blocking(config, argv, *, on_warning=None, on_timeout=None):
     for warning in launch.warnings:
         if on_warning:
             on_warning(warning)
-    if can_fork():
-        pid, ctl = fork_stage1(launch)
-    else:
-        popen, ctl = exec_stage1(launch)
-        pid = popen.pid
-    return supervise_blocking(config, launch, pid, ctl, on_timeout=on_timeout)
+    relay = stdio_relay()
+    try:
+        if can_fork():
+            pid, ctl = fork_stage1(launch, relay)
+        else:
+            popen, ctl = exec_stage1(launch, relay.popen_stdio((None, None, None)))
+            pid = popen.pid
+    except BaseException:
+        relay.close()
+        _cleanup_scratch(launch)
+        raise
+    return supervise_blocking(config, launch, pid, ctl, on_timeout=on_timeout, relay=relay)
 
 
-def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None):
+def stdio_relay(fds=(0, 1, 2)):
+    """The :class:`corral._stdio.Relay` standing in for these stdio fds where
+    they name reopenable objects (regular files…; docs/security.md)."""
+    from . import _stdio
+
+    return _stdio.Relay(fds)
+
+
+def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None):
     """Supervise a started stage-1 without trio: forward SIGTERM, SIGHUP,
     SIGUSR1, SIGUSR2 (and keyboard signals when they cannot reach the command
-    by themselves), enforce ``timeout``, return the :class:`Result`."""
+    by themselves), enforce ``timeout``, relay stdio, return the
+    :class:`Result`.  An exception (or a signal handler's) kills everything
+    inside before it propagates."""
     status = StatusWriter(config.json_status_fd)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stage1.FORWARDED}
     old_wakeup = signal.set_wakeup_fd(wake_w)
+    machine = _supervise.Supervision(
+        stage1_pid=pid, now=time.monotonic(), timeout=config.timeout,
+        kill_grace=config.kill_grace, keyboard_direct=in_terminal_foreground())
     registration = []  # the `corral ps` entry, once the command runs
+    wait_status = None
     try:
-        result = _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout,
-                                     registration)
+        if relay is not None:
+            relay.spawned()
+        try:
+            _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration,
+                            config.timeout)
+        except BaseException:
+            _carry_out(machine.teardown())
+            raise
+        finally:
+            _, wait_status = os.waitpid(pid, 0)
+            if relay is not None:
+                relay.finish()
+        outcome = machine.outcome(wait_status)
+        status.write(**{"exit-code": outcome.exit_code})
         for entry in registration:
-            entry.write_event({"type": "sandbox_exit", "exit_code": result.exit_code,
-                               "signal": result.signal, "sandbox_id": entry.id,
-                               "ts": time.time()})
-        return result
+            entry.write_event(exit_record(outcome.exit_code, outcome.signal, entry.id))
+        if outcome.error is not None:
+            raise outcome.error
+        return Result(exit_code=outcome.exit_code, signal=outcome.signal,
+                      timed_out=outcome.timed_out, scratch=launch.scratch)
     finally:
         for entry in registration:
             entry.close()
@@ -356,6 +390,45 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None):
         os.close(wake_r)
         os.close(wake_w)
         _cleanup_scratch(launch, background=can_fork())
+
+
+def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout):
+    """The select loop around :class:`corral._supervise.Supervision`."""
+    while not machine.finished:
+        timer = machine.next_timer()
+        wait = None if timer is None else max(0.0, timer - time.monotonic())
+        try:
+            ready, _, _ = select.select([ctl, wake_r], [], [], wait)
+        except InterruptedError:
+            continue
+        actions = []
+        if wake_r in ready:
+            for sig in os.read(wake_r, 64):
+                actions += machine.signalled(sig)
+        if ctl in ready:
+            message, fds = stage1.recv(ctl)
+            actions += machine.received(message, fds)
+        actions += machine.tick(time.monotonic())
+        for action in actions:
+            if isinstance(action, _supervise.CommandStarted):
+                status.write(**{"child-pid": action.pid})
+                registration.extend(_register(launch, machine.d_pid, action.pid))
+            elif isinstance(action, _supervise.TimedOut):
+                if on_timeout:
+                    on_timeout(timeout)
+            elif isinstance(action, _supervise.StartNetwork):
+                os.close(action.fd)  # no userspace network on this path
+            else:
+                _carry_out([action])
+
+
+def _carry_out(actions):
+    for action in actions:
+        if isinstance(action, _supervise.Kill):
+            _supervise.kill(action.pid, action.sig)
+        elif isinstance(action, _supervise.CloseFds):
+            for fd in action.fds:
+                os.close(fd)
 
 
 def _cleanup_scratch(launch, background=False):
@@ -467,65 +540,6 @@ def _remove_at(top_fd, top):
     return left
 
 
-def _supervise_blocking(config, launch, pid, ctl, wake_r, status, on_timeout, registration):
-    d_pid = None
-    exit_report = error = None
-    timed_out = None
-    deadline = time.monotonic() + config.timeout if config.timeout else None
-    kill_at = None
-    keyboard_direct = in_terminal_foreground()
-    while True:
-        timeout = None
-        now = time.monotonic()
-        if kill_at is not None:
-            timeout = max(0.0, kill_at - now)
-        elif deadline is not None:
-            timeout = max(0.0, deadline - now)
-        try:
-            ready, _, _ = select.select([ctl, wake_r], [], [], timeout)
-        except InterruptedError:
-            continue
-        if wake_r in ready:
-            for sig in os.read(wake_r, 64):
-                if sig in KEYBOARD_SIGNALS and keyboard_direct:
-                    continue
-                if d_pid is not None:
-                    _kill(d_pid, sig)
-        if ctl in ready:
-            message, fds = stage1.recv(ctl)
-            for fd in fds:
-                os.close(fd)
-            if message is None:
-                break
-            if "d_pid" in message:
-                d_pid = message["d_pid"]
-            elif "child" in message:
-                child = message.get("pid")
-                status.write(**{"child-pid": child})
-                registration.extend(_register(launch, d_pid, child))
-            elif "exit" in message:
-                exit_report = message
-            elif "error" in message:
-                error = message["error"]
-        now = time.monotonic()
-        if deadline is not None and timed_out is None and now >= deadline and d_pid:
-            timed_out = "term"
-            if on_timeout:
-                on_timeout(config.timeout)
-            _kill(d_pid, signal.SIGTERM)
-            kill_at = now + config.kill_grace
-        elif kill_at is not None and now >= kill_at:
-            timed_out = "kill"
-            kill_at = None
-            _kill(d_pid, signal.SIGKILL)
-    _, wait_status = os.waitpid(pid, 0)
-    if error is not None and exit_report is None:
-        exc = error_from(error)
-        status.write(**{"exit-code": exc.exit_code})
-        raise exc
-    return _result(exit_report, wait_status, timed_out, launch, status)
-
-
 def _register(launch, d_pid, child):
     """Register the running sandbox for `corral ps/logs/stop/exec` (no
     events stream here: the start and exit records are written directly)."""
@@ -535,32 +549,20 @@ def _register(launch, d_pid, child):
                                    command_pid=child)
     if entry is None:
         return []
-    entry.write_event({"type": "sandbox_start", "argv": launch.spec["argv"] or [], "pid": child,
-                       "sandbox_id": entry.id, "mode": "run", "env_dropped": list(launch.env_dropped),
-                       "ts": time.time()})
+    entry.write_event(start_record(launch.spec["argv"], child, entry.id,
+                                   env_dropped=launch.env_dropped))
     return [entry]
 
 
-def _result(exit_report, wait_status, timed_out, launch, status):
-    if timed_out == "kill":
-        code, sig = 128 + signal.SIGKILL, signal.SIGKILL
-    elif timed_out == "term":
-        code, sig = 124, (exit_report or {}).get("signal")
-    elif exit_report is not None:
-        code, sig = exit_report["exit"], exit_report.get("signal")
-    else:
-        # D vanished without a report: killed from outside.
-        code = os.waitstatus_to_exitcode(wait_status)
-        code, sig = (128 - code, -code) if code < 0 else (code, None)
-    status.write(**{"exit-code": code})
-    return Result(exit_code=code, signal=sig, timed_out=timed_out, scratch=launch.scratch)
+# The blocking path cannot import corral.events (trio, the policy package: tens of
+# ms of start-up); these are SandboxStartEvent/SandboxExitEvent's to_dict(), which
+# tests/test_supervise.py checks field for field.
+def start_record(argv, pid, sandbox_id, mode="run", env_dropped=()):
+    return {"type": "sandbox_start", "argv": list(argv or ()), "pid": pid,
+            "sandbox_id": sandbox_id, "mode": mode, "env_dropped": list(env_dropped),
+            "ts": time.time()}
 
 
-def _kill(pid, sig):
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            raise
+def exit_record(exit_code, sig, sandbox_id):
+    return {"type": "sandbox_exit", "exit_code": exit_code, "signal": sig,
+            "sandbox_id": sandbox_id, "ts": time.time()}

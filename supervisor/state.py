@@ -676,14 +676,20 @@ def exec_in(entry, argv, *, env=None, cwd=None):
         spec["cwd"] = cwd
     spec["tty"] = os.isatty(0)
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    # Regular files (and other reopenable objects) given as stdio go in as pipes, as
+    # for `corral run` (docs/security.md): the command cannot reopen them with more rights.
+    relay = launch.stdio_relay()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, enter.SIGNALS)
     try:
         try:
-            pid = _start_enter(entry.d_pid, spec, argv, err_r, err_w)
+            pid = _start_enter(entry.d_pid, spec, argv, err_r, err_w, relay)
         finally:
             os.close(err_w)
+        relay.spawned()
         code = _relay(pid)
+        relay.finish()
     finally:
+        relay.close()
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     with open(err_r, "rb") as f:
         report = f.read()
@@ -692,9 +698,10 @@ def exec_in(entry, argv, *, env=None, cwd=None):
     return code
 
 
-def _start_enter(d_pid, spec, argv, err_r, err_w):
+def _start_enter(d_pid, spec, argv, err_r, err_w, relay):
     """Start Y: a fork when this process is single-threaded without Go (setns
-    into a user namespace needs that), else a fresh interpreter."""
+    into a user namespace needs that), else a fresh interpreter; its stdio is
+    ``relay``'s pipes where ours are reopenable."""
     import sys
 
     from . import launch
@@ -705,6 +712,7 @@ def _start_enter(d_pid, spec, argv, err_r, err_w):
         pid = os.fork()
         if pid == 0:
             os.close(err_r)
+            relay.dup_into_child()
             enter.run(d_pid, spec, argv, err_w, parent)  # never returns
         return pid
     request = os.memfd_create("corral-exec")
@@ -716,7 +724,8 @@ def _start_enter(d_pid, spec, argv, err_r, err_w):
         return os.posix_spawn(
             sys.executable,
             [sys.executable, "-I", "-m", "corral.spawn.enter", str(request), str(err_w), str(parent)],
-            os.environ)
+            os.environ, file_actions=[(os.POSIX_SPAWN_DUP2, fd, index)
+                                      for index, fd in enumerate(relay.child_fds) if fd is not None])
     finally:
         os.close(request)
 

@@ -6,8 +6,12 @@ Runs each probe in order and prints one JSON list with one result per probe on s
 Stdlib only (it runs in the sandbox).  Every probe is bounded in time.
 
 ops:
-  tcp   connect to host:port; optionally send `send`, shut down our write side (`shut`),
-        then read until EOF.  Result: ok, data (text), elapsed, or error/errno/elapsed.
+  tcp   connect to host:port; optionally send `send` (or `pieces`, one write each, `pause`
+        seconds apart, after `pause_first`), shut down our write side (`shut`), then read
+        until EOF.  Result: ok, data (text), elapsed, or error/errno/elapsed.
+  tls   HTTPS GET of `path` from host:port naming `server_name`, with the real ClientHello
+        (Python's ssl) written in pieces: cut at the offsets in `split`, or one byte per
+        write (`bytewise`), `pause` seconds between pieces, after `pause_first`.
   udp   send `send` to host:port, wait up to `timeout` for one datagram back.
   sh    run `argv`; result: rc, out, err, elapsed.
   serve bind TCP `port` (all addresses) and answer `count` connections with `reply`
@@ -25,7 +29,23 @@ def _family(host):
     return socket.AF_INET6 if ":" in host else socket.AF_INET
 
 
-def tcp(host, port, send=None, shut=True, timeout=5.0, read=True):
+def _pieces(data, split=None, bytewise=False):
+    if bytewise:
+        return [data[i:i + 1] for i in range(len(data))]
+    cuts = [0] + [c for c in (split or []) if 0 < c < len(data)] + [len(data)]
+    return [data[a:b] for a, b in zip(cuts, cuts[1:])]
+
+
+def _send_pieces(s, pieces, pause=0.0, pause_first=0.0):
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # one segment per write
+    time.sleep(pause_first)
+    for i, piece in enumerate(pieces):
+        if i and pause:
+            time.sleep(pause)
+        s.sendall(piece)
+
+
+def tcp(host, port, send=None, shut=True, timeout=5.0, read=True, pieces=None, pause=0.0, pause_first=0.0):
     t = time.monotonic()
     s = socket.socket(_family(host), socket.SOCK_STREAM)
     s.settimeout(timeout)
@@ -33,8 +53,12 @@ def tcp(host, port, send=None, shut=True, timeout=5.0, read=True):
         s.connect((host, port))
         connected = time.monotonic() - t
         got = b""
-        if send is not None:
+        if pieces is not None:
+            _send_pieces(s, [p.encode() for p in pieces], pause, pause_first)
+            send = "".join(pieces)
+        elif send is not None:
             s.sendall(send.encode())
+        if send is not None:
             if shut:
                 s.shutdown(socket.SHUT_WR)
         if read:
@@ -47,6 +71,64 @@ def tcp(host, port, send=None, shut=True, timeout=5.0, read=True):
                 "elapsed": time.monotonic() - t, "local": list(s.getsockname()[:2])}
     except OSError as exc:
         return {"ok": False, "error": type(exc).__name__, "errno": exc.errno,
+                "elapsed": time.monotonic() - t}
+    finally:
+        s.close()
+
+
+def tls(host, port, server_name, path="/", cafile=None, split=None, bytewise=False, pause=0.0,
+        pause_first=0.0, timeout=5.0):
+    import ssl
+
+    t = time.monotonic()
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ssl.create_default_context(cafile=cafile).wrap_bio(inc, out, server_hostname=server_name)
+    s = socket.socket(_family(host), socket.SOCK_STREAM)
+    s.settimeout(timeout)
+
+    def receive():
+        data = s.recv(65536)
+        if not data:
+            raise ConnectionAbortedError("the server closed the connection")
+        inc.write(data)
+
+    try:
+        s.connect((host, port))
+        try:
+            obj.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        hello = out.read()
+        _send_pieces(s, _pieces(hello, split, bytewise), pause, pause_first)
+        while True:
+            try:
+                obj.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if out.pending:
+                    s.sendall(out.read())
+                receive()
+        obj.write(f"GET {path} HTTP/1.1\r\nHost: {server_name}\r\nConnection: close\r\n\r\n".encode())
+        s.sendall(out.read())
+        body = b""
+        while True:
+            try:
+                chunk = obj.read(65536)
+            except ssl.SSLWantReadError:
+                try:
+                    receive()
+                except ConnectionAbortedError:
+                    break
+                continue
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                break
+            if not chunk:
+                break
+            body += chunk
+        return {"ok": True, "data": body.decode("latin-1"), "hello_len": len(hello),
+                "elapsed": time.monotonic() - t}
+    except (OSError, ssl.SSLError) as exc:
+        return {"ok": False, "error": type(exc).__name__, "errno": getattr(exc, "errno", None),
                 "elapsed": time.monotonic() - t}
     finally:
         s.close()
@@ -98,7 +180,7 @@ def serve(port, reply="hello from inside\n", count=1, timeout=20.0):
     return {"ok": True, "served": peers}
 
 
-OPS = {"tcp": tcp, "udp": udp, "sh": sh, "serve": serve}
+OPS = {"tcp": tcp, "tls": tls, "udp": udp, "sh": sh, "serve": serve}
 
 
 def main():

@@ -370,5 +370,5 @@ def test_dns_limits_are_cli_options_and_config_fields_with_defaults():
                                                                           Config().max_dns_pending)
     assert Config(max_dns_rate=None, max_dns_pending=None).max_dns_rate is None  # API: no limit
     for bad in ({"max_dns_rate": 0}, {"max_dns_pending": -1}, {"max_dns_rate": "fast"}):
-        with pytest.raises(ConfigError, match="must be a positive number"):
+        with pytest.raises(ConfigError, match="expected a positive number"):
             Config(**bad)

@@ -85,3 +85,19 @@ def test_corral_run_prints_the_hint_and_quiet_silences_it(world):
     quiet = world.run(base[:4] + ["--quiet", "--"] + probe, capture_output=True, text=True,
                       timeout=60)
     assert "resolve failed" in quiet.stdout and "denied" not in quiet.stderr
+
+
+@pytest.mark.namespaces
+@pytest.mark.network
+def test_api_users_get_the_hint_through_on_warning(world):
+    """corral.run(..., on_warning=...) receives the same line the CLI prints."""
+    import sys
+
+    code = ("import corral, socket\nlines = []\n"
+            "r = corral.run(['python3', '-c', 'import socket\\ntry: socket.getaddrinfo(\"www.corral.test\", 80)\\n"
+            "except OSError: pass'], on_warning=lines.append)\n"
+            "print(r.exit_code); print(*lines, sep='\\n')")
+    out = world.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "denied DNS www.corral.test (no rule allows it) — allow with --allow www.corral.test" \
+        in out.stdout, out.stdout + out.stderr

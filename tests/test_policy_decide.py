@@ -273,7 +273,7 @@ def test_ordinary_addresses_are_not_always_denied(ip):
         ("127.0.0.1:8080", "::ffff:127.0.0.1", 8080, True),  # mapped is the v4 address
         ("127.0.0.1:8080", "::127.0.0.1", 8080, False),  # other spellings need their own rule
         ("127.0.0.1:8080", "64:ff9b::7f00:1", 8080, False),
-        ("64:ff9b::7f00:1", "64:ff9b::7f00:1", 8080, True),
+        ("[64:ff9b::7f00:1]", "64:ff9b::7f00:1", 8080, True),  # unbracketed: ambiguous
         ("::1", "::1", 22, True),
         ("fd00:ec2::254", "fd00:ec2::254", 80, True),
         ("fe80::/10", "fe80::1", 80, False),

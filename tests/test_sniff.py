@@ -220,7 +220,7 @@ def test_alert_record_inside_hello_is_malformed():
         (b"GET /simple/six/ HTTP/1.1\r\nHost: PyPI.Example.org\r\nAccept: */*\r\n\r\n", "pypi.example.org", "GET", "/simple/six/"),
         (b"POST /x HTTP/1.1\r\nhost:  files.example:8080 \r\n\r\nbody", "files.example", "POST", "/x"),
         (b"GET /stage2.sh HTTP/1.1\nHost: [2001:db8::1]:80\n\n", "2001:db8::1", "GET", "/stage2.sh"),
-        (b"GET http://proxy.example/a/b?c HTTP/1.1\r\nHost: other.example\r\n\r\n", "proxy.example", "GET", "/a/b?c"),
+        (b"GET http://proxy.example/a/b?c HTTP/1.1\r\nHost: Proxy.example:80\r\n\r\n", "proxy.example", "GET", "/a/b?c"),
         (b"CONNECT tunnel.example:443 HTTP/1.1\r\nHost: tunnel.example:443\r\n\r\n", "tunnel.example", "CONNECT", None),
         (b"GET / HTTP/1.0\r\n\r\n", None, "GET", "/"),
         (b"PROPFIND /dav HTTP/1.1\r\nHost: dav.example\r\n\r\n", "dav.example", "PROPFIND", "/dav"),
@@ -236,6 +236,8 @@ def test_http_host_method_path(request_bytes, name, method, path):
     "request_bytes,why",
     [
         (b"GET / HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\n\r\n", "two Host"),
+        # which of the two routes is up to the server: not one claim
+        (b"GET http://allowed.example/ HTTP/1.1\r\nHost: pastebin.test\r\n\r\n", "but its Host header names"),
         (b"GET / HTTP/1.1\r\nAccept: x\r\n\r\n", "without a Host"),
         (b"GET / HTTP/1.1\r\nHost: a.example\r\n folded\r\n\r\n", "folding"),
         (b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host"),
@@ -294,3 +296,12 @@ def test_default_budget_is_16k():
     assert DEFAULT_BUDGET == 16384
     with pytest.raises(ValueError):
         TlsSniffer(budget=10)
+
+
+def test_empty_lines_before_the_request_line_do_not_hide_the_host():
+    """Servers skip CRLFs before the request line (RFC 9112 2.2); a sniffer that calls
+    such a stream 'not HTTP' would let its Host dodge every name rule."""
+    data = b"\r\n\n\r\nGET /x HTTP/1.1\r\nHost: pastebin.test\r\n\r\n"
+    r = sniff(data)
+    assert (r.state, r.protocol, r.name, r.http_path) == (FOUND, "http", "pastebin.test", "/x")
+    assert feed_all(FlowSniffer(), every_byte(data)) == r

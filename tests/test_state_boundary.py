@@ -358,6 +358,25 @@ def test_exec_does_not_pass_the_callers_extra_fds(tmp_path, stop_all):
     assert out.stdout.split() == ["0", "1", "2", "3"], out  # 3: ls's own directory fd
 
 
+def test_exec_stdin_file_cannot_be_reopened_for_writing(tmp_path, stop_all):
+    """`corral exec ID -- CMD < file`: the command reads the file through a pipe; reopening
+    /proc/self/fd/0 for writing does not reach the host file (as for `corral run`)."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+    proc, row = start_victim(env, str(tmp_path), stop_all)
+    target = tmp_path / "host-file"
+    target.write_text("secret input\n")
+    attack = ("import sys\nprint(sys.stdin.read(), end='')\n"
+              "try:\n    open('/proc/self/fd/0', 'w').write('pwned')\n"
+              "except OSError as e:\n    print('refused', e.errno)\n")
+    with open(target) as stdin:
+        out = subprocess.run([PY, "-m", "corral", "exec", row["id"], "--", "python3", "-c", attack],
+                             env=env, stdin=stdin, capture_output=True, text=True, timeout=60)
+    assert target.read_text() == "secret input\n", out
+    assert out.stdout.startswith("secret input\n"), out
+
+
 def test_exec_has_the_namespaces_restrictions_and_limits_of_the_command(tmp_path, stop_all):
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)

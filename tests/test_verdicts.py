@@ -61,7 +61,7 @@ class _SyncCallable:
 
 @pytest.mark.parametrize("func", [_async_cb, functools.partial(_async_cb), _AsyncCallable()])
 def test_async_callbacks_are_accepted(func):
-    check_callbacks(on_connect=func, on_dns=func, on_packet=lambda pkt: True)
+    check_callbacks(on_connect=func, on_dns=func, on_claim=func, on_packet=lambda pkt: True)
 
 
 @pytest.mark.parametrize(("name", "func", "words"), [
@@ -73,6 +73,8 @@ def test_async_callbacks_are_accepted(func):
     ("on_dns", corral.ALLOW, "got Verdict"),
     ("on_packet", _async_cb, "not async def"),
     ("on_packet", 42, "got int"),
+    ("on_claim", _sync_cb, "async def on_claim"),
+    ("on_claim", "deny", "got str"),
 ])
 def test_callback_of_the_wrong_kind_is_refused(name, func, words):
     with pytest.raises(CallbackTypeError, match=words) as info:

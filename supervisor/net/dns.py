@@ -26,6 +26,8 @@ import trio
 from corral.errors import ConfigError
 from corral.events import DnsEvent, Event, LimitEvent, PolicyErrorEvent
 from corral.policy import (
+    ALLOW,
+    Decision,
     DnsQuery,
     NameTable,
     Policy,
@@ -43,6 +45,8 @@ __all__ = ["DnsService", "forward", "host_upstreams", "parse_dns_upstream", "par
 log = logging.getLogger("corral.dns")
 
 Upstream = tuple[str, int]
+# The rule of a query resolved only so that a connection callback decides its flows.
+RESOLVE_FOR_CALLBACK = "resolve-for-callback"
 _MAX_STRAY = 64  # datagrams with the wrong id tolerated per query before giving up
 
 # Defaults of --max-dns-rate / --max-dns-pending (docs/cli.md).  A package manager or a
@@ -201,6 +205,9 @@ class DnsService:
 
     ``emit`` receives one DnsEvent per query (plus a PolicyErrorEvent when ``on_dns``
     fails). ``on_dns`` is consulted only when no rule decided (``Decision.by_default``).
+    Without ``on_dns``, ``resolve_for_callbacks`` (an ``on_connect`` / ``on_claim`` callback
+    decides connections) resolves the names no rule decided, so that the callback sees
+    the connection with its name (rule ``resolve-for-callback``).
     ``policy`` may be replaced at any time. ``clock`` feeds the name table and the limits.
 
     Limits (None: none): beyond ``max_rate`` queries per second (a token bucket, burst
@@ -216,6 +223,7 @@ class DnsService:
     upstreams: list[Upstream]
     emit: Callable[[Event], None]
     on_dns: OnDns | None = None
+    resolve_for_callbacks: bool = False
     policy_timeout: float = 2.0
     upstream_timeout: float = 2.0
     deny_rcode: str = attrs.field(default="REFUSED", validator=attrs.validators.in_(("REFUSED", "NXDOMAIN")))
@@ -296,6 +304,8 @@ class DnsService:
         decision = decide_dns(self.policy, query)
         if decision.by_default and self.on_dns is not None:
             decision = await self._ask(query)
+        elif decision.by_default and self.resolve_for_callbacks and not decision.allowed:
+            decision = Decision(verdict=ALLOW, rule=RESOLVE_FOR_CALLBACK)
         if not decision.allowed:
             self.emit(DnsEvent.from_decision(query, decision, rcode=self.deny_rcode))
             return dnsmsg.build_response(q, self.deny_rcode)

@@ -35,8 +35,9 @@ class NetEvent:
     kind: ``"new_flow"`` (answer with a :class:`FlowVerdict` unless
     ``decided``), ``"flow_data"`` (a TCP flow answered with ``peek`` or
     ``observe``: the client's first bytes are in ``payload``, possibly empty;
-    after ``peek`` answer with the final allow or deny, after ``observe`` it
-    needs no answer), ``"flow_closed"`` (exactly one per ``new_flow``,
+    after ``peek`` answer ``peek`` to read on or with the final allow or deny,
+    after ``observe`` it needs no answer; ``last``: no more bytes will be
+    read, reason ``eof`` when the client closed), ``"flow_closed"`` (exactly one per ``new_flow``,
     same id) or ``"dns_query"`` (answer with :meth:`Netstack.dns_reply`).
     proto: ``"tcp"``, ``"udp"`` or ``"icmp"`` (for DNS: the transport).
     src/dst: ``(ip_address, port)``; for ICMP src port is the echo id.
@@ -53,6 +54,7 @@ class NetEvent:
     reason: str = "none"
     decided: bool = False
     inbound: bool = False
+    last: bool = False  # flow_data after peek: the last one (bounds ran out, or eof)
     bytes_out: int = 0  # sandbox -> world
     bytes_in: int = 0  # world -> sandbox
     duration: float = 0.0  # seconds, flow_closed only
@@ -76,9 +78,11 @@ class FlowVerdict:
 
     ``peek`` (with ``allow``, TCP only) defers the decision to the client's
     first bytes: the stack dials (so a refused upstream still fails the
-    client's connect()), completes the client's handshake, reads at most
-    16 KiB for at most ``peek_timeout`` and sends a ``flow_data`` event; the
-    flow then waits for the final verdict (bounded by the policy timeout).
+    client's connect()), completes the client's handshake and sends each read
+    as a ``flow_data`` event (the bytes since the previous one); the answer
+    to one is ``peek`` (read on) or the final verdict (bounded by the policy
+    timeout).  At most 16 KiB and ``peek_timeout`` in all: the ``flow_data``
+    after which no more comes has ``last`` set.
     UDP and ICMP flows take ``peek`` as a plain allow.
 
     ``observe`` (with ``allow``, TCP only) allows at once and still sends one
@@ -118,6 +122,7 @@ def _event(raw):
         reason=_b.REASONS.get(reason, str(reason)),
         decided=bool(flags & _b.FLAG_DECIDED),
         inbound=bool(flags & _b.FLAG_INBOUND),
+        last=bool(flags & _b.FLAG_LAST),
         bytes_out=bytes_out,
         bytes_in=bytes_in,
         duration=duration_ns / 1e9,

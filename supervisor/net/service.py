@@ -1,31 +1,23 @@
 """The sandbox's network, wired: netstack + policy + DNS + events (DESIGN §4–7).
 
 :func:`start` takes the TAP fd pid 1 sent over, opens the Go netstack on it
-(direct or pump data path), and runs one task that turns every stack event
-into a decision and an event record:
+(direct or pump data path), and runs one task that drives the flow state
+machine (``_flows.FlowMachine``: every decision, no I/O) with the stack's
+events and carries its actions out:
 
-    new_flow   -> ConnectRequest (names from the DNS table) -> decide_connect
-                  -> on_connect callback when no rule decided -> verdict batch
-    flow_data  -> (TCP flows answered "peek") the client's first bytes ->
-                  FlowSniffer: TLS SNI / HTTP Host -> decide_connect again
-                  -> on_connect when no rule decided -> final verdict
-    flow_closed -> CloseEvent
+    new_flow / flow_data / flow_closed -> FlowMachine -> verdicts (one batch
+        per wake-up), event records, callback tasks (on_connect, on_claim)
+        whose results go back into the machine
     dns_query  -> DnsService (policy, on_dns, forward upstream, learn names)
 
-Names claimed in the first bytes (docs/policy.md, "TLS SNI and HTTP Host"): a TCP
-flow that the static rules would allow, or that goes to on_connect or to the audit
-default, is read ahead.  When a claimed name could still deny it
-(``policy.claims_can_deny``: a deny rule on a name, or an allow by a domain rule)
-it is answered ``peek``: the stack dials the destination (a refused upstream
-still refuses the client at once), completes the client's handshake and reads its
-first bytes, at most 16 KiB and 300 ms (``PEEK_TIMEOUT``).  Those bytes are sniffed,
-the flow decided again with ``sni``/``http_host``, and only then does anything
-reach the destination.  Otherwise it is answered ``observe``: allowed at once, and
-the stack still reports the first bytes, so the ConnectEvent (emitted then) carries
-the names without the flow ever waiting for them.  A flow the rules deny is reset
-at once, never peeked.  Ports where the server speaks first (``SERVER_FIRST_PORTS``:
-the client sends nothing until it reads a greeting) are decided without a peek, so
-they never wait.
+Names claimed in the first bytes (docs/policy.md, "TLS SNI and HTTP Host"):
+a TCP flow whose verdict a claimed name could change is held (``peek``): the
+stack dials, completes the client's handshake and hands over what the client
+sends, read after read, while the machine answers ``more``, until the
+ClientHello or request head is complete; at most 16 KiB and ``PEEK_TIMEOUT``
+seconds, after which an incomplete first message is a deny
+(``claim-incomplete``).  Other TCP flows are observed: allowed at once, their
+first bytes only name the events.
 
 Callbacks run in their own tasks, so one slow callback never holds up other
 flows; the stack denies any flow whose verdict is later than the policy
@@ -45,45 +37,26 @@ import trio
 
 from .. import policy as pol
 from ..errors import ConfigError
-from ..events import CloseEvent, ConnectEvent, PolicyErrorEvent
+from . import _flows
 from . import dns as dnsmod
-from .sniff import FOUND, FlowSniffer
 
 if TYPE_CHECKING:
     from .netstack import Netstack
 
 log = logging.getLogger("corral.net")
 
-CALLBACK_NAMES = ("on_connect", "on_dns", "on_packet")
+CALLBACK_NAMES = ("on_connect", "on_claim", "on_dns", "on_packet")
 # The supervisor times a callback out at --policy-timeout (a deny with a
 # policy_error event); the stack's own deadline is a backstop a little later,
 # for a supervisor that cannot answer at all.
 STACK_TIMEOUT_GRACE = 0.25
 
-# How long the stack waits for a peeked flow's first bytes (seconds).
-PEEK_TIMEOUT = 0.3
-
-# Well-known ports whose protocols have the server speak first (FTP, SSH, Telnet,
-# SMTP, POP3, NNTP, IMAP, submission, MySQL, VNC): their clients send nothing before
-# a greeting, so a peek would only delay them by PEEK_TIMEOUT.  Not peeked: decided
-# by the rules (DNS names, addresses) alone.
-SERVER_FIRST_PORTS = frozenset({21, 22, 23, 25, 110, 119, 143, 587, 3306, 5900, 5901})
-
-# Close reasons of a flow the stack ended before the supervisor's verdict counted.
-_STACK_DENIALS = frozenset({"denied", "policy-timeout", "overload", "shutdown"})
-
-
-@attrs.define(eq=False)
-class _Flow:
-    """A flow between its new_flow and its flow_closed."""
-
-    req: pol.ConnectRequest
-    decision: pol.Decision | None = None  # the static (first) decision
-    http_method: str | None = None
-    http_path: str | None = None
-    reported: bool = False  # its ConnectEvent was emitted
-    asked: pol.Decision | None = None  # on_connect's allow, pending the first bytes
-    observed: bool = False  # allowed already; the first bytes only name it
+# The bound on reading a held flow's first message (seconds since the client's
+# handshake; 16 KiB is the other bound).  Real clients send their ClientHello or
+# request right after connect() returns; the bound only matters to a client
+# that pauses, which is then denied (claim-incomplete) if a name could matter.
+PEEK_TIMEOUT = 1.0
+SERVER_FIRST_PORTS = _flows.SERVER_FIRST_PORTS
 
 
 def build_policy(config):
@@ -103,12 +76,14 @@ def build_policy(config):
 
 
 def load_policy_file(path):
-    """``--policy FILE.py``: the module's on_connect / on_dns / on_packet."""
+    """``--policy FILE.py``: the module's on_connect / on_claim / on_dns / on_packet."""
     if not os.path.isfile(path):
         raise ConfigError("--policy %s: no such file. Fix: name a .py file defining "
-                          "async def on_connect(req) and/or async def on_dns(query)" % path)
+                          "async def on_connect(req), on_claim(req) and/or on_dns(query)" % path)
     try:
-        namespace = runpy.run_path(path)
+        namespace = _run_policy_file(path)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError("--policy %s: the file raised %s: %s" % (path, type(exc).__name__, exc)) from None
     found = {name: namespace.get(name) for name in CALLBACK_NAMES}
@@ -116,6 +91,35 @@ def load_policy_file(path):
         raise ConfigError("--policy %s defines none of %s" % (path, ", ".join(CALLBACK_NAMES)))
     pol.check_callbacks(**found, where="--policy %s" % path)
     return found
+
+
+class _PolicyExited(BaseException):
+    pass
+
+
+def _run_policy_file(path):
+    """runpy.run_path, except that a file exiting at import (sys.exit,
+    os._exit) is a policy error instead of corral ending silently.  The
+    limit: a policy file is code run with your rights, and os.kill, os.abort
+    or ctypes can still end corral (docs/policy.md)."""
+    import posix
+
+    real = os._exit
+
+    def refuse(code):
+        raise _PolicyExited("called os._exit(%r) at import" % (code,))
+
+    os._exit = posix._exit = refuse
+    try:
+        return runpy.run_path(path)
+    except SystemExit as exc:
+        raise ConfigError("--policy %s: the file called sys.exit(%r) at import. Fix: define "
+                          "the callbacks without exiting" % (path, exc.code)) from None
+    except _PolicyExited as exc:
+        raise ConfigError("--policy %s: the file %s. Fix: define the callbacks without exiting"
+                          % (path, exc)) from None
+    finally:
+        os._exit = posix._exit = real
 
 
 def parse_publish(text):
@@ -147,36 +151,34 @@ def parse_publish(text):
 
 @attrs.define(eq=False)
 class NetworkService:
-    """The running network of one sandbox."""
+    """The running network of one sandbox: a trio driver of the FlowMachine."""
 
     netstack: "Netstack"
-    policy: pol.Policy
+    machine: _flows.FlowMachine
     names: pol.NameTable
     dns: dnsmod.DnsService
     stream: object
     policy_timeout: float
-    on_connect: object = None
+    callbacks: dict = attrs.field(factory=dict)  # on_connect, on_claim
     on_packet: object = None
     tap_fd: int = -1  # pump mode: the TAP fd we move frames on (ours to close)
     pump: object = None  # pump mode: its counters
     published: list = attrs.field(factory=list)
-    _open: dict = attrs.field(factory=dict)  # flow id -> ConnectRequest
     _verdicts: list = attrs.field(factory=list)
+    _nursery: object = None
     _cancel: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     _done: trio.Event = attrs.field(factory=trio.Event)
     _running: bool = False
-    limits: object = None  # the Config: max_conns, max_rate
-    _tokens: float = float("inf")  # --max-rate bucket (starts full)
-    _tokens_at: float = 0.0
 
     def __repr__(self):
-        return "<NetworkService %s open=%d>" % (self.netstack.mode, len(self._open))
+        return "<NetworkService %s open=%d>" % (self.netstack.mode, len(self.machine))
 
     async def run(self, task_status=trio.TASK_STATUS_IGNORED):
         self._running = True
         try:
             with self._cancel:
                 async with trio.open_nursery() as nursery:
+                    self._nursery = nursery
                     if self.netstack.mode == "pump":
                         from .pump import run_pump
 
@@ -196,152 +198,57 @@ class NetworkService:
     def _handle(self, batch, nursery):
         now = trio.current_time()
         for ev in batch:
-            if ev.kind == "new_flow":
-                self._new_flow(ev, now, nursery)
-            elif ev.kind == "flow_data":
-                self._flow_data(ev)
-            elif ev.kind == "flow_closed":
-                self._closed(ev)
-            elif ev.kind == "dns_query":
+            if ev.kind == "dns_query":
                 nursery.start_soon(self._dns, ev)
+                continue
+            event = self._translate(ev, now)
+            if event is not None:
+                self._apply(self.machine.handle(event))
 
-    def _register(self, ev, now):
-        """A new_flow's record; None when the stack decided it alone."""
-        (src_ip, src_port), (dst_ip, dst_port) = ev.src, ev.dst
-        req = pol.ConnectRequest(
-            id=ev.id, proto=ev.proto, src_ip=src_ip, src_port=src_port, dst_ip=dst_ip,
-            dst_port=dst_port, names=self.names.names_for(dst_ip, now),
-        )
-        flow = self._open[ev.id] = _Flow(req=req)
-        if ev.decided:  # the stack decided alone (overload, inbound publish)
-            allowed = ev.inbound
-            verdict = pol.ALLOW if allowed else pol.deny(ev.reason)
-            rule = "publish" if ev.inbound else "stack:" + ev.reason
-            self._report(flow, pol.Decision(verdict=verdict, rule=rule))
-            return None
-        return flow
-
-    def _new_flow(self, ev, now, nursery):
-        flow = self._register(ev, now)
-        if flow is None:
-            return
-        req = flow.req
-        limited = self._over_limit(now)
-        if limited is not None:
-            self._decided(flow, limited)
-            return
-        decision = flow.decision = pol.decide_connect(self.policy, req)
-        if decision.by_default and self.on_connect is not None:
-            # The callback decides at connect time (with the DNS names), so
-            # its deny is an immediate RST / ECONNREFUSED like a rule's.
-            nursery.start_soon(self._ask, flow)
-            return
-        if self._peekable(req) and decision.allowed:
-            self._peek(flow, decision)
-            return
-        self._decided(flow, decision)
-
-    def _over_limit(self, now):
-        """--max-conns / --max-rate: a Decision denying the new flow, or None."""
-        limits = self.limits
-        if limits.max_conns is not None and len(self._open) > limits.max_conns:
-            return pol.Decision(verdict=pol.deny("more than %d flows open (--max-conns)" % limits.max_conns),
-                                rule="limit:max-conns")
-        if limits.max_rate is not None:
-            burst = max(1.0, limits.max_rate)
-            self._tokens = min(burst, self._tokens + (now - self._tokens_at) * limits.max_rate)
-            self._tokens_at = now
-            if self._tokens < 1.0:
-                return pol.Decision(verdict=pol.deny("more than %g new flows per second (--max-rate)"
-                                                     % limits.max_rate), rule="limit:max-rate")
-            self._tokens -= 1.0
+    def _translate(self, ev, now, *, shutting_down=False):
+        """A stack NetEvent as a FlowMachine event (None: not a flow event)."""
+        if ev.kind == "new_flow":
+            # Left over at shutdown: never answered, it is reported as the stack's deny.
+            reason = "shutdown" if shutting_down and not ev.decided else ev.reason
+            return _flows.NewFlow(id=ev.id, proto=ev.proto, src=ev.src, dst=ev.dst,
+                                  names=self.names.names_for(ev.dst[0], now), now=now,
+                                  decided=ev.decided or shutting_down, inbound=ev.inbound, reason=reason)
+        if ev.kind == "flow_data":
+            return _flows.FlowData(id=ev.id, data=ev.payload, last=ev.last, eof=ev.reason == "eof")
+        if ev.kind == "flow_closed":
+            return _flows.FlowClosed(id=ev.id, reason=ev.reason, bytes_out=ev.bytes_out,
+                                     bytes_in=ev.bytes_in, duration=ev.duration)
         return None
 
-    @staticmethod
-    def _peekable(req):
-        return req.proto == "tcp" and req.dst_port not in SERVER_FIRST_PORTS
-
-    def _peek(self, flow, decision):
-        """Allowed so far: let the stack read the first bytes (SNI / Host).
-        If a claimed name could deny the flow, before the final verdict (peek);
-        else the flow goes through now and the bytes only name it (observe)."""
+    def _apply(self, actions):
         from .netstack import FlowVerdict  # loaded by start(); imported late (preload)
-        dial = decision.dial if decision.allowed else None
-        if pol.claims_can_deny(self.policy, flow.req):
-            self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, peek=True, dial=dial))
-        else:
-            flow.observed = True
-            flow.asked = decision
-            self._verdicts.append(FlowVerdict(id=flow.req.id, allow=True, observe=True, dial=dial))
 
-    def _flow_data(self, ev):
-        """The first bytes of a peeked flow (name it, decide it for good) or of
-        an observed one (name it; its allow stands)."""
-        flow = self._open.get(ev.id)
-        if flow is None or flow.reported:
-            return
-        found = FlowSniffer().feed(ev.payload)
-        if found.state == FOUND:
-            claimed = {"sni": found.name} if found.protocol == "tls" else {"http_host": found.name}
-            flow.req = attrs.evolve(flow.req, **claimed)
-            flow.http_method, flow.http_path = found.http_method, found.http_path
-        decision = pol.decide_connect(self.policy, flow.req)
-        if decision.by_default and flow.asked is not None:
-            decision = flow.asked  # no rule on the names: the callback's allow stands
-        if flow.observed:
-            # Already allowed (claims_can_deny said no name can deny it): the
-            # bytes name the ConnectEvent and may credit another allow rule.
-            if not decision.allowed:  # claims_can_deny is wrong: say so, report what happened
-                log.error("flow %s was let through unheld, but its first bytes make it %s "
-                          "(policy.claims_can_deny missed this case)", flow.req, decision.verdict.reason)
-                decision = flow.asked
-            self._report(flow, decision)
-            return
-        self._decided(flow, decision)
+        for action in actions:
+            if isinstance(action, _flows.Emit):
+                self.stream.emit(action.event)
+            elif isinstance(action, _flows.Answer):
+                verb = action.action
+                self._verdicts.append(FlowVerdict(
+                    id=action.id, allow=verb != "deny", dial=action.dial,
+                    peek=verb in ("peek", "more"), observe=verb == "observe"))
+            elif self._nursery is not None:  # Ask
+                self._nursery.start_soon(self._ask, action)
 
-    async def _ask(self, flow):
-        req = flow.req
-        decision = None
+    async def _ask(self, ask):
+        """Run one callback, bounded by the policy timeout, and feed its result back."""
+        func = self.callbacks[ask.callback]
+        done = None
         with trio.move_on_after(self.policy_timeout):
             try:
-                decision = pol.from_callback(await self.on_connect(req))
+                done = _flows.CallbackDone(id=ask.id, callback=ask.callback, result=await func(ask.req))
             except Exception as exc:  # a raising callback is a deny and an event
-                decision = pol.from_callback_error("on_connect raised %s: %s" % (type(exc).__name__, exc))
-                self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
-                                                  error="%s: %s" % (type(exc).__name__, exc)))
-            else:
-                if decision.rule == pol.CALLBACK_ERROR:  # it returned something not a Verdict
-                    self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
-                                                      error=decision.verdict.reason))
-        if decision is None:
-            decision = pol.from_callback_error("on_connect timed out after %gs" % self.policy_timeout)
-            self.stream.emit(PolicyErrorEvent(callback="on_connect", subject=str(req.id),
-                                              error="timed out", timed_out=True))
-        if decision.allowed and self._peekable(req) and not flow.reported:
-            flow.asked = decision
-            self._peek(flow, decision)
-        else:
-            self._decided(flow, decision)
+                done = _flows.CallbackDone(id=ask.id, callback=ask.callback,
+                                           error="%s: %s" % (type(exc).__name__, exc))
+        if done is None:
+            done = _flows.CallbackDone(id=ask.id, callback=ask.callback, timed_out=True,
+                                       error="did not return within %gs" % self.policy_timeout)
+        self._apply(self.machine.handle(done))
         self._flush_verdicts()
-
-    def _report(self, flow, decision):
-        """Emit the flow's one ConnectEvent (later calls do nothing)."""
-        if flow.reported:
-            return False
-        flow.reported = True
-        self.stream.emit(ConnectEvent.from_decision(flow.req, decision, http_method=flow.http_method,
-                                                    http_path=flow.http_path))
-        return True
-
-    def _decided(self, flow, decision):
-        """The final decision: report it and queue the verdict."""
-        from .netstack import FlowVerdict
-        if not self._report(flow, decision):
-            return  # the stack ended the flow first (timeout, shutdown)
-        dial = None
-        if decision.allowed and decision.dial is not None:
-            dial = decision.dial
-        self._verdicts.append(FlowVerdict(id=flow.req.id, allow=decision.allowed, dial=dial))
 
     def _flush_verdicts(self):
         if self._verdicts:
@@ -350,19 +257,6 @@ class NetworkService:
                 self.netstack.set_verdicts(batch)
             except trio.ClosedResourceError:
                 pass
-
-    def _closed(self, ev):
-        flow = self._open.pop(ev.id, None)
-        if flow is not None and not flow.reported:
-            # Ended before the final verdict: the stack denied it (policy timeout,
-            # overload, shutdown), or a peeked flow ended on its own (refused
-            # upstream, client reset) under its first decision.
-            first = flow.asked or flow.decision
-            if ev.reason in _STACK_DENIALS or first is None or not first.allowed:
-                first = pol.Decision(verdict=pol.deny(ev.reason), rule="stack:" + ev.reason)
-            self._report(flow, first)
-        self.stream.emit(CloseEvent(id=ev.id, bytes_out=ev.bytes_out, bytes_in=ev.bytes_in,
-                                    duration=ev.duration, reason=ev.reason))
 
     async def _dns(self, ev):
         src_ip, src_port = ev.src
@@ -387,6 +281,7 @@ class NetworkService:
         self._cancel.cancel()
         if self._running:
             await self._done.wait()
+        self._nursery = None  # no more callbacks
         try:
             # Ends the flows; each queues its flow_closed before this returns.
             self.netstack.shutdown()
@@ -395,21 +290,16 @@ class NetworkService:
             leftover = []
         now = trio.current_time()
         for ev in leftover:
-            if ev.kind == "new_flow":  # never answered: its close says shutdown
-                self._register(ev, now)
-            elif ev.kind == "flow_closed":
-                self._closed(ev)
+            if ev.kind in ("new_flow", "flow_closed"):
+                self._apply(self.machine.handle(self._translate(ev, now, shutting_down=True)))
+        self._verdicts.clear()
         self.dns.close()  # a limit episode still open is reported
         self._check_pcap()
         self.netstack.close()
         if self.tap_fd >= 0:
             os.close(self.tap_fd)
             self.tap_fd = -1
-        for flow_id, flow in list(self._open.items()):
-            self._open.pop(flow_id)
-            if not flow.reported:
-                self._report(flow, pol.Decision(verdict=pol.deny("shutdown"), rule="stack:shutdown"))
-            self.stream.emit(CloseEvent(id=flow_id, reason="shutdown"))
+        self._apply(self.machine.shutdown())
 
 
 @attrs.frozen(kw_only=True)
@@ -478,14 +368,19 @@ async def start(nursery, config, netplan, tap_fd, stream, pcap=None):
         tap_fd = -1
     names = pol.NameTable()
     callbacks = netplan.callbacks
+    on_connect, on_claim = callbacks.get("on_connect"), callbacks.get("on_claim")
+    machine = _flows.FlowMachine(policy=netplan.policy, on_connect=on_connect is not None,
+                                 on_claim=on_claim is not None, max_conns=config.max_conns,
+                                 max_rate=config.max_rate, peek_timeout=PEEK_TIMEOUT)
     service = NetworkService(
-        netstack=netstack, policy=netplan.policy, names=names,
+        netstack=netstack, machine=machine, names=names,
         dns=dnsmod.DnsService(netplan.policy, names, netplan.upstreams, stream.emit,
                               on_dns=callbacks.get("on_dns"), policy_timeout=config.policy_timeout,
-                              max_rate=config.max_dns_rate, max_pending=config.max_dns_pending),
+                              max_rate=config.max_dns_rate, max_pending=config.max_dns_pending,
+                              resolve_for_callbacks=on_connect is not None or on_claim is not None),
         stream=stream, policy_timeout=config.policy_timeout,
-        on_connect=callbacks.get("on_connect"), on_packet=callbacks.get("on_packet"), tap_fd=tap_fd,
-        limits=config,
+        callbacks={name: func for name, func in (("on_connect", on_connect), ("on_claim", on_claim)) if func},
+        on_packet=callbacks.get("on_packet"), tap_fd=tap_fd,
     )
     try:
         for proto, host_ip, host_port, sandbox_port in netplan.publish:

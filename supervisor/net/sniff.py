@@ -11,7 +11,8 @@ each call returns a :class:`SniffResult` whose ``state`` is one of
     sent none (a ClientHello without SNI, an HTTP/1.0 request without Host).
 ``not-this-protocol``
     the first bytes are not a TLS ClientHello / an HTTP/1.x request (SSH, raw data, HTTP/2
-    prior knowledge...): the flow claims no name.
+    prior knowledge...): the flow claims no name this module can read (``protocol`` is
+    ``"h2"`` for HTTP/2 prior knowledge, whose names are in HPACK-coded frames).
 ``malformed``
     it started like the protocol but breaks its grammar, or the first message did not fit
     in the byte budget (``reason`` says which).
@@ -73,7 +74,7 @@ class SniffResult:
     """What the first bytes of a flow say. See the module docstring for ``state``."""
 
     state: str
-    protocol: str | None = None  # "tls" | "http" once recognised
+    protocol: str | None = None  # "tls" | "http" once recognised; "h2": HTTP/2 prior knowledge
     name: str | None = None  # normalized claimed host name
     raw_name: str | None = None  # the SNI / Host value exactly as sent (decoded as latin-1)
     reason: str | None = None  # why not-this-protocol / malformed
@@ -337,9 +338,10 @@ def _parse_alpn(data: bytes) -> list[str]:
 class HttpSniffer(_Sniffer):
     """HTTP/1.x request head → Host (and method, path, version).
 
-    The request target's authority wins over Host (absolute-form, ``CONNECT host:port``),
-    as RFC 9112 §3.2.2 says. Two Host headers, obs-folded lines or bad header names are
-    malformed. HTTP/2 prior knowledge (``PRI * HTTP/2.0``) is not-this-protocol.
+    The request target's authority names the request (absolute-form, ``CONNECT host:port``),
+    as RFC 9112 §3.2.2 says; a Host header naming another host is malformed (servers
+    differ on which one they route by), and so are two Host headers, obs-folded lines or
+    bad header names. HTTP/2 prior knowledge (``PRI * HTTP/2.0``) is not-this-protocol.
     """
 
     protocol = "http"
@@ -360,6 +362,12 @@ class HttpSniffer(_Sniffer):
     def _feed(self, chunk: bytes) -> SniffResult:
         self._buf += chunk
         if not self._method_ok:
+            # RFC 9112 §2.2: servers ignore empty lines before the request line, so
+            # a request behind CRLFs is still a request (and still names its Host).
+            blank = len(self._buf) - len(self._buf.lstrip(b"\r\n"))
+            del self._buf[:blank]
+            if not self._buf:
+                return _NEED
             result = self._check_method()
             if result is not None:
                 return result
@@ -388,7 +396,7 @@ class HttpSniffer(_Sniffer):
                 if _H2_PREFACE.startswith(bytes(self._buf[: len(_H2_PREFACE)])):
                     if len(self._buf) < len(_H2_PREFACE):
                         return _NEED
-                    return SniffResult(state=NOT_THIS_PROTOCOL, reason="HTTP/2 connection preface")
+                    return SniffResult(state=NOT_THIS_PROTOCOL, protocol="h2", reason="HTTP/2 connection preface")
                 self._method_ok = True
                 return None
             if b not in _METHOD_CHARS:
@@ -441,6 +449,11 @@ class HttpSniffer(_Sniffer):
         if authority is not None:
             if not authority or any(ord(c) not in _HOST_CHARS for c in authority):
                 raise _Bad(f"invalid authority in the request target {target[:80]!r}")
+            # Servers differ on which one routes (RFC 9112 says the target; many
+            # backends and proxies read Host): two different names are not one claim.
+            if self._host and _normalize_host(self._host) != _normalize_host(authority):
+                raise _Bad(f"the request target names {authority[:80]!r} but its Host header "
+                           f"names {self._host[:80]!r}")
             raw = authority
         elif version != "1.0" and not self._host_seen:
             raise _Bad("HTTP/1.1 request without a Host header")
@@ -452,7 +465,7 @@ class HttpSniffer(_Sniffer):
 
 
 class FlowSniffer(_Sniffer):
-    """TLS or HTTP/1.x, whichever the first byte says (0x16: TLS; a letter: HTTP)."""
+    """TLS or HTTP/1.x, whichever the first byte says (0x16: TLS; a letter, CR or LF: HTTP)."""
 
     protocol = "TLS or HTTP"
 
@@ -468,7 +481,7 @@ class FlowSniffer(_Sniffer):
             first = data[0]
             if first == _HANDSHAKE:
                 self._inner = TlsSniffer(budget=self.budget)
-            elif first in _METHOD_CHARS:
+            elif first in _METHOD_CHARS or first in b"\r\n":
                 self._inner = HttpSniffer(budget=self.budget)
             else:
                 self.result = SniffResult(state=NOT_THIS_PROTOCOL, reason="neither TLS nor HTTP/1.x")

@@ -38,6 +38,9 @@ VALID_FORMS = (
 _PROTOS = ("tcp", "udp")
 _LABEL = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\Z")
 _MAPPED = ipaddress.ip_network("::ffff:0:0/96")
+# --allow-file bounds: a rule file is a short list a person wrote (and /dev/zero is not one).
+MAX_RULE_FILE = 1 << 20  # bytes
+MAX_RULE_LINE = 1024  # characters
 
 
 def normalize_name(name: str) -> str:
@@ -82,6 +85,29 @@ def _parse_network(host: str) -> IPNetwork:
         # ::ffff:203.0.113.0/120 is 203.0.113.0/24: match the way flows are normalized.
         net = ipaddress.ip_network((net.network_address.ipv4_mapped, net.prefixlen - 96))
     return net
+
+
+def _ambiguous_ipv6(host: str) -> bool:
+    """``2001:db8::1:53`` is an address, but reads as ``[2001:db8::1]:53`` too:
+    true when the last group could be a port of a shorter valid address."""
+    if "::" not in host or "/" in host:
+        return False
+    head, _, last = host.rpartition(":")
+    if not (last.isascii() and last.isdigit() and 1 <= int(last) <= 65535):
+        return False
+    try:
+        ipaddress.IPv6Address(head)
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _refuse_ambiguous_ipv6(host: str) -> None:
+    if _ambiguous_ipv6(host):
+        head, _, last = host.rpartition(":")
+        raise _Bad(f"{host} is ambiguous: an IPv6 address, or {head} with port {last}? "
+                   f"Fix: write [{head}]:{last} for the port, or [{host}] for the address")
 
 
 def _parse_domain(host: str) -> tuple[str, bool]:
@@ -177,6 +203,7 @@ class Rule:
             port = _parse_port(port_text)
         else:
             host = s
+            _refuse_ambiguous_ipv6(host)
         if not host:
             raise _Bad("no host before the port")
         if ":" in host or "/" in host or (host.replace(".", "").isdigit() and host.count(".") == 3):
@@ -191,7 +218,7 @@ class Rule:
         if self.network is not None:
             net = self.network
             host = str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
-            if self.port is not None and net.version == 6:
+            if net.version == 6 and (self.port is not None or _ambiguous_ipv6(host)):
                 host = f"[{host}]"
         else:
             host = ("*." if self.wildcard else "") + str(self.domain)
@@ -251,11 +278,17 @@ def load_allow_file(path: str | os.PathLike, action: str = "allow") -> list[Rule
     """
     try:
         with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+            content = f.read(MAX_RULE_FILE + 1)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read rule file {os.fspath(path)!r}: {e}") from None
+    if len(content) > MAX_RULE_FILE:
+        raise ConfigError(f"rule file {os.fspath(path)!r} is larger than {MAX_RULE_FILE >> 20} MiB. "
+                          "Fix: name a text file with one rule per line")
     rules = []
-    for lineno, line in enumerate(lines, 1):
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if len(line) > MAX_RULE_LINE:
+            raise ConfigError(f"{os.fspath(path)}:{lineno}: line longer than {MAX_RULE_LINE} "
+                              "characters. Fix: one rule per line")
         text = line.split("#", 1)[0].strip()
         if text:
             rule = Rule.parse(text, action, origin=f"{os.fspath(path)}:{lineno}")

@@ -98,19 +98,20 @@ def _is_async(func) -> bool:
     return not inspect.isroutine(func) and not inspect.isclass(func) and inspect.iscoroutinefunction(call)
 
 
-def check_callbacks(*, on_connect=None, on_dns=None, on_packet=None, where: str = "") -> None:
+def check_callbacks(*, on_connect=None, on_dns=None, on_packet=None, on_claim=None,
+                    where: str = "") -> None:
     """Reject callbacks of the wrong kind before anything starts.
 
-    ``on_connect`` / ``on_dns`` are awaited: they must be ``async def`` functions (or
+    ``on_connect`` / ``on_claim`` / ``on_dns`` are awaited: they must be ``async def`` functions (or
     objects with an ``async def __call__``). ``on_packet`` runs for every frame without
     awaiting: it must be a plain callable. ``None`` means "no callback". Raises
     :class:`corral.errors.CallbackTypeError` (a ``ConfigError`` and a ``TypeError``).
     """
     at = f"{where}: " if where else ""
-    for name, func in (("on_connect", on_connect), ("on_dns", on_dns)):
+    for name, func in (("on_connect", on_connect), ("on_claim", on_claim), ("on_dns", on_dns)):
         if func is None:
             continue
-        arg = "req" if name == "on_connect" else "query"
+        arg = "query" if name == "on_dns" else "req"
         if not callable(func):
             raise CallbackTypeError(f"{at}{name} must be an async function, got {type(func).__name__} {func!r:.60}. "
                                     f"Fix: async def {name}({arg}) -> corral.Verdict")

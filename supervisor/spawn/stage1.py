@@ -339,6 +339,9 @@ def _setup_root(spec):
         ) from None
 
 
+_FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a user can set (fs.nr_open's default)
+
+
 def _spawn_command(ctl, spec, lifeline, hardened):
     argv = spec["argv"]
     # Tells a corral started inside that it is nested (see _nesting_fix).
@@ -363,6 +366,10 @@ def _spawn_command(ctl, spec, lifeline, hardened):
         try:
             os.close(err_r)
             _become_command(spec, hardened)
+            # Nothing but stdio goes inside: not the caller's extra fds (`5>>~/file`),
+            # not ours (the fork path inherits everything corral holds).
+            os.closerange(3, err_w)
+            os.closerange(err_w + 1, _FD_CEILING)
             failed_step = 0
             os.execve(_which(argv[0], env.get("PATH", os.defpath)), argv, env)
         except OSError as exc:
