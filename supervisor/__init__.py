@@ -9,6 +9,8 @@ package on the start-up path, so importing it must not pull in trio, cffi,
 pyroute2 or scapy.
 """
 
+import sys
+
 __version__ = "0.1.0"
 
 _EXPORTS = {
@@ -58,3 +60,43 @@ def __getattr__(name):
 
 def __dir__():
     return __all__
+
+
+class _TrioFindsPthreadBySoname:
+    """trio looks libpthread up with ``ctypes.util.find_library`` when it is first
+    imported, which runs ``/sbin/ldconfig -p`` (a fork and exec: 10 ms or more of
+    every filtered start-up, issue 11).  Just before that first import, this
+    answers that one lookup by soname, as the dynamic loader resolves it (glibc
+    keeps a ``libpthread.so.0`` stub; elsewhere trio falls back to libc), and
+    puts the original back.  A meta-path hook that finds nothing: importing
+    corral costs nothing more, ctypes is only loaded when trio is."""
+
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "trio":
+            sys.meta_path.remove(cls)
+            cls.install()
+        return None
+
+    @staticmethod
+    def install():
+        import ctypes
+        import ctypes.util
+
+        original = ctypes.util.find_library
+
+        def find_library(name):
+            if name != "pthread":
+                return original(name)
+            ctypes.util.find_library = original
+            try:
+                ctypes.CDLL("libpthread.so.0")
+            except OSError:
+                return None
+            return "libpthread.so.0"
+
+        ctypes.util.find_library = find_library
+
+
+if "trio" not in sys.modules:
+    sys.meta_path.insert(0, _TrioFindsPthreadBySoname)

@@ -307,6 +307,8 @@ class Sandbox:
                 log.warning("%s", warning)
         self.process = proc = Process(self, prepared)
         proc._spawn(stdin, stdout, stderr)
+        if self.config.net == "filtered":  # the network's imports overlap the sandbox's set-up
+            self._nursery.start_soon(trio.to_thread.run_sync, service.preload)
         if self.config.monitor:
             from .events.monitor import run_monitor
 

@@ -13,8 +13,8 @@ _SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SYSCALL_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
 # corral's own processes inside the sandbox's user namespace that RLIMIT_NPROC
-# counts: stage-1 (C) and pid 1 (D).
-HELPER_PROCESSES = 2
+# counts: stage-1 (C), pid 1 (D) and the undertaker (U, spawn/stage1.py).
+HELPER_PROCESSES = 3
 
 
 def parse_size(value, option="--memory"):

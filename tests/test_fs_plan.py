@@ -496,3 +496,74 @@ def test_allow_socket_in_the_hidden_runtime_dir_is_bound_and_the_dir_sealed():
     (bus,) = ops(plan, "bind", "/run/user/1000/bus")
     assert bus["create"] and index(plan, "tmpfs", "/run/user/1000") < index(plan, "bind", bus["path"])
     assert runtime["ro"] is False and ops(plan, "remount_ro", "/run/user/1000")
+
+
+# ------------------------------------------------------------------ plan size (issue 11)
+
+def _snaps(n, opts="ro,nodev,relatime", superopts="ro"):
+    """mountinfo lines and tree entries for ``n`` snap-like mounts /snap/appN/N."""
+    lines, tree = [], {}
+    for i in range(n):
+        point = "/snap/app%d/%d" % (i, 100 + i)
+        lines.append("%d 27 7:%d / %s %s - squashfs /dev/loop%d %s\n"
+                     % (100 + i, i, point, opts, i, superopts))
+        tree[point + "/bin/tool"] = Stat("file")
+    return "".join(lines), tree
+
+
+def test_sixty_read_only_host_mounts_add_at_most_a_handful_of_operations():
+    lines, tree = _snaps(60)
+    before = plan_of(host(**{"/snap/README": Stat("file")}))
+    after = plan_of(host(**tree), mountinfo=MOUNTINFO + lines)
+    assert len(after.ops) <= len(before.ops) + 3
+    (snap,) = ops(after, "bind", "/snap")  # one recursive read-only bind carries them all
+    assert snap["ro"] and snap["dir"]
+    assert not [o for o in after.to_json() if o.get("path", "").startswith("/snap/")]
+
+
+def test_a_bind_mounted_file_keeps_its_directory_writable():
+    # what `ip netns exec` and every container do to /etc/resolv.conf: overlayfs refuses
+    # /etc as a lower layer then, and a read-only bind would make /etc unwritable
+    # (an installer's write to /etc/profile.d would fail instead of being recorded)
+    fs = host(**{"/etc/resolv.conf": Stat("file"), "/etc/ssl/certs/a.pem": Stat("file")})
+    plan = plan_of(fs, mountinfo=MOUNTINFO + "90 27 0:40 /netns/resolv.conf /etc/resolv.conf "
+                   "rw,relatime - tmpfs tmpfs rw\n")
+    assert not ops(plan, "bind", "/etc") and ops(plan, "mkdir", "/etc")
+    assert ops(plan, "overlay", "/etc/ssl")
+
+
+@pytest.mark.parametrize("where", ["home", "cwd", "/var/tmp"])
+def test_a_directory_meant_to_be_written_stays_writable_over_sealed_mounts(where):
+    top = {"home": HOME, "cwd": HOME + "/proj", "/var/tmp": "/var/tmp"}[where]
+    line = "90 27 7:9 / %s/iso ro - iso9660 /dev/loop9 ro\n" % top
+    fs = host(**{top + "/iso/README": Stat("file"), "/var/tmp/x": Stat("file")})
+    plan = plan_of(fs, mountinfo=MOUNTINFO + line, cwd_access="overlay")
+    assert not [o for o in ops(plan, "bind", top) if o["ro"]]
+    assert ops(plan, path=top + "/iso")  # the mount itself, on its own
+
+
+@pytest.mark.parametrize("opts,superopts", [("ro", "rw"), ("rw", "ro"), ("rw", "rw")])
+def test_a_directory_over_a_mount_that_can_still_get_sockets_is_split(opts, superopts):
+    # a read-only bind of a writable filesystem (or a writable mount) can get new host
+    # sockets bound elsewhere: a bind would let connect() through, so no bind of its parent
+    lines, tree = _snaps(2, opts=opts, superopts=superopts)
+    plan = plan_of(host(**tree), mountinfo=MOUNTINFO + lines)
+    assert not ops(plan, "bind", "/snap")
+    assert ops(plan, "mkdir", "/snap") and ops(plan, "overlay", "/snap/app0/100")
+
+
+def test_host_sockets_in_a_bound_directory_holding_mounts_are_masked():
+    lines, tree = _snaps(3)
+    fs = host(**tree, **{"/snap/ctl.sock": Stat("socket")})
+    fs.bound = ("/snap/ctl.sock",)
+    plan = plan_of(fs, mountinfo=MOUNTINFO + lines)
+    (snap,) = ops(plan, "bind", "/snap")
+    assert snap["sockets"] == ["/snap/ctl.sock"]
+
+
+def test_a_directory_holding_corral_state_is_never_one_bind():
+    lines = "90 27 0:40 /x /var/lib/thing ro - tmpfs tmpfs ro\n"
+    fs = host(**{"/var/lib/thing/f": Stat("file"), "/var/lib/corral/state/x": Stat("dir")})
+    plan = plan_of(fs, mountinfo=MOUNTINFO + lines, protect=("/var/lib/corral",))
+    assert not ops(plan, "bind", "/var/lib") and not ops(plan, "bind", "/var")
+    assert ops(plan, "tmpfs", "/var/lib/corral")

@@ -18,7 +18,10 @@ Modes
     recreated as a plain directory on the sandbox's root tmpfs and each of its
     entries is planned on its own: directories become overlays (or are split
     again), symlinks are copied, files are bound read-only, sockets, fifos and
-    devices are left out.
+    devices are left out.  A directory whose mounts below are all sealed (read-only
+    mount and filesystem: snaps) is one recursive read-only bind instead, so the
+    plan does not grow with such mounts (home, /var/tmp and the working
+    directory excepted: they stay writable).
 ``readonly``
     The same view as ``default``, but every overlay is read-only: lower
     layers only, no upper layer (``lowerdir=DIR:EMPTY``).
@@ -220,6 +223,9 @@ class Mount:
     parent: int
     point: str
     fstype: str
+    # read-only for good: the mount and its filesystem (superblock) are both read-only,
+    # so nothing can bind a socket, or write anything, on it
+    sealed: bool = False
 
 
 def parse_mountinfo(text):
@@ -230,7 +236,10 @@ def parse_mountinfo(text):
         if len(fields) < 10 or "-" not in fields[6:]:
             continue
         sep = fields.index("-", 6)
-        mounts.append(Mount(int(fields[0]), int(fields[1]), _unescape(fields[4]), fields[sep + 1]))
+        sealed = ("ro" in fields[5].split(",") and len(fields) > sep + 3
+                  and "ro" in fields[sep + 3].split(","))
+        mounts.append(Mount(int(fields[0]), int(fields[1]), _unescape(fields[4]), fields[sep + 1],
+                            sealed))
     return mounts
 
 
@@ -291,17 +300,23 @@ class _Planner:
         # Every proper ancestor of a mount point: those directories cannot be
         # an overlay's lower layer.
         self.holds_mounts = set()
+        # ...and those with a mount below that is not sealed
+        self.holds_open_mounts = set()
         for m in mounts:
             path = m.point
             while path != "/":
                 path = os.path.dirname(path)
                 self.holds_mounts.add(path)
+                if not m.sealed:
+                    self.holds_open_mounts.add(path)
         self.scratch = self.resolve(_absolute(spec.scratch, "scratch"))
         # resolved now: the base view, planned first, must not mask them either
         self.allowed_sockets = {self.resolve(_absolute(path, "--allow-socket"))
                                 for path in spec.allow_sockets}
         self.host_sockets = None  # [real path], read on first use
         self.relative_sockets = False
+        self.write_roots = {self.resolve(_absolute(spec.home, "home")), "/var/tmp",
+                            self.resolve(_absolute(spec.cwd, "cwd"))}
         protect = {self.scratch}
         protect.update(self.resolve(_absolute(p, "state directory")) for p in spec.protect)
         protect = sorted(protect)
@@ -427,6 +442,9 @@ class _Planner:
         if st.kind != "dir":
             self.emit("bind", src=path, path=path, ro=True, dir=False, create=create)
             return
+        if path in self.holds_mounts and self.bindable(path):
+            self.bind_dir(path, ro=True, create=create)
+            return
         if path in self.holds_mounts:
             if path != "/":
                 self.emit("mkdir", path=path, mode=st.mode)
@@ -437,6 +455,18 @@ class _Planner:
             self.bind_dir(path, ro=True, create=create)
         else:
             self.overlay(path, st.mode, create, ro)
+
+    def bindable(self, path):
+        """Whether directory ``path``, which holds mounts, can be one recursive
+        read-only bind rather than split into its entries (one mount each): every
+        mount below it is sealed (a snap's squashfs), so a bind passes nothing on to
+        the host that the directory's own filesystem does not (its sockets are
+        masked, as for every bind); nothing below is fresh or corral's own; and it
+        is not a directory the command is meant to write to (home, /var/tmp, the
+        working directory): those stay writable, split."""
+        return (path != "/" and path not in self.holds_open_mounts
+                and path not in self.write_roots
+                and not any(_under(p, path) for p in FRESH + tuple(self.protect)))
 
     def ro_tree(self, path, st, create):
         """Show host ``path`` read-only: a lowerdir-only overlay, or a

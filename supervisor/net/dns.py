@@ -37,7 +37,8 @@ from corral.policy import (
     from_callback_error,
 )
 
-from . import dnsmsg
+# dnsmsg (dnspython, ~50 ms to import) is imported where it is used: loaded by
+# service.preload() while the sandbox starts, not before it is spawned.
 
 __all__ = ["DnsService", "forward", "host_upstreams", "parse_dns_upstream", "parse_resolv_conf"]
 
@@ -168,6 +169,7 @@ async def forward(
     the truncated one is returned so the client retries over TCP itself.
     Raises TimeoutError after *timeout* seconds per attempt, OSError on network errors.
     """
+    from . import dnsmsg
     with trio.move_on_after(timeout) as scope:
         answer = await (_tcp if tcp else _udp)(query, upstream)
     if scope.cancelled_caught:
@@ -240,6 +242,7 @@ class DnsService:
                      owner=None) -> bytes | None:
         """Answer one query from the sandbox. None: send nothing (not even a header to reply to).
         ``owner``: () -> (Process | None, reason | None), the process that asked."""
+        from . import dnsmsg
         try:
             q = dnsmsg.parse_query(wire)
         except dnsmsg.MalformedDnsMessage as e:
@@ -298,6 +301,7 @@ class DnsService:
             self._report(episode)
 
     async def _answer(self, q, wire, transport, src_ip, src_port, owner=None) -> bytes:
+        from . import dnsmsg
         process, unknown = owner() if owner is not None else (None, None)
         query = DnsQuery(id=q.id, qname=q.qname, qtype=q.qtype, transport=transport, src_ip=src_ip,
                          src_port=src_port, process=process, process_unknown=unknown)

@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import os
 import runpy
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -39,7 +40,9 @@ from .. import policy as pol
 from ..errors import ConfigError
 from . import _flows
 from . import dns as dnsmod
-from .netstack import FlowVerdict, Netstack
+
+if TYPE_CHECKING:
+    from .netstack import Netstack
 
 log = logging.getLogger("corral.net")
 
@@ -154,7 +157,7 @@ def parse_publish(text):
 class NetworkService:
     """The running network of one sandbox: a trio driver of the FlowMachine."""
 
-    netstack: Netstack
+    netstack: "Netstack"
     machine: _flows.FlowMachine
     names: pol.NameTable
     dns: dnsmod.DnsService
@@ -239,6 +242,8 @@ class NetworkService:
         return None
 
     def _apply(self, actions):
+        from .netstack import FlowVerdict  # loaded by start(); imported late (preload)
+
         for action in actions:
             if isinstance(action, _flows.Emit):
                 self.stream.emit(action.event)
@@ -353,11 +358,25 @@ def plan(config, callbacks):
                 publish=tuple(parse_publish(text) for text in config.publish))
 
 
+def preload():
+    """Import the heavy parts of the network (the Go netstack and its runtime,
+    cffi, dnspython): called in a worker thread once stage-1 runs, so that this
+    overlaps the sandbox building its namespaces and mounts (DESIGN §2) instead
+    of delaying the spawn.  Best effort: a module that fails to load fails again,
+    with its error, where :func:`start` imports it."""
+    try:
+        from . import dnsmsg, netstack  # noqa: F401
+    except Exception:  # reported by start(), in its place
+        pass
+
+
 async def start(nursery, config, netplan, tap_fd, stream, pcap=None, owners=None):
     """Open the stack on ``tap_fd`` and start serving; return the service.
     The fd is consumed (direct: Go keeps a dup; pump: the service owns it).
     ``pcap``: the ``--pcap`` :class:`corral.fs.outputs.OutputFile`, prepared
     before the sandbox started."""
+    from .netstack import Netstack
+
     pcap_fd = None
     try:
         if pcap is not None:

@@ -2,6 +2,8 @@
 
     P  supervisor ──ctl socket (SOCK_SEQPACKET, JSON + SCM_RIGHTS)──┐
     └─ C  stage-1: unshare(USER|NS|PID|UTS|IPC|CGROUP[|NET]), uid/gid maps
+         ├─ U  forked before the unshare, joins C's user and mount namespaces,
+         │     ends with C: the mount tree's teardown happens in U's exit
          └─ D  pid 1: hostname, network, mounts + pivot_root, then forks E,
               reaps, forwards signals, reports E's exit and exits with it
               └─ E  the user's command (exec)
@@ -162,13 +164,16 @@ def _stage1(ctl, spec, parent_pid):
     # outlive them (D decides what happens), and dies only with P.
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    undertaker, joined = _fork_undertaker()
     _enter_namespaces(spec)
+    os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
     lifeline_r, lifeline_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(lifeline_w)
-        pid1(ctl, spec, lifeline_r)  # never returns, but in E
+        pid1(ctl, spec, lifeline_r, joined)  # never returns, but in E
     os.close(lifeline_r)
+    os.close(joined)
     send(ctl, {"d_pid": pid})
     try:
         _, status = os.waitpid(pid, 0)
@@ -176,6 +181,43 @@ def _stage1(ctl, spec, parent_pid):
         return 1
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+def _fork_undertaker():
+    """Fork U, which outlives C by a moment and so drops the sandbox's namespaces
+    last: unmounting the sandbox's mount tree (an RCU grace period and every
+    overlay, ~100-300 ms under load) then happens in U's exit, which nobody
+    waits for, instead of delaying C's, which P waits for (issue 11: corral
+    exits right after the command).  U is forked before the unshare (a child
+    forked after it would land in the sandbox's pid namespace, where it dies
+    with D), holds nothing of P's (no ctl, no stdio), joins C's user and mount
+    namespaces once C writes to the returned pipe, and ends when C does (the
+    pipe's end, or PR_SET_PDEATHSIG).  Returns the pipe's write end (close-on-exec:
+    only C and D hold it), and the read end of a pipe that ends once U has joined
+    (or given up): D waits for that before it starts the command, because U then
+    counts against the sandbox's RLIMIT_NPROC (hardening.HELPER_PROCESSES)."""
+    c_pid = os.getpid()
+    ready_r, ready_w = os.pipe()
+    joined_r, joined_w = os.pipe()
+    if os.fork() != 0:
+        os.close(ready_r)
+        os.close(joined_w)
+        return ready_w, joined_r
+    try:
+        libc.set_pdeathsig(signal.SIGKILL)
+        low, high = sorted((ready_r, joined_w))
+        os.closerange(0, low)
+        os.closerange(low + 1, high)
+        os.closerange(high + 1, 1 << 16)
+        if os.getppid() == c_pid and os.read(ready_r, 1):  # else C is gone
+            for name, nstype in (("user", libc.CLONE_NEWUSER), ("mnt", libc.CLONE_NEWNS)):
+                fd = os.open("/proc/%d/ns/%s" % (c_pid, name), os.O_RDONLY | os.O_CLOEXEC)
+                libc.setns(fd, nstype)
+                os.close(fd)
+            os.close(joined_w)
+            os.read(ready_r, 1)  # EOF when C exits; PR_SET_PDEATHSIG then kills U
+    finally:
+        os._exit(0)
 
 
 def _enter_namespaces(spec):
@@ -228,12 +270,12 @@ def _nesting_fix(err):
 # ---------------------------------------------------------------- pid 1 (D)
 
 
-def pid1(ctl, spec, lifeline):
+def pid1(ctl, spec, lifeline, joined):
     """Run as D, pid 1 of the sandbox; never returns (except in E)."""
-    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline)
+    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined)
 
 
-def _pid1(ctl, spec, lifeline):
+def _pid1(ctl, spec, lifeline, joined):
     libc.set_pdeathsig(signal.SIGKILL)
     if select.select([lifeline], [], [], 0)[0]:  # C died before we armed it
         return 1
@@ -252,6 +294,8 @@ def _pid1(ctl, spec, lifeline):
         message, _ = recv(ctl)
         if not message or not message.get("go"):
             return 1  # P went away or refused: run nothing
+    os.read(joined, 1)  # the undertaker is in (long since, in practice): see _fork_undertaker
+    os.close(joined)
     child = _spawn_command(ctl, spec, lifeline, hardened)
     send(ctl, {"child": child}, pid=child)
     code, sig = _supervise(child, mask)
@@ -275,7 +319,7 @@ def _setup_network(ctl, spec):
     except OSError as exc:
         raise StepError("ping_group_range", exc.errno, "allowing ICMP echo sockets") from None
     if spec["net"] == "filtered":
-        from . import tap  # pyroute2 is only paid for when there is a network
+        from . import tap  # only loaded when there is a network
 
         try:
             fd = tap.create(spec["tap"])
