@@ -293,10 +293,13 @@ class Owners:
             chain.append(info)
             parent = tree.get(parent)
         chain.reverse()
-        ppid_info = self._static(tree[pid], memo) if tree.get(pid) is not None else None
+        if tree.get(pid) == self._root:
+            ppid = 1  # corral's pid 1 (the first command's parent): nothing to read
+        else:
+            ppid = chain[-1][0] if chain else 0  # 0: the parent went away while we read
         nspid, exe, argv, cwd = me
         return Process(
-            pid=nspid, ppid=ppid_info[0] if ppid_info else 0, exe=exe, argv=argv, cwd=cwd,
+            pid=nspid, ppid=ppid, exe=exe, argv=argv, cwd=cwd,
             ancestry=tuple(program_label(e, a) for _p, e, a, _c in chain) + (program_label(exe, argv),),
             ancestry_exe=tuple(e for _p, e, _a, _c in chain) + (exe,),
             ancestry_pids=tuple(p for p, _e, _a, _c in chain) + (nspid,),
