@@ -29,7 +29,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a signature or a struct below changes. */
-#define CORRAL_NET_ABI_VERSION 8
+#define CORRAL_NET_ABI_VERSION 9
 
 /* Status codes. */
 #define CORRAL_OK 0
@@ -171,6 +171,7 @@ typedef struct corral_stats {
     uint64_t pcap_frames;   /* frames written to the pcap file */
     uint64_t pcap_errors;   /* 1 once a pcap write failed (capture stopped) */
     uint64_t log_lines;     /* lines gVisor logged (dropped, never printed; whole library) */
+    uint64_t refused;       /* new flows / DNS queries / DNS-TCP connections a bound refused (in drops too) */
 } corral_stats;
 
 /* ABI version the library was compiled with. */

@@ -262,7 +262,7 @@ def publish(h, proto, host_ip, host_port, sandbox_port):
 
 STATS_FIELDS = ("flows_total", "flows_open", "pending", "dns_queries", "frames_in", "frames_out",
                 "drops", "events_queued", "goroutines", "pcap_frames", "pcap_errors",
-                "log_lines")
+                "log_lines", "refused")
 
 
 def stats(h):

@@ -376,6 +376,7 @@ func corral_stack_stats(h C.int, out *C.corral_stats) C.int {
 		pcap_frames:   C.uint64_t(s.PcapFrames),
 		pcap_errors:   C.uint64_t(s.PcapErrors),
 		log_lines:     C.uint64_t(s.LogLines),
+		refused:       C.uint64_t(s.Refused),
 	}
 	return C.CORRAL_OK
 }

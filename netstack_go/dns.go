@@ -41,7 +41,7 @@ func (st *Stack) query(transport int32, src, dst netip.AddrPort, msg []byte, rep
 		closed := st.closed
 		st.mu.Unlock()
 		if !closed {
-			st.drops.Add(1)
+			st.refuse()
 		}
 		reply(nil)
 		return
@@ -122,7 +122,7 @@ const maxDNSConns = 256
 func (st *Stack) serveDNSTCP(r *tcp.ForwarderRequest, src, dst netip.AddrPort) {
 	if st.dnsConns.Add(1) > maxDNSConns {
 		st.dnsConns.Add(-1)
-		st.drops.Add(1)
+		st.refuse()
 		r.Complete(true)
 		return
 	}

@@ -142,7 +142,7 @@ func (st *Stack) handleEcho(id stack.TransportEndpointID, pkt *stack.PacketBuffe
 		return true
 	}
 	if len(t.m) >= maxUDPFlows || st.events.full() { // as for UDP: see maxUDPFlows
-		st.drops.Add(1)
+		st.refuse()
 		return true
 	}
 	if !st.enter() {

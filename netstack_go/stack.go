@@ -125,7 +125,8 @@ type Stack struct {
 	pending    atomic.Int64
 	dnsQueries atomic.Uint64
 	drops      atomic.Uint64
-	dnsConns   atomic.Int64 // DNS-over-TCP connections being served (dns.go)
+	refused    atomic.Uint64 // new work refused by a bound (also in drops): see refuse
+	dnsConns   atomic.Int64  // DNS-over-TCP connections being served (dns.go)
 
 	synMu   sync.Mutex // guards synHdrs
 	synHdrs map[stack.TransportEndpointID][]byte
@@ -577,6 +578,15 @@ type Stats struct {
 	Goroutines                                 uint64
 	PcapFrames, PcapErrors                     uint64
 	LogLines                                   uint64
+	Refused                                    uint64
+}
+
+// refuse counts new work (a flow, a DNS query or connection) that a bound had no room
+// for: the event queue, the UDP/ICMP flow tables, pending DNS, DNS-over-TCP connections.
+// Python turns a rise of Stats.Refused into one limit event per episode.
+func (st *Stack) refuse() {
+	st.drops.Add(1)
+	st.refused.Add(1)
 }
 
 // Stats returns the current counters.
@@ -592,6 +602,7 @@ func (st *Stack) Stats() Stats {
 		FramesIn:     st.link.framesIn.Load(),
 		FramesOut:    st.link.framesOut.Load(),
 		Drops:        drops,
+		Refused:      st.refused.Load(),
 		EventsQueued: uint64(st.events.Len()),
 		Goroutines:   uint64(runtime.NumGoroutine()),
 		LogLines:     gvisorLogLines.Load(),

@@ -109,7 +109,7 @@ func (st *Stack) handleTCP(r *tcp.ForwarderRequest) {
 	}
 	defer st.wg.Done()
 	if st.events.full() { // new work waits for Python: see maxQueuedEvents
-		st.drops.Add(1)
+		st.refuse()
 		r.Complete(true)
 		return
 	}

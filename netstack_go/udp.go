@@ -67,7 +67,7 @@ func (st *Stack) handleUDP(id stack.TransportEndpointID, pkt *stack.PacketBuffer
 		return true
 	}
 	if t.open.Load() >= maxUDPFlows || st.events.full() {
-		st.drops.Add(1)
+		st.refuse()
 		return true
 	}
 	p := &udpPending{last: pkt.Clone(), quote: quoteHeaders(pkt), sock: -1}

@@ -208,6 +208,11 @@ def test_dns_over_tcp_connection_hoard_is_refused_beyond_the_bound(world, tmp_pa
     out = corral(world, tmp_path, ["--allow", "www.corral.test"], [PY, "-c", HOARD])
     assert out.proc.returncode == 0, out.dump()
     assert out.proc.stdout.split() == ["256", "144", "True"], out.dump()
+    # The refusals happen in the netstack, not in Python: still one `limit` event says so.
+    limits = [e for e in out.events if e["type"] == "limit" and e["limit"] == "netstack"]
+    assert len(limits) == 1 and limits[0]["count"] == 144 and limits[0]["action"] == "refused", \
+        out.dump()
+    assert out.events[-1]["type"] == "sandbox_exit"
 
 
 FLOOD = r"""
@@ -372,3 +377,4 @@ def test_dns_limits_are_cli_options_and_config_fields_with_defaults():
     for bad in ({"max_dns_rate": 0}, {"max_dns_pending": -1}, {"max_dns_rate": "fast"}):
         with pytest.raises(ConfigError, match="expected a positive number"):
             Config(**bad)
+

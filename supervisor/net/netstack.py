@@ -250,7 +250,7 @@ class Netstack:
     def stats(self):
         """Counters: flows_total, flows_open, pending, dns_queries, frames_in,
         frames_out, drops, events_queued, goroutines, pcap_frames, pcap_errors,
-        log_lines."""
+        log_lines, refused (new work a bound refused: an episode becomes a limit event)."""
         self._check_open()
         return _b.stats(self.handle)
 

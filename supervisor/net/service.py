@@ -31,6 +31,7 @@ import ipaddress
 import logging
 import os
 import runpy
+import time
 from typing import TYPE_CHECKING
 
 import attrs
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from .netstack import Netstack
 
 log = logging.getLogger("corral.net")
+REFUSED_POLL = 1.0  # seconds between looks at the netstack's count of work its bounds refused
 
 CALLBACK_NAMES = ("on_connect", "on_claim", "on_dns", "on_packet")
 # The supervisor times a callback out at --policy-timeout (a deny with a
@@ -174,6 +176,8 @@ class NetworkService:
     _done: trio.Event = attrs.field(factory=trio.Event)
     _running: bool = False
     owners: object = None  # corral.net.owner.Owners: flow -> process inside
+    _refused_seen: int = 0  # the netstack's refused counter, last looked at
+    _refused_episode: list | None = None  # [since (wall clock), count] while refusals go on
 
     def __repr__(self):
         return "<NetworkService %s open=%d>" % (self.netstack.mode, len(self.machine))
@@ -190,6 +194,7 @@ class NetworkService:
                         self.pump = await nursery.start(run_pump, self.netstack, self.tap_fd,
                                                         self.on_packet)
                     task_status.started()
+                    nursery.start_soon(self._watch_refused)
                     while True:
                         batch = await self.netstack.wait_events()
                         with self.stream.batch():
@@ -291,6 +296,37 @@ class NetworkService:
         except trio.ClosedResourceError:
             pass
 
+    async def _watch_refused(self):
+        while True:
+            await trio.sleep(REFUSED_POLL)
+            self._poll_refused()
+
+    def _poll_refused(self, final=False):
+        """The netstack's own bounds (its event queue, 4,096 UDP and ICMP flows, 1,024
+        pending DNS queries, 256 DNS-over-TCP connections) refuse new work when full and
+        count it; a run of refusals is one ``limit`` event, when it ends (a quiet
+        second, or the sandbox's end), never one per refused item."""
+        try:
+            refused = self.netstack.stats()["refused"]
+        except trio.ClosedResourceError:
+            refused = self._refused_seen
+        new, self._refused_seen = refused - self._refused_seen, refused
+        if new:
+            if self._refused_episode is None:
+                self._refused_episode = [time.time(), 0]
+                log.warning("the netstack is full (a flood inside): refusing new flows and "
+                            "DNS queries until it drains")
+            self._refused_episode[1] += new
+        if self._refused_episode is not None and (final or not new):
+            since, count = self._refused_episode
+            self._refused_episode = None
+            from corral.events import LimitEvent
+
+            self.stream.emit(LimitEvent(
+                limit="netstack", action="refused", count=count, since=since,
+                detail="new flows and DNS queries beyond the netstack's bounds (event queue, "
+                       "flow tables, pending DNS) were refused (TCP reset, datagram dropped)"))
+
     def _check_pcap(self):
         try:
             stats = self.netstack.stats()
@@ -321,6 +357,7 @@ class NetworkService:
         self.dns.close()  # a limit episode still open is reported
         if self.owners is not None:
             self.owners.close()
+        self._poll_refused(final=True)
         self._check_pcap()
         self.netstack.close()
         if self.tap_fd >= 0:
