@@ -20,7 +20,6 @@ from net_support import (
     IMMEDIATE,
     PROBE,
     PY,
-    corral,
     corral_argv,
     curl,
     dns_queries_for,

@@ -13,7 +13,6 @@ import sys
 import textwrap
 
 import pytest
-import trio
 
 import corral
 from corral.errors import CallbackTypeError, ConfigError
