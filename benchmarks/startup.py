@@ -161,7 +161,12 @@ def main() -> None:
     print(side_by_side(report))
     data = {"machine": machine(), "reps": args.reps, "results": results, "summary": report}
     print(f"\nsaved {save('startup', data)}")
-    png = plot("startup", report.get("plain host", {}), metrics)
+    combined = {}  # one panel per case, the sandboxes as bars
+    for case, summary in report.items():
+        for name, stats in summary.items():
+            if name not in ("bare /bin/true", "unshare -Urnm"):
+                combined.setdefault(name, {})[case] = stats["ms"]
+    png = plot("startup", combined, [(case, "start-up of /bin/true, ms: " + case) for case in report])
     print(f"plot {png}" if png else "plot skipped: matplotlib is not installed")
 
 
