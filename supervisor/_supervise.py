@@ -217,6 +217,17 @@ def error_from(report):
     )
 
 
+def carry_out(actions):
+    """The actions every driver carries out the same way: kills and fd closes (the
+    others — start the network, a started command, a timeout — are the driver's own)."""
+    for action in actions:
+        if isinstance(action, Kill):
+            kill(action.pid, action.sig)
+        elif isinstance(action, CloseFds):
+            for fd in action.fds:
+                os.close(fd)
+
+
 def kill(pid, sig):
     """Signal ``pid``; a process already gone is not an error."""
     try:

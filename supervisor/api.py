@@ -448,7 +448,7 @@ class Process:
                 started = await self._drive(task_status)
             except BaseException:
                 failed = True
-                self._carry_out(self._machine.teardown())
+                _supervise.carry_out(self._machine.teardown())
                 raise
             finally:
                 with trio.CancelScope(shield=True):
@@ -491,17 +491,8 @@ class Process:
                     if self._box._on_timeout:
                         self._box._on_timeout(action.seconds)
                 else:
-                    self._carry_out([action])
+                    _supervise.carry_out([action])
         return started
-
-    @staticmethod
-    def _carry_out(actions):
-        for action in actions:
-            if isinstance(action, _supervise.Kill):
-                _supervise.kill(action.pid, action.sig)
-            elif isinstance(action, _supervise.CloseFds):
-                for fd in action.fds:
-                    os.close(fd)
 
     def _command_started(self, pid):
         self.pid = pid
@@ -579,7 +570,7 @@ class Process:
         supervision core decides (keyboard signals the terminal already
         delivered are not sent twice)."""
         if self.result is None:
-            self._carry_out(self._machine.signalled(sig))
+            _supervise.carry_out(self._machine.signalled(sig))
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -618,7 +609,7 @@ class Process:
 
     async def _teardown(self):
         if self.result is None and self._machine is not None:
-            self._carry_out(self._machine.teardown())
+            _supervise.carry_out(self._machine.teardown())
         with trio.move_on_after(5):
             await self._done.wait()
 

@@ -366,7 +366,7 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None)
             _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration,
                             config.timeout)
         except BaseException:
-            _carry_out(machine.teardown())
+            _supervise.carry_out(machine.teardown())
             raise
         finally:
             _, wait_status = os.waitpid(pid, 0)
@@ -419,16 +419,7 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
             elif isinstance(action, _supervise.StartNetwork):
                 os.close(action.fd)  # no userspace network on this path
             else:
-                _carry_out([action])
-
-
-def _carry_out(actions):
-    for action in actions:
-        if isinstance(action, _supervise.Kill):
-            _supervise.kill(action.pid, action.sig)
-        elif isinstance(action, _supervise.CloseFds):
-            for fd in action.fds:
-                os.close(fd)
+                _supervise.carry_out([action])
 
 
 def _cleanup_scratch(launch, background=False):
