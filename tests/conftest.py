@@ -67,3 +67,14 @@ try:  # hypothesis keeps no example database: the checkout may not be writable
     _hsettings.load_profile("corral")
 except ImportError:
     pass
+
+
+@pytest.fixture
+def stop_all():
+    """Popen objects a test appends here are killed (if still running) when it ends."""
+    procs = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -65,16 +65,6 @@ def state_dir(env):
     return Path(env["XDG_RUNTIME_DIR"]) / "corral"
 
 
-@pytest.fixture
-def stop_all():
-    procs = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 # ------------------------------------------------------------------ ps
 
 

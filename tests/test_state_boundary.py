@@ -101,16 +101,6 @@ def wait_listed(env, proc):
     raise AssertionError("the sandbox never appeared in `corral ps`")
 
 
-@pytest.fixture
-def stop_all():
-    procs = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
 def start_victim(env, cwd, stop_all, *options):
     """A running sandbox with something in its upper layers."""
     proc = subprocess.Popen(
