@@ -29,7 +29,7 @@
 #include <stdint.h>
 
 /* Bumped whenever a signature or a struct below changes. */
-#define CORRAL_NET_ABI_VERSION 9
+#define CORRAL_NET_ABI_VERSION 10
 
 /* Status codes. */
 #define CORRAL_OK 0
@@ -221,6 +221,31 @@ int corral_stack_publish(int h, int proto, char *host_ip, int host_port, int san
 
 /* Counters, see corral_stats. */
 int corral_stack_stats(int h, corral_stats *out);
+
+/* Process attribution (issue 13): one flow's addresses as the sandbox sees them. */
+typedef struct corral_flow_addr {
+    uint8_t proto;     /* CORRAL_PROTO_TCP or CORRAL_PROTO_UDP */
+    uint8_t family;    /* 4 or 6 */
+    uint16_t src_port; /* the sandbox's end */
+    uint16_t dst_port;
+    uint8_t src[16];
+    uint8_t dst[16];
+} corral_flow_addr;
+
+/* The socket inode of each of n flows (inodes[i]; 0: no socket has those
+ * addresses), asked over diag_fd, a NETLINK_SOCK_DIAG socket opened in the
+ * sandbox's network namespace; a v4 flow not found is asked again as a
+ * v4-mapped address (dual-stack AF_INET6 socket).  Waits at most timeout_ms
+ * for the kernel.  Returns CORRAL_OK, or CORRAL_EINTERNAL with the errno in
+ * *err (no stack handle: nothing in corral_last_error). */
+int corral_socket_inodes(int diag_fd, corral_flow_addr *flows, int n, uint32_t *inodes,
+                         int timeout_ms, int32_t *err);
+
+/* Which of n_pids processes (host pids) hold each of n socket inodes, from
+ * their /proc/PID/fd links: holders[i*max_holders + j] for j < counts[i], in
+ * the order of pids.  A process that ended is skipped.  Returns CORRAL_OK. */
+int corral_socket_holders(uint32_t *inodes, int n, int32_t *pids, int n_pids,
+                          int32_t *holders, int max_holders, int32_t *counts);
 
 /* Text of the last error on this handle (h = 0: errors of corral_stack_new),
  * NUL-terminated, truncated to cap.  Returns the full length. */

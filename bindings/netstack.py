@@ -8,6 +8,8 @@ on the C side.  Sizes come from the library (``ffi.sizeof``), not from
 constants copied by hand.
 """
 
+import os
+
 from ._lib import load
 
 ffi, lib = load()
@@ -270,3 +272,34 @@ def stats(h):
     out = ffi.new("corral_stats *")
     check(lib.corral_stack_stats(h, out), "reading stats", h)
     return {name: getattr(out, name) for name in STATS_FIELDS}
+
+
+def socket_inodes(diag_fd, flows, timeout_ms):
+    """The socket inode (0: none) of each flow ``(proto, family, src, src_port, dst,
+    dst_port)`` — proto 6 or 17, family 4 or 6, addresses as 16 bytes — asked over
+    the sandbox's sock_diag socket ``diag_fd``.  Raises OSError when the kernel
+    refused or did not answer within ``timeout_ms``."""
+    n = len(flows)
+    addrs = ffi.new("corral_flow_addr[]", n)
+    for a, (proto, family, src, src_port, dst, dst_port) in zip(addrs, flows):
+        a.proto, a.family, a.src_port, a.dst_port = proto, family, src_port, dst_port
+        ffi.memmove(a.src, src, 16)
+        ffi.memmove(a.dst, dst, 16)
+    inodes = ffi.new("uint32_t[]", n)
+    err = ffi.new("int32_t *")
+    rc = lib.corral_socket_inodes(diag_fd, addrs, n, inodes, timeout_ms, err)
+    if rc == lib.CORRAL_EINTERNAL:
+        raise OSError(err[0], os.strerror(err[0]))
+    check(rc, "asking sock_diag")
+    return list(inodes)
+
+
+def socket_holders(inodes, pids, max_holders):
+    """For each socket inode, the pids among ``pids`` (host pids) whose fds hold it
+    (at most ``max_holders``, in the order of ``pids``)."""
+    n = len(inodes)
+    holders = ffi.new("int32_t[]", n * max_holders)
+    counts = ffi.new("int32_t[]", n)
+    check(lib.corral_socket_holders(ffi.new("uint32_t[]", inodes), n, ffi.new("int32_t[]", pids), len(pids),
+                                    holders, max_holders, counts), "reading /proc fd links")
+    return [list(holders[i * max_holders:i * max_holders + counts[i]]) for i in range(n)]

@@ -15,6 +15,8 @@ import (
 	"sync"
 	"time"
 	"unsafe"
+
+	"golang.org/x/sys/unix"
 )
 
 // The constants shared with Python are the header's own values (cgo
@@ -377,6 +379,68 @@ func corral_stack_stats(h C.int, out *C.corral_stats) C.int {
 		pcap_errors:   C.uint64_t(s.PcapErrors),
 		log_lines:     C.uint64_t(s.LogLines),
 		refused:       C.uint64_t(s.Refused),
+	}
+	return C.CORRAL_OK
+}
+
+//export corral_socket_inodes
+func corral_socket_inodes(diagFD C.int, flows *C.corral_flow_addr, n C.int, inodes *C.uint32_t,
+	timeoutMS C.int, errOut *C.int32_t) C.int {
+	if n < 0 || (n > 0 && (flows == nil || inodes == nil)) || errOut == nil || timeoutMS < 0 {
+		return C.CORRAL_EINVAL
+	}
+	in := unsafe.Slice(flows, int(n))
+	addrs := make([]flowAddr, n)
+	for i := range in {
+		f := &in[i]
+		if (f.proto != ProtoTCP && f.proto != ProtoUDP) || (f.family != 4 && f.family != 6) {
+			return C.CORRAL_EINVAL
+		}
+		a := &addrs[i]
+		a.proto, a.v6 = uint8(f.proto), f.family == 6
+		a.sport, a.dport = uint16(f.src_port), uint16(f.dst_port)
+		a.src = *(*[16]byte)(unsafe.Pointer(&f.src))
+		a.dst = *(*[16]byte)(unsafe.Pointer(&f.dst))
+	}
+	found, err := socketInodes(int(diagFD), addrs, time.Duration(timeoutMS)*time.Millisecond)
+	if err != nil {
+		var errno unix.Errno
+		if !errors.As(err, &errno) {
+			errno = unix.EIO
+		}
+		*errOut = C.int32_t(errno)
+		return C.CORRAL_EINTERNAL
+	}
+	out := unsafe.Slice(inodes, int(n))
+	for i, inode := range found {
+		out[i] = C.uint32_t(inode)
+	}
+	return C.CORRAL_OK
+}
+
+//export corral_socket_holders
+func corral_socket_holders(inodes *C.uint32_t, n C.int, pids *C.int32_t, nPids C.int,
+	holders *C.int32_t, maxHolders C.int, counts *C.int32_t) C.int {
+	if n < 0 || nPids < 0 || maxHolders <= 0 || (n > 0 && (inodes == nil || holders == nil || counts == nil)) ||
+		(nPids > 0 && pids == nil) {
+		return C.CORRAL_EINVAL
+	}
+	want := make([]uint32, n)
+	for i, v := range unsafe.Slice(inodes, int(n)) {
+		want[i] = uint32(v)
+	}
+	procs := make([]int32, nPids)
+	for i, v := range unsafe.Slice(pids, int(nPids)) {
+		procs[i] = int32(v)
+	}
+	found := socketHolders(want, procs, int(maxHolders))
+	outHolders := unsafe.Slice(holders, int(n)*int(maxHolders))
+	outCounts := unsafe.Slice(counts, int(n))
+	for i, h := range found {
+		outCounts[i] = C.int32_t(len(h))
+		for j, pid := range h {
+			outHolders[i*int(maxHolders)+j] = C.int32_t(pid)
+		}
 	}
 	return C.CORRAL_OK
 }

@@ -522,7 +522,11 @@ class Process:
         from .net import owner, service
 
         box = self._box
-        owners = owner.Owners(diag_fd, lambda: self.d_pid)
+        if not box.config.attribution and diag_fd is not None:
+            os.close(diag_fd)
+            diag_fd = None
+        owners = owner.Owners(diag_fd, lambda: self.d_pid,
+                              unavailable=owner.NO_DIAG if box.config.attribution else owner.OFF)
         box.network = await service.start(box._nursery, box.config, box._netplan, tap_fd,
                                           box.stream, pcap=box._outputs.get("pcap"), owners=owners)
 

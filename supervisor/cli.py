@@ -108,6 +108,9 @@ def _add_sandbox_options(p):
                      help="forward a host port to a port inside the sandbox (repeatable)")
     net.add_argument("--dns-upstream", metavar="IP[:PORT]",
                      help="resolver for allowed DNS queries (default: the host's resolv.conf)")
+    net.add_argument("--no-attribution", dest="attribution", action="store_false",
+                     help="do not name the process behind each flow and DNS query (faster "
+                     "new connections; rules scoped to a program need it)")
     net.add_argument("--data-path", choices=("direct", "pump"),
                      help="direct: Go moves the frames (default); pump: Python does (chosen "
                      "for on_packet and pcap from Python)")

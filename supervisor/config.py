@@ -258,6 +258,7 @@ class Config:
     Network: ``net`` (filtered | none | host), ``allow``/``deny``/
     ``allow_file`` rules, ``allow_host_port``, ``publish``, ``dns_upstream``,
     ``policy`` (a .py file with callbacks), ``policy_timeout``, ``data_path``,
+    ``attribution`` (name the process behind each flow; False saves its cost),
     ``events`` (JSON-lines file, ``-`` for stderr), limits ``max_conns``, ``max_rate``
     (flows), ``max_dns_rate``, ``max_dns_pending`` (DNS queries).
     """
@@ -301,6 +302,7 @@ class Config:
     dns_upstream: str | None = None
     policy: str | None = None
     policy_timeout: float = attrs.field(default=2.0, validator=_positive_or_none)
+    attribution: bool = True  # name the process behind each flow and query (corral.net.owner)
     data_path: str | None = attrs.field(
         default=None, validator=attrs.validators.optional(_choice(DATA_PATHS))
     )

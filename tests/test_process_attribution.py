@@ -231,3 +231,19 @@ def test_ipv6_and_dual_stack_sockets_are_named(world, tmp_path):
     assert out.proc.returncode == 0, out.dump()
     for dst in (ECHO_V6, ECHO_V4):
         assert out.connect(dst_ip=dst)["process"]["argv"] == [PY, prog], out.dump()
+
+
+def test_no_attribution_leaves_the_process_out_and_says_why(world, tmp_path):
+    child = script(tmp_path, "fetch.py", CONNECT)
+    out = run(world, tmp_path, ["--allow", ECHO_V4, "--no-attribution"],
+              [PY, child, ECHO_V4, str(PORT_ECHO)])
+    assert out.proc.returncode == 0, out.dump()
+    ev = out.connect(dst_ip=ECHO_V4)
+    assert ev["process"] is None and ev["process_unknown"] == owner.OFF, out.dump()
+
+
+def test_no_attribution_with_a_rule_scoped_to_a_program_is_refused(world, tmp_path):
+    # A scoped deny would never match without the process: refusing the pair fails closed.
+    out = run(world, tmp_path, ["--deny", f"{ECHO_V4}@curl", "--no-attribution"], ["true"])
+    assert out.proc.returncode == 2, out.dump()
+    assert "needs process attribution" in out.proc.stderr and "--no-attribution" in out.proc.stderr

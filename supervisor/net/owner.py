@@ -19,27 +19,22 @@ them all: ``Process.others``.  The lookup runs when the stack sees the flow's
 first packet: a TCP client is then blocked in connect(), a DNS client waits for
 its answer, so the process is there; a UDP sender that closed its socket right
 after sendto() may not be, and its flow says why (``process_unknown``).
+
+The two loops over system calls (the sock_diag requests, the fd links) run in
+the Go library (netstack_go/owners.go, ``corral_socket_inodes`` /
+``corral_socket_holders``): there they cost about half what they cost here.
 """
 
-import errno
 import logging
 import os
 import socket
-import struct
 
+from corral.bindings import netstack
 from ..policy import Process
 from ..policy._process import program_label
 
 log = logging.getLogger("corral.net")
 
-NETLINK_SOCK_DIAG = 4
-SOCK_DIAG_BY_FAMILY = 20
-NLMSG_ERROR = 2
-NLM_F_REQUEST = 1
-NOCOOKIE = 0xFFFFFFFF
-_REQ = struct.Struct("=IHHII BBBBI HH16s16sIII")  # nlmsghdr + inet_diag_req_v2 (ports big-endian below)
-_HDR = struct.Struct("=IHHII")
-_INODE_AT = _HDR.size + 4 + 48 + 16  # inet_diag_msg: ..., idiag_uid, idiag_inode
 _PROTO = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 
 # Why a flow has no process (docs/events.md).
@@ -47,40 +42,55 @@ GONE = "the socket was closed before it could be looked up (its process had alre
 ORPHAN = "no process in the sandbox holds the socket any more (its process ended)"
 ICMP = "ICMP echo sockets are not listed by sock_diag"
 NO_DIAG = "process attribution is unavailable (the sandbox's sock_diag socket could not be opened)"
+OFF = "process attribution is off (--no-attribution)"
 
-BATCH = 64  # sock_diag requests per datagram
-DIAG_TIMEOUT = 0.5  # seconds for the kernel's sock_diag answer (it takes microseconds)
+DIAG_TIMEOUT_MS = 500  # for the kernel's sock_diag answers (they take microseconds)
+HOLDERS_MAX = 16  # processes named as holding one socket
 ARGV_MAX = 16  # argv elements kept
 ARG_MAX_CHARS = 256  # characters kept of each
 ANCESTRY_MAX = 32
+DIRS_MAX = 256  # /proc/PID fds kept open between batches
+
+
+_PACKED = {}  # address -> (4 or 6, 16 bytes): a sandbox talks to few addresses
+_PACKED_MAX = 4096
 
 
 def _packed(ip):
-    """(family, 16 bytes) of an address given as text or an ipaddress object."""
-    text = str(ip)
-    if ":" in text:
-        return socket.AF_INET6, socket.inet_pton(socket.AF_INET6, text)
-    return socket.AF_INET, socket.inet_pton(socket.AF_INET, text) + bytes(12)
+    """(4 or 6, 16 bytes) of an address given as text or an ipaddress object."""
+    found = _PACKED.get(ip)
+    if found is None:
+        text = str(ip)
+        if ":" in text:
+            found = 6, socket.inet_pton(socket.AF_INET6, text)
+        else:
+            found = 4, socket.inet_pton(socket.AF_INET, text) + bytes(12)
+        if len(_PACKED) >= _PACKED_MAX:
+            _PACKED.clear()
+        _PACKED[ip] = found
+    return found
 
 
 class Owners:
     """Flow -> :class:`Process`.  ``lookup`` is synchronous and cheap (one netlink
     round trip, then reading the fds of the sandbox's few processes)."""
 
-    def __init__(self, diag_fd, root_pid):
+    def __init__(self, diag_fd, root_pid, unavailable=NO_DIAG):
         self._sock = socket.socket(fileno=diag_fd) if diag_fd is not None else None
-        if self._sock is not None:
-            self._sock.settimeout(DIAG_TIMEOUT)  # never hang the supervisor on an answer
+        self._unavailable = unavailable  # why no flow has a process without the socket
         self._root_pid = root_pid  # () -> pid 1 of the sandbox, in our pid namespace
         self._root = None
         self._tree = None
         self.exact = False  # walk the process tree on every lookup (see _holders)
         self._seq = 0
+        self._dirs = {}  # host pid -> fd of /proc/PID (see _dir)
+        self._nspids = {}  # host pid -> its pid in the sandbox
 
     def close(self):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._forget()
 
     def lookup(self, proto, src_ip, src_port, dst_ip, dst_port):
         """(Process, None) or (None, reason)."""
@@ -92,7 +102,7 @@ class Owners:
         sandbox's fds for them all (a batch of new flows costs one scan)."""
         results = [None] * len(flows)
         if self._sock is None or self._root_pid() is None:
-            return [(None, NO_DIAG)] * len(flows)
+            return [(None, self._unavailable)] * len(flows)
         self._root = self._root_pid()
         inodes = {}
         asks = {}
@@ -101,21 +111,17 @@ class Owners:
                 results[i] = (None, ICMP)
                 continue
             family, src = _packed(src_ip)
-            asks[i] = (proto, family, src, src_port, _packed(dst_ip)[1], dst_port)
+            asks[i] = (_PROTO[proto], family, src, src_port, _packed(dst_ip)[1], dst_port)
         try:
-            found = self._inodes(asks)
-            # a v4 flow from a dual-stack AF_INET6 socket: ask again as ::ffff:a.b.c.d
-            mapped = bytes(10) + b"\xff\xff"
-            again = {i: (a[0], socket.AF_INET6, mapped + a[2][:4], a[3], mapped + a[4][:4], a[5])
-                     for i, a in asks.items() if found.get(i) is None and a[1] == socket.AF_INET}
-            found.update(self._inodes(again))
+            found = dict(zip(asks, netstack.socket_inodes(self._sock.fileno(), list(asks.values()),
+                                                          DIAG_TIMEOUT_MS)))
         except OSError as exc:
             log.warning("process attribution: sock_diag failed (%s)", exc)
             for i in asks:
                 results[i] = (None, "sock_diag failed: %s" % (exc.strerror or exc))
             return results
         for i in asks:
-            if found.get(i) is None:
+            if not found[i]:
                 results[i] = (None, GONE)
             else:
                 inodes[i] = found[i]
@@ -135,55 +141,6 @@ class Owners:
                     first = first.with_others(tuple(procs[1:]))
                 results[i] = (first, None)
         return results
-
-    # -- sock_diag ---------------------------------------------------------------
-    def _inodes(self, asks):
-        """{key: socket inode or None} for {key: (proto, family, src, sport, dst, dport)}:
-        the requests go out in one datagram (at most BATCH at a time, so the answers
-        fit the socket's buffer), the kernel's answers are matched by sequence number."""
-        out = {}
-        items = list(asks.items())
-        for at in range(0, len(items), BATCH):
-            chunk = items[at:at + BATCH]
-            wanted = {}
-            buf = bytearray()
-            for key, (proto, family, src, sport, dst, dport) in chunk:
-                if proto == "udp":  # udp_dump_one swaps src and dst ("for historical reasons")
-                    src, sport, dst, dport = dst, dport, src, sport
-                self._seq = (self._seq + 1) & 0xFFFFFFFF
-                wanted[self._seq] = key
-                msg = bytearray(_REQ.pack(_REQ.size, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST, self._seq, 0,
-                                          family, _PROTO[proto], 0, 0, 0xFFFFFFFF,
-                                          0, 0, src, dst, 0, NOCOOKIE, NOCOOKIE))
-                struct.pack_into("!HH", msg, _HDR.size + 8, sport, dport)  # big-endian ports
-                buf += msg
-            self._sock.send(buf)
-            while wanted:
-                data, addr = self._sock.recvfrom(65536)
-                if addr[0] != 0:  # not from the kernel: ignore
-                    continue
-                self._answers(data, wanted, out)
-        return out
-
-    @staticmethod
-    def _answers(data, wanted, out):
-        offset = 0
-        while offset + _HDR.size <= len(data):
-            length, kind, _flags, seq, _pid = _HDR.unpack_from(data, offset)
-            if length < _HDR.size:
-                break
-            key = wanted.pop(seq, None)  # an answer to an older, timed-out request: skipped
-            if key is not None:
-                if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, offset + _HDR.size)[0]
-                    if code not in (0, errno.ENOENT):
-                        raise OSError(code, os.strerror(code))
-                    out[key] = None
-                elif kind == SOCK_DIAG_BY_FAMILY and length >= _INODE_AT + 4:
-                    out[key] = struct.unpack_from("=I", data, offset + _INODE_AT)[0] or None
-                else:
-                    out[key] = None
-            offset += (length + 3) & ~3
 
     # -- /proc -------------------------------------------------------------------
     def _build_tree(self):
@@ -210,27 +167,42 @@ class Owners:
         self._tree = tree
         return tree
 
-    def _scan(self, pids, inodes, found):
-        targets = {"socket:[%d]" % inode: inode for inode in inodes}
-        for pid in pids:
-            if pid == self._root:
-                continue  # corral's own pid 1 holds no flow of the command
-            base = "/proc/%d/fd/" % pid
+    def _dir(self, pid):
+        """An fd of ``/proc/PID``, kept between batches: it stays bound to that one
+        process (reads through it fail once the process is gone, even if its pid is
+        reused), and reading through it skips the path walk."""
+        fd = self._dirs.get(pid)
+        if fd is None:
+            if len(self._dirs) >= DIRS_MAX:  # a sandbox of many processes: start again
+                self._forget()
             try:
-                fds = os.listdir(base)
+                fd = os.open("/proc/%d" % pid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             except OSError:
-                continue
-            left = len(targets)
-            for fd in fds:
-                try:
-                    inode = targets.get(os.readlink(base + fd))
-                except OSError:
-                    continue
-                if inode is not None and pid not in found.setdefault(inode, []):
+                return None
+            self._dirs[pid] = fd
+        return fd
+
+    def _drop(self, pid):
+        """``pid`` has ended (a read through its /proc fd failed)."""
+        fd = self._dirs.pop(pid, None)
+        self._nspids.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _forget(self):
+        for fd in self._dirs.values():
+            os.close(fd)
+        self._dirs.clear()
+        self._nspids.clear()
+
+    def _scan(self, pids, inodes, found):
+        """Add to ``found`` the holders of ``inodes`` among ``pids`` (their fd links)."""
+        pids = [pid for pid in pids if pid != self._root]  # corral's pid 1 holds no flow of the command
+        order = list(inodes)
+        for inode, holders in zip(order, netstack.socket_holders(order, pids, HOLDERS_MAX)):
+            for pid in holders:
+                if pid not in found.setdefault(inode, []):
                     found[inode].append(pid)
-                    left -= 1
-                    if not left:
-                        break  # this process holds them all: the rest of its fds cannot add a holder
 
     def _holders(self, inodes):
         """{inode: [host pids holding it]}.  The process tree is cached between
@@ -258,17 +230,21 @@ class Owners:
             memo[pid] = self._read_static(pid)
         return memo[pid]
 
-    @staticmethod
-    def _read_static(pid):
+    def _read_static(self, pid):
+        proc = self._dir(pid)
+        if proc is None:
+            return None
         try:
-            with open("/proc/%d/status" % pid, "rb") as f:
-                status = f.read()
-            nspid = int([ln for ln in status.splitlines() if ln.startswith(b"NSpid:")][0].split()[-1])
-            exe = _readlink("/proc/%d/exe" % pid)
-            cwd = _readlink("/proc/%d/cwd" % pid)
-            with open("/proc/%d/cmdline" % pid, "rb") as f:
-                raw = f.read(ARGV_MAX * (ARG_MAX_CHARS + 1) * 4)
+            nspid = self._nspids.get(pid)
+            if nspid is None:  # fixed for the life of the process the fd is bound to
+                status = _read_at(proc, "status", 1 << 16)
+                nspid = self._nspids[pid] = int(
+                    [ln for ln in status.splitlines() if ln.startswith(b"NSpid:")][0].split()[-1])
+            exe = _readlink("exe", proc)
+            cwd = _readlink("cwd", proc)
+            raw = _read_at(proc, "cmdline", ARGV_MAX * (ARG_MAX_CHARS + 1) * 4)
         except (OSError, IndexError, ValueError):
+            self._drop(pid)
             return None
         argv = tuple(a.decode("utf-8", "replace")[:ARG_MAX_CHARS] for a in raw.split(b"\0")[:-1][:ARGV_MAX])
         return nspid, exe, argv, cwd
@@ -306,6 +282,20 @@ class Owners:
         )
 
 
-def _readlink(path):
-    link = os.readlink(path)
+def _readlink(name, proc):
+    link = os.readlink(name, dir_fd=proc)
     return link[: -len(" (deleted)")] if link.endswith(" (deleted)") else link
+
+
+def _read_at(proc, name, limit):
+    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=proc)
+    try:
+        data = os.read(fd, limit)
+        while data and len(data) < limit:  # procfs may answer a page at a time
+            more = os.read(fd, limit - len(data))
+            if not more:
+                break
+            data += more
+        return data
+    finally:
+        os.close(fd)

@@ -390,7 +390,14 @@ def plan(config, callbacks):
     if on_packet and mode != "pump":
         raise ConfigError("an on_packet filter needs the pump data path. Fix: drop "
                           "--data-path direct (pump is chosen automatically)")
-    return Plan(policy=build_policy(config), callbacks=callbacks, mode=mode,
+    policy = build_policy(config)
+    if not config.attribution:
+        scoped = [rule for rule in (*policy.allow, *policy.deny) if rule.scope is not None]
+        if scoped:
+            raise ConfigError("rule %r is scoped to a program, which needs process attribution. "
+                              "Fix: drop --no-attribution (attribution=False), or the @ scope"
+                              % scoped[0].text)
+    return Plan(policy=policy, callbacks=callbacks, mode=mode,
                 upstreams=dnsmod.host_upstreams(config.dns_upstream),
                 publish=tuple(parse_publish(text) for text in config.publish))
 
