@@ -44,6 +44,8 @@ NETBENCH_PORT = 8000
 IPERF_PORT = 5201
 RUN_TIMEOUT = 120
 POLICY_ALLOW_ALL = HERE / "policy_allow_all.py"
+# Variants of "corral direct" measured for new connections/s only: what a feature costs.
+CONNRATE_ONLY = ("corral direct, no attribution", "corral direct, async on_connect")
 
 METRICS = [
     ("up_gbps", "iperf3 up, Gbit/s"),
@@ -76,6 +78,7 @@ def sandbox_prefixes(corral: list[str]) -> dict[str, list[str]]:
         "mini-tapbox": [*drive, "minitapbox", "--allow-ip", HTTP_V4, "--"],
         "corral direct": [*corral_run, "--data-path", "direct", "--"],
         "corral pump": [*corral_run, "--data-path", "pump", "--"],
+        "corral direct, no attribution": [*corral_run, "--data-path", "direct", "--no-attribution", "--"],
         "corral direct, async on_connect": [
             *corral, "run", "--net", "filtered", "--policy", str(POLICY_ALLOW_ALL),
             "--dns-upstream", DNS_V4, "--data-path", "direct", "--",
@@ -196,7 +199,7 @@ def main() -> None:
                 skipped[name] = f"does not work yet: {exc}"
                 print(f"skipping {name}: {exc}", file=sys.stderr)
                 continue
-            if "on_connect" in name:
+            if name in CONNRATE_ONLY:
                 paths[name] = (lambda p=prefix: {"conns_per_s": bench.connrate(p)})
             else:
                 paths[name] = (lambda p=prefix: bench.all_metrics(p))
