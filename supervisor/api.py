@@ -136,10 +136,14 @@ def run_config(config: Config, argv: Argv, *, on_warning: Callable[[str], None] 
 
 
 async def _run_async(config, argv, capture_output, input, callbacks, on_warning=None,
-                     on_timeout=None, forward_signals=False):
+                     on_timeout=None, cli=False):
+    """``cli``: `corral run` itself, which forwards signals to the sandbox and exits
+    as soon as this returns."""
+    forward_signals = cli
     pipe = subprocess.PIPE if capture_output else None
     async with open_sandbox(config, on_warning=on_warning, **callbacks) as box:
         box._on_timeout = on_timeout
+        box._process_exits = cli
         with contextlib.ExitStack() as stack:
             if forward_signals:
                 receiver = stack.enter_context(trio.open_signal_receiver(*stage1.FORWARDED))
@@ -217,6 +221,10 @@ class Sandbox:
     _on_warning: object = None
     _on_timeout: object = None
     _ended: trio.Event | None = None  # set once the sandbox has fully ended
+    # The process exits right after the sandbox ends (`corral run`): what the exit frees
+    # anyway (the Go stack's memory and goroutines, the scratch tree in the background)
+    # is not waited for, so corral exits right after the command (issue 11).
+    _process_exits: bool = False
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
     report: dict | None = None
@@ -346,7 +354,10 @@ class Sandbox:
     async def _finish_end(self):
         with trio.CancelScope(shield=True):
             if self.network is not None:
-                await self.network.aclose()
+                await self.network.aclose(free=not self._process_exits)
+                if self.network.tap_fd >= 0:
+                    _launch.close_later(self.network.tap_fd)
+                    self.network.tap_fd = -1
         result = self.process.result if self.process is not None else None
         if result is not None:
             self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal,
@@ -553,7 +564,8 @@ class Process:
                 self._box.changes = collect_changes(
                     self._launch.scratch, overlays=_launch.planned_overlays(self._launch))
         finally:
-            _launch._cleanup_scratch(self._launch)
+            _launch._cleanup_scratch(self._launch, background=self._box._process_exits
+                                     and not self._box.wants_report)
 
     async def wait(self) -> int:
         """Wait for the command; return its exit code (128+N for signal N).

@@ -389,7 +389,7 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None)
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
-        _cleanup_scratch(launch, background=can_fork())
+        _cleanup_scratch(launch, background=True)
 
 
 def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout):
@@ -424,8 +424,9 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
 
 def _cleanup_scratch(launch, background=False):
     """Keep the overlay record where --keep-changes asks, else remove scratch
-    (in a detached grandchild when ``background``: removing a few dozen overlay
-    directories costs 10-20 ms that the caller need not wait for)."""
+    (in the background when ``background``: removing a few dozen overlay
+    directories costs 10-20 ms that the caller need not wait for — a detached
+    grandchild when this process may fork, else a detached fresh interpreter)."""
     scratch = launch.scratch
     if launch.keep is not None:
         try:
@@ -436,7 +437,17 @@ def _cleanup_scratch(launch, background=False):
             log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
                         scratch)
         return
-    if background:
+    if background and not can_fork():  # threads or Go here: spawn (vfork + exec), never fork
+        import subprocess
+
+        try:
+            subprocess.Popen([sys.executable, "-I", "-c", _REMOVE, scratch], stdin=subprocess.DEVNULL,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True, close_fds=True)
+            return
+        except OSError as exc:
+            log.debug("removing %s in the background failed (%s): removing it now", scratch, exc)
+    elif background:
         pid = os.fork()
         if pid == 0:
             try:
@@ -447,6 +458,35 @@ def _cleanup_scratch(launch, background=False):
         os.waitpid(pid, 0)
         return
     remove_tree(scratch)
+
+
+_REMOVE = "import sys; from corral.launch import remove_tree; remove_tree(sys.argv[1])"
+
+
+def close_later(fd):
+    """Leave the last close of ``fd`` to a detached process that outlives this one,
+    which is about to exit: for a descriptor whose last close is slow (a TAP
+    device's: unregistering it waits for RCU grace periods, ~40 ms).  The helper
+    is `cat` reading a pipe whose only writer is this process: it ends when this
+    process does, and its exit closes the fd.  Falls back to closing it here."""
+    import shutil
+    import subprocess
+
+    cat = shutil.which("cat", path=os.defpath) or "/bin/cat"
+    try:
+        r, w = os.pipe()  # w: close-on-exec, so no other child holds it
+        try:
+            subprocess.Popen([cat], stdin=r, pass_fds=(fd,), stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+        finally:
+            os.close(r)
+        _EXIT_PIPES.append(w)  # closed by this process's exit
+    except OSError as exc:
+        log.debug("closing fd %d in a helper failed (%s): closing it here", fd, exc)
+    os.close(fd)
+
+
+_EXIT_PIPES = []
 
 
 def remove_tree(path):

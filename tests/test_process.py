@@ -198,3 +198,33 @@ def test_unwritable_scratch_dir_is_a_one_line_error(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.decode().strip().splitlines()
     assert len(lines) == 1 and "not writable" in lines[0] and "--scratch" in lines[0]
+
+
+def _tun_holders():
+    """Our processes that hold a /dev/net/tun fd (a sandbox's TAP device)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            links = [os.readlink("/proc/%s/fd/%s" % (pid, fd)) for fd in os.listdir("/proc/%s/fd" % pid)]
+        except OSError:
+            continue  # gone, or not ours
+        if "/dev/net/tun" in links:
+            found.append(int(pid))
+    return found
+
+
+@pytest.mark.parametrize("net", ["filtered", "none"])
+def test_what_corral_leaves_to_finish_after_its_exit_finishes_soon(tmp_path, net):
+    # `corral run` exits without waiting for its scratch tree's removal nor for its TAP
+    # device's teardown; both happen in helpers that must not outlive it for long.
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    before = set(_tun_holders())
+    result = corral("run", "--net", net, "--scratch", str(scratch), "--", "sh", "-c",
+                    "mkdir -p /tmp/a/b && echo x > /tmp/a/b/f && echo x > $HOME/.corral-probe || true")
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 10
+    while (os.listdir(scratch) or set(_tun_holders()) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(scratch) == []
+    assert set(_tun_holders()) - before == set()
