@@ -247,3 +247,33 @@ def test_no_attribution_with_a_rule_scoped_to_a_program_is_refused(world, tmp_pa
     out = run(world, tmp_path, ["--deny", f"{ECHO_V4}@curl", "--no-attribution"], ["true"])
     assert out.proc.returncode == 2, out.dump()
     assert "needs process attribution" in out.proc.stderr and "--no-attribution" in out.proc.stderr
+
+
+CROWD = """
+import os, socket, sys, time
+s = socket.socket()
+kids = []
+for _ in range(int(sys.argv[3])):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(3)  # holds the inherited socket while the parent connects
+        os._exit(0)
+    kids.append(pid)
+s.settimeout(5)
+s.connect((sys.argv[1], int(sys.argv[2])))
+s.sendall(b"x")
+s.recv(10)
+for pid in kids:
+    os.kill(pid, 9)
+"""
+
+
+@pytest.mark.parametrize("option", [[], ["--allow", f"{ECHO_V4}@python3"]])  # plain, and exact mode
+def test_a_socket_held_by_many_processes_names_every_one(world, tmp_path, option):
+    # More holders than the first pass has room for: none may be left out (a scoped
+    # allow needs every holder in scope).
+    prog = script(tmp_path, "crowd.py", CROWD)
+    out = run(world, tmp_path, ["--allow", ECHO_V4, *option], [PY, prog, ECHO_V4, str(PORT_ECHO), "20"])
+    assert out.proc.returncode == 0, out.dump()
+    proc = out.connect(dst_ip=ECHO_V4)["process"]
+    assert 1 + len(proc["others"]) == 21, out.dump()

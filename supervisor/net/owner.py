@@ -45,7 +45,7 @@ NO_DIAG = "process attribution is unavailable (the sandbox's sock_diag socket co
 OFF = "process attribution is off (--no-attribution)"
 
 DIAG_TIMEOUT_MS = 500  # for the kernel's sock_diag answers (they take microseconds)
-HOLDERS_MAX = 16  # processes named as holding one socket
+HOLDERS_MAX = 16  # room for the holders of one socket in the first pass (then: all)
 ARGV_MAX = 16  # argv elements kept
 ARG_MAX_CHARS = 256  # characters kept of each
 ANCESTRY_MAX = 32
@@ -199,7 +199,13 @@ class Owners:
         """Add to ``found`` the holders of ``inodes`` among ``pids`` (their fd links)."""
         pids = [pid for pid in pids if pid != self._root]  # corral's pid 1 holds no flow of the command
         order = list(inodes)
-        for inode, holders in zip(order, netstack.socket_holders(order, pids, HOLDERS_MAX)):
+        found_all = netstack.socket_holders(order, pids, HOLDERS_MAX)
+        crowded = [i for i, holders in enumerate(found_all) if len(holders) == HOLDERS_MAX]
+        if crowded:  # every holder counts (a scoped allow needs all in scope): ask again, room for all
+            more = netstack.socket_holders([order[i] for i in crowded], pids, max(len(pids), 1))
+            for i, holders in zip(crowded, more):
+                found_all[i] = holders
+        for inode, holders in zip(order, found_all):
             for pid in holders:
                 if pid not in found.setdefault(inode, []):
                     found[inode].append(pid)
