@@ -128,18 +128,23 @@ def run(argv: Argv, *, config: Config | None = None, capture_output: bool = Fals
 
 
 def run_config(config: Config, argv: Argv, *, on_warning: Callable[[str], None] | None = None,
-               on_timeout: Callable[[float], None] | None = None) -> Result:
+               on_timeout: Callable[[float], None] | None = None,
+               started: "_launch.Started | None" = None) -> Result:
     """What ``corral run`` calls for sandboxes with a userspace network.  As
-    the process's own supervisor, it forwards signals to the sandbox."""
+    the process's own supervisor, it forwards signals to the sandbox.
+    ``started``: the stage-1 :func:`corral.launch.start_early` started for
+    ``argv`` before this module was imported, to adopt."""
     argv = _check_argv(argv)
-    return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout, True)
+    return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout, True,
+                    started)
 
 
 async def _run_async(config, argv, capture_output, input, callbacks, on_warning=None,
-                     on_timeout=None, forward_signals=False):
+                     on_timeout=None, forward_signals=False, started=None):
     pipe = subprocess.PIPE if capture_output else None
     async with open_sandbox(config, on_warning=on_warning, **callbacks) as box:
         box._on_timeout = on_timeout
+        box._started = started
         with contextlib.ExitStack() as stack:
             if forward_signals:
                 receiver = stack.enter_context(trio.open_signal_receiver(*stage1.FORWARDED))
@@ -218,6 +223,7 @@ class Sandbox:
     _on_timeout: object = None
     _ended: trio.Event | None = None  # set once the sandbox has fully ended
     changes: object = None  # overlay changes, collected at exit when a report is wanted
+    _started: object = None  # a launch.Started that start() adopts instead of spawning
     _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
     report: dict | None = None
     _outputs: dict = attrs.field(factory=dict, repr=False)  # --report/--suggest/--pcap
@@ -299,14 +305,19 @@ class Sandbox:
             self._netplan = service.plan(self.config, self.callbacks)
         elif any(self.callbacks.values()):
             raise ConfigError("policy callbacks need net='filtered' (the default network mode)")
-        prepared = _launch.prepare(self.config, argv)
-        for warning in prepared.warnings:
-            if self._on_warning:
-                self._on_warning(warning)
-            else:
-                log.warning("%s", warning)
-        self.process = proc = Process(self, prepared)
-        proc._spawn(stdin, stdout, stderr)
+        started = self._started
+        if started is not None:  # corral run: planned, warned and spawned before trio was loaded
+            self.process = proc = Process(self, started.launch)
+            proc._adopt(started)
+        else:
+            prepared = _launch.prepare(self.config, argv)
+            for warning in prepared.warnings:
+                if self._on_warning:
+                    self._on_warning(warning)
+                else:
+                    log.warning("%s", warning)
+            self.process = proc = Process(self, prepared)
+            proc._spawn(stdin, stdout, stderr)
         if self.config.net == "filtered":  # the network's imports overlap the sandbox's set-up
             self._nursery.start_soon(trio.to_thread.run_sync, service.preload)
         if self.config.monitor:
@@ -413,18 +424,26 @@ class Process:
         return None if self.result is None else self.result.exit_code
 
     def _spawn(self, stdin, stdout, stderr):
-        # Popen runs here, in the main thread: PR_SET_PDEATHSIG fires when the
-        # *thread* that forked the child exits, so a trio worker thread would
-        # kill the sandbox when the thread cache retires it.
+        # The fork (or Popen) runs here, in the main thread: PR_SET_PDEATHSIG fires
+        # when the *thread* that forked the child exits, so a trio worker thread
+        # would kill the sandbox when the thread cache retires it.
         stdio = (stdin, stdout, stderr)
         self._relay = _launch.stdio_relay(tuple(_stdio_fd(v, fd) for fd, v in enumerate(stdio)))
         try:
-            self._popen, self._ctl = _launch.exec_stage1(self._launch,
-                                                         self._relay.popen_stdio(stdio))
+            self._popen, self._ctl = _launch.spawn_stage1(self._launch, self._relay, stdio)
         except BaseException:
             self._relay.close()
             raise
         self._relay.spawned()
+        self._supervision()
+
+    def _adopt(self, started):
+        """Take over a stage-1 started earlier (:class:`corral.launch.Started`)."""
+        started.adopted = True
+        self._popen, self._ctl, self._relay = started.process, started.ctl, started.relay
+        self._supervision()
+
+    def _supervision(self):
         config = self._box.config
         self._machine = _supervise.Supervision(
             stage1_pid=self._popen.pid, now=trio.current_time(), timeout=config.timeout,

@@ -252,9 +252,18 @@ def main(argv=None):
             return EXIT_USAGE
     try:
         if config.net == "filtered" or config.events or config.monitor or config.audit or config.report or config.suggest:
-            from . import api
+            from . import launch
 
-            result = api.run_config(config, command_argv, on_warning=_say, on_timeout=_timed_out)
+            # stage-1 first (a fork, nothing heavy loaded yet): trio, the network and
+            # the policy load while it builds the sandbox; the command waits for them
+            started = launch.start_early(config, command_argv, on_warning=_say)
+            try:
+                from . import api
+
+                result = api.run_config(config, command_argv, on_warning=_say,
+                                        on_timeout=_timed_out, started=started)
+            finally:
+                started.abandon()
         else:
             from . import launch
 

@@ -46,6 +46,8 @@ FORWARDED = (
     signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
 )
 MAX_MESSAGE = 1 << 20
+# Signals C ignores: it dies only with P (PR_SET_PDEATHSIG), D decides the rest.
+KEEP_OUT = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM)
 
 FIXES = {
     "unshare": "check `corral doctor`: unprivileged user namespaces must be enabled "
@@ -151,19 +153,23 @@ def _run_and_exit(ctl, role, body, *args):
     os._exit(code)
 
 
-def stage1(ctl, spec, parent_pid):
-    """Run as C; never returns (except in E, by raising :class:`Entered`)."""
-    _run_and_exit(ctl, "stage-1", _stage1, spec, parent_pid)
+def stage1(ctl, spec, parent_pid, prelude=None):
+    """Run as C; never returns (except in E, by raising :class:`Entered`).
+    ``prelude()``: what a C forked from P does first, once it dies with P
+    (its stdio, dropping P's fds); a failure there is reported like a step's."""
+    _run_and_exit(ctl, "stage-1", _stage1, spec, parent_pid, prelude)
 
 
-def _stage1(ctl, spec, parent_pid):
+def _stage1(ctl, spec, parent_pid, prelude=None):
     libc.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # P died before PDEATHSIG was armed
         return 1
     # Keyboard signals reach the whole foreground process group; C must
     # outlive them (D decides what happens), and dies only with P.
-    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+    for sig in KEEP_OUT:
         signal.signal(sig, signal.SIG_IGN)
+    if prelude is not None:
+        prelude()
     undertaker, joined = _fork_undertaker()
     _enter_namespaces(spec)
     os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
@@ -349,7 +355,7 @@ def _setup_root(spec):
         ) from None
 
 
-_FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a user can set (fs.nr_open's default)
+FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a user can set (fs.nr_open's default)
 
 
 def _spawn_command(ctl, spec, lifeline, hardened):
@@ -379,7 +385,7 @@ def _spawn_command(ctl, spec, lifeline, hardened):
             # Nothing but stdio goes inside: not the caller's extra fds (`5>>~/file`),
             # not ours (the fork path inherits everything corral holds).
             os.closerange(3, err_w)
-            os.closerange(err_w + 1, _FD_CEILING)
+            os.closerange(err_w + 1, FD_CEILING)
             failed_step = 0
             os.execve(_which(argv[0], env.get("PATH", os.defpath)), argv, env)
         except OSError as exc:
