@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -258,14 +257,14 @@ class Sandbox:
         """Hold every output file's directory before anything starts: a missing
         directory or a planted symlink is refused before the command runs, and
         nothing the sandbox does later redirects the write (corral.fs.outputs)."""
-        from .fs.outputs import OutputFile
-
         config = self.config
         wanted = {"report": config.report, "suggest": config.suggest,
                   "pcap": config.pcap if config.net == "filtered" else None}
         try:
             for key, path in wanted.items():
                 if path:
+                    from .fs.outputs import OutputFile  # only then: start-up
+
                     self._outputs[key] = OutputFile.prepare(path, "--" + key)
         except BaseException:
             self._close_outputs()
@@ -321,6 +320,8 @@ class Sandbox:
         if self.config.net == "filtered":  # the network's imports overlap the sandbox's set-up
             self._nursery.start_soon(trio.to_thread.run_sync, service.preload)
         if self.config.monitor:
+            import shlex
+
             from .events.monitor import run_monitor
 
             self._nursery.start_soon(functools.partial(
