@@ -254,8 +254,7 @@ def fork_stage1(launch, relay=None, stdio=None):
     as E, raising :class:`corral.spawn.stage1.Entered`.  ``relay`` (a
     :class:`corral._stdio.Relay`) puts its pipes on C's fds 0-2; ``stdio``,
     three fds or None (``STDOUT``: fd 1's) for C's 0-2 (see :func:`spawn_stage1`)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stage1.passcred(ours)
+    ours, theirs = _ctl_pair()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
@@ -272,6 +271,21 @@ def fork_stage1(launch, relay=None, stdio=None):
         stage1.stage1(theirs, launch.spec, parent, prelude)  # never returns, but in E
     theirs.close()
     return pid, ours
+
+
+def _ctl_pair():
+    """The ctl socketpair (ours, theirs), both above fd 2: with a closed stdin or
+    stdout (``<&-``) an end would land on 0-2, and C would pass it on to the
+    command as its stdio."""
+    pair = []
+    for sock in socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET):
+        if sock.fileno() <= 2:
+            fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+            sock.close()
+            sock = socket.socket(fileno=fd)
+        pair.append(sock)
+    stage1.passcred(pair[0])
+    return tuple(pair)
 
 
 def _dup_stdio(stdio):
@@ -361,8 +375,7 @@ def exec_stage1(launch, stdio=(None, None, None)):
     included).  ``stdio`` are Popen's stdin/stdout/stderr.  Return (Popen, ctl)."""
     import subprocess
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stage1.passcred(ours)
+    ours, theirs = _ctl_pair()
     fd = theirs.fileno()
     argv = [sys.executable, "-I", "-m", "corral.spawn.stage1", str(fd), str(os.getpid())]
     stdin, stdout, stderr = stdio

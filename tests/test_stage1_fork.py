@@ -182,3 +182,14 @@ def test_bad_input_found_after_the_early_fork_leaves_no_process_and_no_scratch(t
     assert not scratch.exists() or not os.listdir(scratch)
     assert set(_children().get(os.getpid(), [])) <= before
 
+
+
+@pytest.mark.parametrize("net", ["none", "filtered"])
+def test_closed_stdin_and_stdout_stay_closed_and_never_carry_a_corral_fd(net):
+    # With fds 0 and 1 closed, the ctl socket or a pipe of stage-1 or pid 1 would land
+    # there, and the command would get it as its stdin or stdout.
+    probe = "for n in 0 1; do [ -e /proc/$$/fd/$n ] && echo open-$n >&2 || echo closed-$n >&2; done"
+    out = subprocess.run(["sh", "-c", 'exec "$@" <&- >&-', "sh", PY, "-m", "corral", "run",
+                          "--net", net, "--", "sh", "-c", probe],
+                         stderr=subprocess.PIPE, text=True, timeout=60)
+    assert (out.returncode, out.stderr) == (0, "closed-0\nclosed-1\n")
