@@ -403,7 +403,8 @@ class Started:
 
     def abandon(self):
         """Not adopted (bad input found later, an exception, Ctrl-C): kill C,
-        whose death takes D with it, reap it and remove its scratch."""
+        whose death takes D with it, reap it and remove its scratch (nothing
+        ran: nothing for --keep-changes to keep)."""
         if self.adopted:
             return
         self.adopted = True
@@ -413,7 +414,9 @@ class Started:
         finally:
             self.ctl.close()
             self.relay.finish()
-            _cleanup_scratch(self.launch)
+            if self.launch.keep is not None:
+                self.launch.keep.close()
+            remove_tree(self.launch.scratch)
 
 
 def start_early(config, argv, *, on_warning=None):

@@ -173,13 +173,15 @@ def test_kill_9_of_corral_run_before_it_adopted_its_early_stage1_leaves_nothing(
 
 
 def test_bad_input_found_after_the_early_fork_leaves_no_process_and_no_scratch(tmp_path):
-    scratch = tmp_path / "scratch"
+    scratch, kept = tmp_path / "scratch", tmp_path / "kept"
     before = set(_children().get(os.getpid(), []))
-    out = subprocess.run([PY, "-m", "corral", "run", "--scratch", str(scratch), "--allow", "bad:::",
-                          "--", "true"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([PY, "-m", "corral", "run", "--scratch", str(scratch), "--keep-changes",
+                          str(kept), "--allow", "bad:::", "--", "true"],
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "invalid allow rule 'bad:::'" in out.stderr
     assert out.stderr.count("\n") == 1, out.stderr
     assert not scratch.exists() or not os.listdir(scratch)
+    assert not kept.exists()  # nothing ran: nothing kept
     assert set(_children().get(os.getpid(), [])) <= before
 
 
