@@ -195,3 +195,22 @@ def test_closed_stdin_and_stdout_stay_closed_and_never_carry_a_corral_fd(net):
                           "--net", net, "--", "sh", "-c", probe],
                          stderr=subprocess.PIPE, text=True, timeout=60)
     assert (out.returncode, out.stderr) == (0, "closed-0\nclosed-1\n")
+
+
+def test_forked_stage1_drops_the_event_loops_signal_handlers():
+    # trio (here, for SIGUSR1 and SIGWINCH) handles signals through a wakeup fd that is
+    # the supervisor's: a forked stage-1 keeping its handlers would catch those signals
+    # and write them into a fd that is not what it was, where an exec'd one dies of them.
+    out = _run_script("""
+        import signal, trio, corral
+        async def main():
+            with trio.open_signal_receiver(signal.SIGUSR1, signal.SIGWINCH):
+                async with corral.open_sandbox(net="none") as box:
+                    proc = await box.start(["sleep", "30"])
+                    with open("/proc/%d/status" % proc._popen.pid) as f:
+                        line = next(l for l in f if l.startswith("SigCgt:"))
+                    print(int(line.split()[1], 16), bool(forks), len(execs))
+                    proc.kill()
+        trio.run(main)
+    """)
+    assert out == "0 True 0\n"
