@@ -414,9 +414,14 @@ class Started:
         finally:
             self.ctl.close()
             self.relay.finish()
-            if self.launch.keep is not None:
-                self.launch.keep.close()
-            remove_tree(self.launch.scratch)
+            _discard_scratch(self.launch)
+
+
+def _discard_scratch(launch):
+    """Nothing ran: remove the scratch tree, keep no --keep-changes record."""
+    if launch.keep is not None:
+        launch.keep.close()
+    remove_tree(launch.scratch)
 
 
 def start_early(config, argv, *, on_warning=None):
@@ -434,7 +439,7 @@ def start_early(config, argv, *, on_warning=None):
         process, ctl = spawn_stage1(launch, relay)
     except BaseException:
         relay.close()
-        _cleanup_scratch(launch)
+        _discard_scratch(launch)
         raise
     relay.spawned()
     return Started(launch=launch, process=process, ctl=ctl, relay=relay)
