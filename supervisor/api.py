@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import os
-import shlex
 import signal
 import subprocess
 import sys
@@ -128,22 +127,27 @@ def run(argv: Argv, *, config: Config | None = None, capture_output: bool = Fals
 
 
 def run_config(config: Config, argv: Argv, *, on_warning: Callable[[str], None] | None = None,
-               on_timeout: Callable[[float], None] | None = None) -> Result:
+               on_timeout: Callable[[float], None] | None = None,
+               started: "_launch.Started | None" = None) -> Result:
     """What ``corral run`` calls for sandboxes with a userspace network.  As
-    the process's own supervisor, it forwards signals to the sandbox."""
+    the process's own supervisor, it forwards signals to the sandbox.
+    ``started``: the stage-1 :func:`corral.launch.start_early` started for
+    ``argv`` before this module was imported, to adopt."""
     argv = _check_argv(argv)
-    return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout, True)
+    return trio.run(_run_async, config, argv, False, None, {}, on_warning, on_timeout, True,
+                    started)
 
 
 async def _run_async(config, argv, capture_output, input, callbacks, on_warning=None,
-                     on_timeout=None, cli=False):
+                     on_timeout=None, cli=False, started=None):
     """``cli``: `corral run` itself, which forwards signals to the sandbox and exits
-    as soon as this returns."""
+    as soon as this returns.  ``started``: its stage-1, forked early (launch.start_early)."""
     forward_signals = cli
     pipe = subprocess.PIPE if capture_output else None
     async with open_sandbox(config, on_warning=on_warning, **callbacks) as box:
         box._on_timeout = on_timeout
         box._process_exits = cli
+        box._started = started
         with contextlib.ExitStack() as stack:
             if forward_signals:
                 receiver = stack.enter_context(trio.open_signal_receiver(*stage1.FORWARDED))
@@ -226,6 +230,7 @@ class Sandbox:
     # is not waited for, so corral exits right after the command (issue 11).
     _process_exits: bool = False
     changes: object = None  # overlay changes, collected at exit when a report is wanted
+    _started: object = None  # a launch.Started that start() adopts instead of spawning
     _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
     report: dict | None = None
     _outputs: dict = attrs.field(factory=dict, repr=False)  # --report/--suggest/--pcap
@@ -260,14 +265,14 @@ class Sandbox:
         """Hold every output file's directory before anything starts: a missing
         directory or a planted symlink is refused before the command runs, and
         nothing the sandbox does later redirects the write (corral.fs.outputs)."""
-        from .fs.outputs import OutputFile
-
         config = self.config
         wanted = {"report": config.report, "suggest": config.suggest,
                   "pcap": config.pcap if config.net == "filtered" else None}
         try:
             for key, path in wanted.items():
                 if path:
+                    from .fs.outputs import OutputFile  # only then: start-up
+
                     self._outputs[key] = OutputFile.prepare(path, "--" + key)
         except BaseException:
             self._close_outputs()
@@ -307,17 +312,24 @@ class Sandbox:
             self._netplan = service.plan(self.config, self.callbacks)
         elif any(self.callbacks.values()):
             raise ConfigError("policy callbacks need net='filtered' (the default network mode)")
-        prepared = _launch.prepare(self.config, argv)
-        for warning in prepared.warnings:
-            if self._on_warning:
-                self._on_warning(warning)
-            else:
-                log.warning("%s", warning)
-        self.process = proc = Process(self, prepared)
-        proc._spawn(stdin, stdout, stderr)
+        started = self._started
+        if started is not None:  # corral run: planned, warned and spawned before trio was loaded
+            self.process = proc = Process(self, started.launch)
+            proc._adopt(started)
+        else:
+            prepared = _launch.prepare(self.config, argv)
+            for warning in prepared.warnings:
+                if self._on_warning:
+                    self._on_warning(warning)
+                else:
+                    log.warning("%s", warning)
+            self.process = proc = Process(self, prepared)
+            proc._spawn(stdin, stdout, stderr)
         if self.config.net == "filtered":  # the network's imports overlap the sandbox's set-up
             self._nursery.start_soon(trio.to_thread.run_sync, service.preload)
         if self.config.monitor:
+            import shlex
+
             from .events.monitor import run_monitor
 
             self._nursery.start_soon(functools.partial(
@@ -424,18 +436,26 @@ class Process:
         return None if self.result is None else self.result.exit_code
 
     def _spawn(self, stdin, stdout, stderr):
-        # Popen runs here, in the main thread: PR_SET_PDEATHSIG fires when the
-        # *thread* that forked the child exits, so a trio worker thread would
-        # kill the sandbox when the thread cache retires it.
+        # The fork (or Popen) runs here, in the main thread: PR_SET_PDEATHSIG fires
+        # when the *thread* that forked the child exits, so a trio worker thread
+        # would kill the sandbox when the thread cache retires it.
         stdio = (stdin, stdout, stderr)
         self._relay = _launch.stdio_relay(tuple(_stdio_fd(v, fd) for fd, v in enumerate(stdio)))
         try:
-            self._popen, self._ctl = _launch.exec_stage1(self._launch,
-                                                         self._relay.popen_stdio(stdio))
+            self._popen, self._ctl = _launch.spawn_stage1(self._launch, self._relay, stdio)
         except BaseException:
             self._relay.close()
             raise
         self._relay.spawned()
+        self._supervision()
+
+    def _adopt(self, started):
+        """Take over a stage-1 started earlier (:class:`corral.launch.Started`)."""
+        started.adopted = True
+        self._popen, self._ctl, self._relay = started.process, started.ctl, started.relay
+        self._supervision()
+
+    def _supervision(self):
         config = self._box.config
         self._machine = _supervise.Supervision(
             stage1_pid=self._popen.pid, now=trio.current_time(), timeout=config.timeout,

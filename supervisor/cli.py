@@ -6,6 +6,7 @@ the exit status is the command's (128+N when killed by signal N).
 """
 
 import argparse
+import gc
 import os
 import sys
 
@@ -160,17 +161,26 @@ examples:
 """
 
 
-def build_parser():
+SANDBOX_COMMANDS = {"run": "run CMD in a sandbox (network denied by default)",
+                    "audit": "run CMD with the network open and report what it did"}
+
+
+def build_parser(only=None):
+    """The whole parser; ``only="run"`` (or "audit"): just that command's, which
+    parses it alike (start-up: the others' ~60 options and imports are skipped)."""
     parser = _Parser(prog="corral", description="Run untrusted commands in a rootless "
                      "sandbox and see and decide what they do on the network.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, metavar="COMMAND")
-    for name, text in (("run", "run CMD in a sandbox (network denied by default)"),
-                       ("audit", "run CMD with the network open and report what it did")):
+    for name, text in SANDBOX_COMMANDS.items():
+        if only not in (None, name):
+            continue
         p = sub.add_parser(name, help=text, description=text, epilog=EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_sandbox_options(p)
         p.add_argument("argv", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
         p.set_defaults(path_order=[])
+    if only is not None:
+        return parser
     sub.add_parser("doctor", help="check that this machine can run sandboxes")
     from .runtime_cli import add_parsers as add_runtime_parsers
 
@@ -189,7 +199,7 @@ def parse(argv):
     """Return (command, Config | None, argv)."""
     from .config import Config
 
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv and argv[0] in SANDBOX_COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         raise UsageError("no command given. Fix: corral run [OPTIONS] -- CMD, or corral --help")
@@ -227,6 +237,8 @@ def main(argv=None):
     except (UsageError, ConfigError) as exc:
         _say(str(exc))
         return EXIT_USAGE
+    if command not in SANDBOX_COMMANDS:
+        _collector_on()
     if command == "doctor":
         from . import doctor
 
@@ -255,12 +267,25 @@ def main(argv=None):
             return EXIT_USAGE
     try:
         if config.net == "filtered" or config.events or config.monitor or config.audit or config.report or config.suggest:
-            from . import api
+            from . import launch
 
-            result = api.run_config(config, command_argv, on_warning=_say, on_timeout=_timed_out)
+            # stage-1 first (a fork, nothing heavy loaded yet): trio, the network and
+            # the policy load while it builds the sandbox; the command waits for them
+            started = launch.start_early(config, command_argv, on_warning=_say)
+            try:
+                from . import api
+
+                if config.net == "filtered":
+                    from .net import service  # noqa: F401 (loaded with the collector off)
+                _collector_on()
+                result = api.run_config(config, command_argv, on_warning=_say,
+                                        on_timeout=_timed_out, started=started)
+            finally:
+                started.abandon()
         else:
             from . import launch
 
+            _collector_on()
             result = launch.run_blocking(config, command_argv, on_warning=_say,
                                          on_timeout=_timed_out)
     except ConfigError as exc:
@@ -310,13 +335,27 @@ def _diff(args):
 
 def console():
     """Console-script entry: exit without the interpreter's teardown (about
-    10 ms of start-up budget, with nothing left to flush but stdio)."""
+    10 ms of start-up budget, with nothing left to flush but stdio).  The
+    cyclic garbage collector is off while corral starts (a hundred modules
+    load, ~10-15% of their time goes to collections that find nothing);
+    :func:`main` turns it on (:func:`_collector_on`) before the supervision runs."""
+    gc.disable()
     code = main()
     try:
         sys.stdout.flush()
         sys.stderr.flush()
     finally:
         os._exit(code)
+
+
+def _collector_on():
+    """The garbage collector on again, after the start-up's objects (the loaded
+    modules: nothing to collect there) were frozen out of its generations:
+    otherwise its first collection walks them all (~40 ms).  Only when
+    :func:`console` turned it off (a caller of :func:`main` keeps its own)."""
+    if not gc.isenabled():
+        gc.freeze()
+        gc.enable()
 
 
 def _timed_out(seconds):

@@ -247,22 +247,127 @@ def can_fork():
     return threading.active_count() == 1 and "corral.bindings._netstack" not in sys.modules
 
 
-def fork_stage1(launch, relay=None):
-    """Start C as a fork of this process (only while :func:`can_fork`).
-    Return (pid, ctl socket).  In library mode the child comes back out of
-    this call as E, raising :class:`corral.spawn.stage1.Entered`.  ``relay``
-    (a :class:`corral._stdio.Relay`) puts its pipes on C's fds 0-2."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stage1.passcred(ours)
+def fork_stage1(launch, relay=None, stdio=None):
+    """Start C as a fork of this process (only while :func:`can_fork`, from
+    the main thread: PR_SET_PDEATHSIG follows the forking thread).  Return
+    (pid, ctl socket).  In library mode the child comes back out of this call
+    as E, raising :class:`corral.spawn.stage1.Entered`.  ``relay`` (a
+    :class:`corral._stdio.Relay`) puts its pipes on C's fds 0-2; ``stdio``,
+    three fds or None (``STDOUT``: fd 1's) for C's 0-2 (see :func:`spawn_stage1`)."""
+    ours, theirs = _ctl_pair()
     parent = os.getpid()
     pid = os.fork()
     if pid == 0:
         ours.close()
-        if relay is not None:
-            relay.dup_into_child()
-        stage1.stage1(theirs, launch.spec, parent)  # never returns, but in E
+
+        def prelude():
+            if stdio is not None:
+                _dup_stdio(stdio)
+            if relay is not None:
+                relay.dup_into_child()
+            if launch.spec["argv"] is not None:  # not corral.enter: its program goes on in E
+                _forget_parent(theirs.fileno())
+
+        stage1.stage1(theirs, launch.spec, parent, prelude)  # never returns, but in E
     theirs.close()
     return pid, ours
+
+
+def _ctl_pair():
+    """The ctl socketpair (ours, theirs), both above fd 2: with a closed stdin or
+    stdout (``<&-``) an end would land on 0-2, and C would pass it on to the
+    command as its stdio."""
+    pair = []
+    for sock in socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET):
+        if sock.fileno() <= 2:
+            fd = fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, 3)
+            sock.close()
+            sock = socket.socket(fileno=fd)
+        pair.append(sock)
+    stage1.passcred(pair[0])
+    return tuple(pair)
+
+
+def _dup_stdio(stdio):
+    """In a forked C: put ``stdio`` (fds, None: keep ours, STDOUT: fd 1's) on 0-2, as Popen would."""
+    import subprocess
+
+    staged = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3) if fd is not None and fd >= 0 else None
+              for fd in stdio]  # above 2 first: a source may itself be 0, 1 or 2
+    for index, fd in enumerate(staged):
+        if fd is not None:
+            os.dup2(fd, index)
+            os.close(fd)
+    if stdio[2] == subprocess.STDOUT:
+        os.dup2(1, 2)
+
+
+def _forget_parent(keep):
+    """In a forked C: hold what a fresh interpreter would (stdio and the ctl socket
+    ``keep``, as exec_stage1's Popen passes them), not P's other fds (another
+    sandbox's pipes, whose EOF would wait for this one), and not an event loop's
+    signal handling: its wakeup fd is P's, its handlers P's."""
+    os.closerange(3, keep)
+    os.closerange(keep + 1, stage1.FD_CEILING)
+    signal.set_wakeup_fd(-1)
+    for sig in signal.valid_signals():
+        if sig not in stage1.KEEP_OUT and callable(signal.getsignal(sig)):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+class ForkedStage1:
+    """A forked C, with the part of :class:`subprocess.Popen` the drivers use."""
+
+    def __init__(self, pid, stdin=None, stdout=None, stderr=None):
+        self.pid = pid
+        self.returncode = None
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
+    def wait(self):
+        if self.returncode is None:
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+
+def spawn_stage1(launch, relay, stdio=(None, None, None)):
+    """Start C from the calling (main) thread: a fork while :func:`can_fork`
+    (no interpreter to start), else :func:`exec_stage1`.  ``stdio`` are
+    Popen's stdin/stdout/stderr (None, PIPE, DEVNULL, STDOUT, an fd or a file
+    object), the relay's pipes in place of what it relays.  Return (process,
+    ctl); the process has Popen's ``pid``, ``wait()``, ``returncode`` and, for
+    PIPE, ``stdin``/``stdout``/``stderr``."""
+    stdio = relay.popen_stdio(stdio)
+    if not can_fork():
+        return exec_stage1(launch, stdio)
+    import subprocess
+
+    child, ours, opened = [None, None, None], [None, None, None], []
+    try:
+        for index, value in enumerate(stdio):
+            if value == subprocess.PIPE:
+                r, w = os.pipe2(os.O_CLOEXEC)
+                theirs, mine = (r, w) if index == 0 else (w, r)
+                opened.append(theirs)
+                ours[index] = open(mine, "wb" if index == 0 else "rb", buffering=0)
+                child[index] = theirs
+            elif value == subprocess.DEVNULL:
+                child[index] = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+                opened.append(child[index])
+            elif value == subprocess.STDOUT and index == 2:
+                child[index] = value
+            elif value is not None:
+                child[index] = value if isinstance(value, int) else value.fileno()
+        pid, ctl = fork_stage1(launch, relay, child)
+    except BaseException:
+        for stream in ours:
+            if stream is not None:
+                stream.close()
+        raise
+    finally:
+        for fd in opened:
+            os.close(fd)
+    return ForkedStage1(pid, *ours), ctl
 
 
 def exec_stage1(launch, stdio=(None, None, None)):
@@ -270,8 +375,7 @@ def exec_stage1(launch, stdio=(None, None, None)):
     included).  ``stdio`` are Popen's stdin/stdout/stderr.  Return (Popen, ctl)."""
     import subprocess
 
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    stage1.passcred(ours)
+    ours, theirs = _ctl_pair()
     fd = theirs.fileno()
     argv = [sys.executable, "-I", "-m", "corral.spawn.stage1", str(fd), str(os.getpid())]
     stdin, stdout, stderr = stdio
@@ -281,6 +385,64 @@ def exec_stage1(launch, stdio=(None, None, None)):
         theirs.close()
     stage1.send(ours, launch.spec)
     return proc, ours
+
+
+@attrs.define(eq=False)
+class Started:
+    """A stage-1 started before the supervisor's heavy imports (``corral run``:
+    trio, the network, the policy load while C builds the sandbox; issue 11).
+    The command waits for P's go (``wait_go``); the trio driver adopts this
+    (:meth:`corral.api.Sandbox.start`), and until then :meth:`abandon` kills it
+    and releases everything."""
+
+    launch: Launch
+    process: object  # ForkedStage1 or Popen
+    ctl: socket.socket
+    relay: object  # corral._stdio.Relay
+    adopted: bool = False
+
+    def abandon(self):
+        """Not adopted (bad input found later, an exception, Ctrl-C): kill C,
+        whose death takes D with it, reap it and remove its scratch (nothing
+        ran: nothing for --keep-changes to keep)."""
+        if self.adopted:
+            return
+        self.adopted = True
+        try:
+            _supervise.kill(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        finally:
+            self.ctl.close()
+            self.relay.finish()
+            _discard_scratch(self.launch)
+
+
+def _discard_scratch(launch):
+    """Nothing ran: remove the scratch tree, keep no --keep-changes record."""
+    if launch.keep is not None:
+        launch.keep.close()
+    remove_tree(launch.scratch)
+
+
+def start_early(config, argv, *, on_warning=None):
+    """``corral run``'s start for the trio supervisor: plan, then start C at
+    once (a fork: nothing heavy is loaded yet) with the command held until P
+    says go, so that P's imports and network set-up overlap C's namespaces and
+    mounts.  Return a :class:`Started`."""
+    launch = prepare(config, argv)
+    for warning in launch.warnings:
+        if on_warning:
+            on_warning(warning)
+    launch.spec["wait_go"] = True  # nothing runs before P has its events, outputs, network
+    relay = stdio_relay()
+    try:
+        process, ctl = spawn_stage1(launch, relay)
+    except BaseException:
+        relay.close()
+        _discard_scratch(launch)
+        raise
+    relay.spawned()
+    return Started(launch=launch, process=process, ctl=ctl, relay=relay)
 
 
 def in_terminal_foreground():
@@ -324,16 +486,12 @@ def run_blocking(config, argv, *, on_warning=None, on_timeout=None):
             on_warning(warning)
     relay = stdio_relay()
     try:
-        if can_fork():
-            pid, ctl = fork_stage1(launch, relay)
-        else:
-            popen, ctl = exec_stage1(launch, relay.popen_stdio((None, None, None)))
-            pid = popen.pid
+        process, ctl = spawn_stage1(launch, relay)
     except BaseException:
         relay.close()
         _cleanup_scratch(launch)
         raise
-    return supervise_blocking(config, launch, pid, ctl, on_timeout=on_timeout, relay=relay)
+    return supervise_blocking(config, launch, process.pid, ctl, on_timeout=on_timeout, relay=relay)
 
 
 def stdio_relay(fds=(0, 1, 2)):

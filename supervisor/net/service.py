@@ -411,13 +411,15 @@ def plan(config, callbacks):
 
 
 def preload():
-    """Import the heavy parts of the network (the Go netstack and its runtime,
-    cffi, dnspython): called in a worker thread once stage-1 runs, so that this
-    overlaps the sandbox building its namespaces and mounts (DESIGN §2) instead
-    of delaying the spawn.  Best effort: a module that fails to load fails again,
-    with its error, where :func:`start` imports it."""
+    """Import the heavy part of the network that the start needs (the Go netstack
+    and its runtime, cffi): called in a worker thread once stage-1 runs, so that
+    this overlaps the sandbox building its namespaces and mounts (DESIGN §2)
+    instead of delaying the spawn.  Not dnspython (~50-90 ms): the first DNS query
+    loads it (corral.net.dns), a command that asks none never does.  Best effort:
+    a module that fails to load fails again, with its error, where :func:`start`
+    imports it."""
     try:
-        from . import dnsmsg, netstack  # noqa: F401
+        from . import netstack  # noqa: F401
     except Exception:  # reported by start(), in its place
         pass
 

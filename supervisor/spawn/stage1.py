@@ -46,6 +46,8 @@ FORWARDED = (
     signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH,
 )
 MAX_MESSAGE = 1 << 20
+# Signals C ignores: it dies only with P (PR_SET_PDEATHSIG), D decides the rest.
+KEEP_OUT = (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM)
 
 FIXES = {
     "unshare": "check `corral doctor`: unprivileged user namespaces must be enabled "
@@ -151,19 +153,24 @@ def _run_and_exit(ctl, role, body, *args):
     os._exit(code)
 
 
-def stage1(ctl, spec, parent_pid):
-    """Run as C; never returns (except in E, by raising :class:`Entered`)."""
-    _run_and_exit(ctl, "stage-1", _stage1, spec, parent_pid)
+def stage1(ctl, spec, parent_pid, prelude=None):
+    """Run as C; never returns (except in E, by raising :class:`Entered`).
+    ``prelude()``: what a C forked from P does first, once it dies with P
+    (its stdio, dropping P's fds); a failure there is reported like a step's."""
+    _run_and_exit(ctl, "stage-1", _stage1, spec, parent_pid, prelude)
 
 
-def _stage1(ctl, spec, parent_pid):
+def _stage1(ctl, spec, parent_pid, prelude=None):
     libc.set_pdeathsig(signal.SIGKILL)
     if os.getppid() != parent_pid:  # P died before PDEATHSIG was armed
         return 1
     # Keyboard signals reach the whole foreground process group; C must
     # outlive them (D decides what happens), and dies only with P.
-    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTERM):
+    for sig in KEEP_OUT:
         signal.signal(sig, signal.SIG_IGN)
+    if prelude is not None:
+        prelude()
+    closed = _hold_stdio()
     undertaker, joined = _fork_undertaker()
     _enter_namespaces(spec)
     os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
@@ -171,7 +178,7 @@ def _stage1(ctl, spec, parent_pid):
     pid = os.fork()
     if pid == 0:
         os.close(lifeline_w)
-        pid1(ctl, spec, lifeline_r, joined)  # never returns, but in E
+        pid1(ctl, spec, lifeline_r, joined, closed)  # never returns, but in E
     os.close(lifeline_r)
     os.close(joined)
     send(ctl, {"d_pid": pid})
@@ -181,6 +188,24 @@ def _stage1(ctl, spec, parent_pid):
         return 1
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+def _hold_stdio():
+    """Put /dev/null on those of fds 0-2 that are closed (``corral run ... <&-``,
+    a daemon's stdio) and return them: else the next fd C or D opens (a pipe, the
+    lifeline) lands there, and the command would get it as its stdin or stdout.
+    The command gets them closed again, as it was given them (_spawn_command)."""
+    closed = []
+    for fd in (0, 1, 2):
+        try:
+            fcntl.fcntl(fd, fcntl.F_GETFD)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd, inheritable=False)
+                os.close(null)
+            closed.append(fd)
+    return tuple(closed)
 
 
 def _fork_undertaker():
@@ -270,12 +295,13 @@ def _nesting_fix(err):
 # ---------------------------------------------------------------- pid 1 (D)
 
 
-def pid1(ctl, spec, lifeline, joined):
-    """Run as D, pid 1 of the sandbox; never returns (except in E)."""
-    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined)
+def pid1(ctl, spec, lifeline, joined, closed=()):
+    """Run as D, pid 1 of the sandbox; never returns (except in E).
+    ``closed``: the stdio fds the command gets closed (see _hold_stdio)."""
+    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined, closed)
 
 
-def _pid1(ctl, spec, lifeline, joined):
+def _pid1(ctl, spec, lifeline, joined, closed=()):
     libc.set_pdeathsig(signal.SIGKILL)
     if select.select([lifeline], [], [], 0)[0]:  # C died before we armed it
         return 1
@@ -296,7 +322,7 @@ def _pid1(ctl, spec, lifeline, joined):
             return 1  # P went away or refused: run nothing
     os.read(joined, 1)  # the undertaker is in (long since, in practice): see _fork_undertaker
     os.close(joined)
-    child = _spawn_command(ctl, spec, lifeline, hardened)
+    child = _spawn_command(ctl, spec, lifeline, hardened, closed)
     send(ctl, {"child": child}, pid=child)
     code, sig = _supervise(child, mask)
     send(ctl, {"exit": code, "signal": sig})
@@ -349,10 +375,10 @@ def _setup_root(spec):
         ) from None
 
 
-_FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a user can set (fs.nr_open's default)
+FD_CEILING = 1 << 20  # above any RLIMIT_NOFILE a user can set (fs.nr_open's default)
 
 
-def _spawn_command(ctl, spec, lifeline, hardened):
+def _spawn_command(ctl, spec, lifeline, hardened, closed=()):
     argv = spec["argv"]
     # Tells a corral started inside that it is nested (see _nesting_fix).
     env = dict(spec["env"], CORRAL_SANDBOX="1")
@@ -364,6 +390,8 @@ def _spawn_command(ctl, spec, lifeline, hardened):
             os.close(err_w)
             os.close(lifeline)
             ctl.close()
+            for fd in closed:
+                os.close(fd)
             _become_command(spec, hardened)
             # ...but as the Python program it was, not as a fresh exec.
             signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -379,7 +407,9 @@ def _spawn_command(ctl, spec, lifeline, hardened):
             # Nothing but stdio goes inside: not the caller's extra fds (`5>>~/file`),
             # not ours (the fork path inherits everything corral holds).
             os.closerange(3, err_w)
-            os.closerange(err_w + 1, _FD_CEILING)
+            os.closerange(err_w + 1, FD_CEILING)
+            for fd in closed:
+                os.close(fd)
             failed_step = 0
             os.execve(_which(argv[0], env.get("PATH", os.defpath)), argv, env)
         except OSError as exc:
