@@ -552,6 +552,18 @@ def test_a_bind_mounted_file_under_etc_adds_at_most_a_handful_of_operations():
     assert len({upper for upper, _ in pairs}) == len(pairs)
 
 
+def test_a_copy_stops_where_it_would_cost_more_than_the_split():
+    # a bind-mounted file in a directory of few entries over a big tree (/usr): the
+    # split is a few mounts, so the copy may only look at a few entries before giving up
+    line = "90 27 0:40 /x /usr/lib/os-release rw - tmpfs tmpfs rw\n"
+    fs = host(**{"/usr/lib/os-release": Stat("file"), "/usr/share/doc/a": Stat("file")})
+    (usr,) = ops(plan_of(fs, mountinfo=MOUNTINFO + line), "snapshot", "/usr")
+    assert fs.listdir("/usr") == ["bin", "lib", "lib64", "share"]
+    assert usr["max_entries"] == fsplan.SNAPSHOT_ENTRIES_PER_SPLIT_ENTRY * 4
+    (etc,) = ops(plan_of(host(**NETNS_ETC), mountinfo=MOUNTINFO + RESOLV_BIND), "snapshot", "/etc")
+    assert etc["max_entries"] <= fsplan.SNAPSHOT_ENTRIES
+
+
 def test_a_directory_over_a_directory_mount_or_read_only_is_still_split():
     # a mounted directory could hold anything (a copy is for files), and a read-only
     # view's lowerdir-only overlays cost less than a copy
