@@ -176,6 +176,29 @@ def test_snapshot_copy_refuses_host_sockets_and_keeps_unreadable_entries_unreada
     assert os.path.exists(os.path.join(box.scratch, upper, "new.txt"))
 
 
+@pytest.mark.namespaces
+def test_snapshot_shows_a_large_subdirectory_as_an_overlay_of_its_own(box):
+    # copying costs per entry, an overlay per mount: /etc/alternatives (~400 symlinks)
+    # is cheaper as the overlay the split would have made
+    from corral.spawn.mounts import SNAPSHOT_COPY_AT_MOST
+
+    top = _tricky_dir(box)
+    for i in range(SNAPSHOT_COPY_AT_MOST + 1):
+        box.write("conf/many/f%d" % i, "%d\n" % i)
+    try:
+        out = box.run("cd %s; cat bound.conf many/f7; ls many | wc -l; echo x > many/new && "
+                      "echo WROTE" % top, plan=_snapshot_plan(box, top))
+    finally:
+        os.chmod(top + "/locked", 0o700)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["bound", "7", str(SNAPSHOT_COPY_AT_MOST + 1), "WROTE"]
+    assert not os.path.exists(top + "/many/new")
+    overlays = box.manifest()["overlays"]
+    upper = max((u for u, host in overlays.items() if host == top + "/many"),
+                key=lambda u: int(u[6:]))
+    assert os.path.exists(os.path.join(box.scratch, upper, "new"))
+
+
 @pytest.mark.parametrize("why", ["over its bounds", "a directory it may enter but not list"])
 @pytest.mark.namespaces
 def test_snapshot_that_cannot_copy_falls_back_to_the_split(box, why):

@@ -109,16 +109,39 @@ def setup_root(plan_ops):
 
 
 _SNAPSHOT_MODE = 0o1777  # no setuid/setgid bits in a copy (the tmpfs is nosuid anyway)
+# A subdirectory of a snapshot with more entries than that below it is an overlay of its
+# own rather than copied: an overlay costs what ~20-50 entries cost to copy.
+SNAPSHOT_COPY_AT_MOST = 64
 
 
-def _copy_tree(src, dst, max_entries, max_bytes):
+def _holds_more_than(path, limit):
+    """Whether directory ``path`` has more than ``limit`` entries below it (counting
+    stops there; an unreadable part counts as empty)."""
+    seen, todo = 0, [path]
+    while todo:
+        try:
+            it = os.scandir(todo.pop())
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                seen += 1
+                if seen > limit:
+                    return True
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+    return False
+
+
+def _copy_tree(src, dst, max_entries, max_bytes, skip=()):
     """Copy directory ``src`` to a new ``dst``: directories, regular files (content,
     mode, mtime) and symlinks, read with the command's own rights, never following a
     symlink or opening anything but a regular file; sockets, fifos and devices are left
     out.  Returns the host paths to bind read-only over their placeholder (unreadable
     files, directories the command cannot enter), or None when the copy is over
     ``max_entries`` / ``max_bytes`` or meets a directory it may enter but not list
-    (its entries could not be carried)."""
+    (its entries could not be carried).  The directories in ``skip`` are copied
+    empty (something is mounted over them)."""
     entries = size = 0
     binds = []
     todo = [(src, dst)]
@@ -144,7 +167,10 @@ def _copy_tree(src, dst, max_entries, max_bytes):
                     if entry.is_symlink():
                         os.symlink(os.readlink(name, dir_fd=fd), c)
                     elif entry.is_dir(follow_symlinks=False):
-                        if os.access(name, os.X_OK, dir_fd=fd):
+                        if h in skip:
+                            os.mkdir(c, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                                     & _SNAPSHOT_MODE)
+                        elif os.access(name, os.X_OK, dir_fd=fd):
                             if not os.access(name, os.R_OK, dir_fd=fd):
                                 return None
                             todo.append((h, c))
@@ -398,8 +424,9 @@ class _Builder:
         locked), so a copy of it, taken now on a private tmpfs, is the lower layer of
         one writable overlay, recorded like any other.  What the copy cannot read is
         shown by a read-only bind of the host's own entry (an unreadable file; a
-        directory the command cannot enter either).  Over its bounds, or if it meets
-        a directory it can enter but not list, the plan's ``split`` runs instead."""
+        directory the command cannot enter either); a large subdirectory is the
+        split's overlay of it instead.  Over its bounds, or if it meets a directory it
+        can enter but not list, the plan's ``split`` runs instead."""
         path = op["path"]
         if self.snap_root is None:
             self.snap_root = self.scratch + "/snapshot"
@@ -408,7 +435,12 @@ class _Builder:
                        _NOSUID_NODEV, "mode=0700")
         copy = "%s/%d" % (self.snap_root, len(self.snapshots))
         self.snapshots.append(copy)
-        binds = _copy_tree(path, copy, op["max_entries"], op["max_bytes"])
+        # a large subdirectory with nothing mounted below it is its own overlay, as
+        # in the split, rather than copied entry by entry (/etc/alternatives: ~400)
+        own = {o["path"]: o for o in op["split"] if o["op"] == "overlay" and "upper" in o
+               and os.path.dirname(o["path"]) == path}
+        large = {p for p in own if _holds_more_than(p, SNAPSHOT_COPY_AT_MOST)}
+        binds = _copy_tree(path, copy, op["max_entries"], op["max_bytes"], large)
         if binds is None:
             self.run(op["split"])
             return
@@ -425,6 +457,8 @@ class _Builder:
         self.overlays[op["upper"]] = path
         for host in binds:
             self.bind("bind read-only (unreadable)", {"path": host}, host, self.at(host), ro=True)
+        for sub in sorted(large):
+            self.op_overlay(own[sub])
 
     def ro_overlay(self, op):
         """A read-only view of a host directory that, unlike a read-only
