@@ -440,7 +440,10 @@ class _Builder:
         own = {o["path"]: o for o in op["split"] if o["op"] == "overlay" and "upper" in o
                and os.path.dirname(o["path"]) == path}
         large = {p for p in own if _holds_more_than(p, SNAPSHOT_COPY_AT_MOST)}
-        binds = _copy_tree(path, copy, op["max_entries"], op["max_bytes"], large)
+        try:
+            binds = _copy_tree(path, copy, op["max_entries"], op["max_bytes"], large)
+        except OSError:  # whatever went wrong, the split needs no copy
+            binds = None
         if binds is None:
             self.run(op["split"])
             return
