@@ -203,7 +203,9 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
 def planned_overlays(launch):
     """``[(upper, host_path)]`` of every overlay in the plan: what the change
     report reads, from the supervisor's memory rather than from a file."""
-    return [(op["upper"], op["path"]) for op in launch.spec["plan"] if op["op"] == "overlay" and "upper" in op]
+    from .fs import plan as fsplan
+
+    return fsplan.overlays_of(launch.spec["plan"])
 
 
 def _state_root(notes):

@@ -521,15 +521,67 @@ def test_sixty_read_only_host_mounts_add_at_most_a_handful_of_operations():
     assert not [o for o in after.to_json() if o.get("path", "").startswith("/snap/")]
 
 
+RESOLV_BIND = "90 27 0:40 /netns/resolv.conf /etc/resolv.conf rw,relatime - tmpfs tmpfs rw\n"
+NETNS_ETC = {"/etc/resolv.conf": Stat("file"), "/etc/ssl/certs/a.pem": Stat("file"),
+             "/etc/hosts": Stat("file"), "/etc/profile.d/x.sh": Stat("file")}
+
+
 def test_a_bind_mounted_file_keeps_its_directory_writable():
     # what `ip netns exec` and every container do to /etc/resolv.conf: overlayfs refuses
     # /etc as a lower layer then, and a read-only bind would make /etc unwritable
     # (an installer's write to /etc/profile.d would fail instead of being recorded)
-    fs = host(**{"/etc/resolv.conf": Stat("file"), "/etc/ssl/certs/a.pem": Stat("file")})
-    plan = plan_of(fs, mountinfo=MOUNTINFO + "90 27 0:40 /netns/resolv.conf /etc/resolv.conf "
-                   "rw,relatime - tmpfs tmpfs rw\n")
-    assert not ops(plan, "bind", "/etc") and ops(plan, "mkdir", "/etc")
-    assert ops(plan, "overlay", "/etc/ssl")
+    plan = plan_of(host(**NETNS_ETC), mountinfo=MOUNTINFO + RESOLV_BIND)
+    assert not ops(plan, "bind", "/etc") and not ops(plan, "mkdir", "/etc")
+    (etc,) = ops(plan, "snapshot", "/etc")  # a writable overlay of a private copy
+    assert etc["upper"].startswith("/tmp/corral-1000/sb-1/upper/")
+    assert etc["work"].startswith("/tmp/corral-1000/sb-1/work/")
+    # ...and the split, for a copy over its bounds
+    split = {(o["op"], o["path"]) for o in etc["split"]}
+    assert {("mkdir", "/etc"), ("overlay", "/etc/ssl"), ("bind", "/etc/hosts")} <= split
+
+
+def test_a_bind_mounted_file_under_etc_adds_at_most_a_handful_of_operations():
+    before = plan_of(host(**NETNS_ETC))
+    after = plan_of(host(**NETNS_ETC), mountinfo=MOUNTINFO + RESOLV_BIND)
+    assert len(after.ops) <= len(before.ops) + 3
+    assert not [o for o in after.to_json() if o.get("path", "").startswith("/etc/")]
+    # the change report reads every upper layer the plan may mount, the split's too
+    pairs = fsplan.overlays_of(after.to_json())
+    hosts = [host for _, host in pairs]
+    assert "/etc" in hosts and "/etc/ssl" in hosts
+    assert len({upper for upper, _ in pairs}) == len(pairs)
+
+
+def test_a_copy_stops_where_it_would_cost_more_than_the_split():
+    # a bind-mounted file in a directory of few entries over a big tree (/usr): the
+    # split is a few mounts, so the copy may only look at a few entries before giving up
+    line = "90 27 0:40 /x /usr/lib/os-release rw - tmpfs tmpfs rw\n"
+    fs = host(**{"/usr/lib/os-release": Stat("file"), "/usr/share/doc/a": Stat("file")})
+    (usr,) = ops(plan_of(fs, mountinfo=MOUNTINFO + line), "snapshot", "/usr")
+    assert fs.listdir("/usr") == ["bin", "lib", "lib64", "share"]
+    assert usr["max_entries"] == fsplan.SNAPSHOT_ENTRIES_PER_SPLIT_ENTRY * 4
+    (etc,) = ops(plan_of(host(**NETNS_ETC), mountinfo=MOUNTINFO + RESOLV_BIND), "snapshot", "/etc")
+    assert etc["max_entries"] <= fsplan.SNAPSHOT_ENTRIES
+
+
+def test_a_directory_over_a_directory_mount_or_read_only_is_still_split():
+    # a mounted directory could hold anything (a copy is for files), and a read-only
+    # view's lowerdir-only overlays cost less than a copy
+    dir_mount = "91 27 0:41 / /etc/ssl/certs rw - tmpfs tmpfs rw\n"
+    plan = plan_of(host(**NETNS_ETC), mountinfo=MOUNTINFO + RESOLV_BIND + dir_mount)
+    assert not ops(plan, "snapshot") and ops(plan, "mkdir", "/etc")
+    plan = plan_of(host(**NETNS_ETC), mountinfo=MOUNTINFO + RESOLV_BIND, mode="readonly")
+    assert not ops(plan, "snapshot") and ops(plan, "mkdir", "/etc")
+    assert all(o.get("ro") for o in ops(plan, "overlay") if o["path"].startswith("/etc/"))
+
+
+@pytest.mark.parametrize("where", ["home", "cwd"])
+def test_a_directory_meant_to_be_written_is_never_a_copy(where):
+    top = {"home": HOME, "cwd": HOME + "/proj"}[where]
+    line = "90 27 0:40 /x %s/bound.conf rw - tmpfs tmpfs rw\n" % top
+    plan = plan_of(host(**{top + "/bound.conf": Stat("file")}), mountinfo=MOUNTINFO + line,
+                   cwd_access="overlay")
+    assert not ops(plan, "snapshot")
 
 
 @pytest.mark.parametrize("where", ["home", "cwd", "/var/tmp"])

@@ -10,7 +10,9 @@ becomes a read-only bind (recorded in ``<scratch>/overlays.json`` with the
 upper directory of every overlay and the host path it records changes to).
 A bind passes ``connect()`` through to the host's unix sockets, so the
 sockets a bind or overlay op lists (``"sockets"``) are covered with an empty
-file after a bind.
+file after a bind.  A ``snapshot`` op copies a host directory (its bind-mounted
+files' content included, sockets left out) to a private tmpfs, the lower layer
+of one writable overlay; over its bounds it runs the plan's ``split`` instead.
 """
 
 import errno as _errno
@@ -101,16 +103,132 @@ def setup_root(plan_ops):
     builder = _Builder()
     umask = os.umask(0)  # modes in the plan are exact
     try:
-        for op in plan_ops:
-            method = getattr(builder, "op_" + op.get("op", ""), None)
-            if method is None:
-                raise MountError("plan", repr(op), _errno.EINVAL)
-            try:
-                method(op)
-            except OSError as exc:
-                raise MountError(op["op"], op.get("path", ""), exc.errno) from None
+        builder.run(plan_ops)
     finally:
         os.umask(umask)
+
+
+_SNAPSHOT_MODE = 0o1777  # no setuid/setgid bits in a copy (the tmpfs is nosuid anyway)
+# A subdirectory of a snapshot with more entries than that below it is an overlay of its
+# own rather than copied: an overlay costs what ~20-50 entries cost to copy.
+SNAPSHOT_COPY_AT_MOST = 64
+
+
+def _holds_more_than(path, limit):
+    """Whether directory ``path`` has more than ``limit`` entries below it (counting
+    stops there; an unreadable part counts as empty)."""
+    seen, todo = 0, [path]
+    while todo:
+        try:
+            it = os.scandir(todo.pop())
+        except OSError:
+            continue
+        with it:
+            for entry in it:
+                seen += 1
+                if seen > limit:
+                    return True
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append(entry.path)
+    return False
+
+
+def _copy_tree(src, dst, max_entries, max_bytes, skip=()):
+    """Copy directory ``src`` to a new ``dst``: directories, regular files (content,
+    mode, mtime) and symlinks, read with the command's own rights, never following a
+    symlink or opening anything but a regular file; sockets, fifos and devices are left
+    out.  Returns the host paths to bind read-only over their placeholder (unreadable
+    files, directories the command cannot enter), or None when the copy is over
+    ``max_entries`` / ``max_bytes`` or meets a directory it may enter but not list
+    (its entries could not be carried).  The directories in ``skip`` are copied
+    empty (something is mounted over them)."""
+    entries = size = 0
+    binds = []
+    todo = [(src, dst)]
+    done = []  # (copy, host stat): modes and mtimes are set last, children first
+    while todo:
+        host, copy = todo.pop()
+        try:
+            fd = os.open(host, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            done.append((copy, os.fstat(fd)))
+            os.mkdir(copy, 0o700)
+            with os.scandir(fd) as it:
+                listed = list(it)
+            for entry in listed:  # kinds from the directory itself: no stat per entry
+                entries += 1
+                if entries > max_entries:
+                    return None
+                name = entry.name
+                h, c = host + "/" + name, copy + "/" + name
+                try:
+                    if entry.is_symlink():
+                        os.symlink(os.readlink(name, dir_fd=fd), c)
+                    elif entry.is_dir(follow_symlinks=False):
+                        if h in skip:
+                            os.mkdir(c, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                                     & _SNAPSHOT_MODE)
+                        elif os.access(name, os.X_OK, dir_fd=fd):
+                            if not os.access(name, os.R_OK, dir_fd=fd):
+                                return None
+                            todo.append((h, c))
+                        else:  # the command cannot enter it either: the host's, read-only
+                            os.mkdir(c, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                                     & _SNAPSHOT_MODE)
+                            binds.append(h)
+                    elif entry.is_file(follow_symlinks=False):
+                        copied = _copy_file(name, fd, c, max_bytes - size)
+                        if copied is None:
+                            return None
+                        if copied == -1:
+                            binds.append(h)
+                        size += max(copied, 0)
+                except FileNotFoundError:
+                    continue  # gone since the listing
+        finally:
+            os.close(fd)
+    for copy, st in reversed(done):
+        os.chmod(copy, stat.S_IMODE(st.st_mode) & _SNAPSHOT_MODE)
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return binds
+
+
+def _copy_file(name, dir_fd, copy, budget):
+    """Copy regular file ``name`` (in ``dir_fd``) to a new ``copy`` (mode and times
+    too): the bytes copied, 0 when it is no longer a regular file (left out), -1 when
+    it cannot be read (``copy`` is then an empty placeholder, its mode the host's),
+    None over ``budget``."""
+    try:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                      dir_fd=dir_fd)
+    except PermissionError:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        os.close(os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                         stat.S_IMODE(st.st_mode) & _SNAPSHOT_MODE))
+        return -1
+    try:
+        st = os.fstat(src)
+        if not stat.S_ISREG(st.st_mode):  # replaced since the listing
+            return 0
+        out = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                      stat.S_IMODE(st.st_mode) & _SNAPSHOT_MODE)
+        try:
+            copied = 0
+            while True:
+                n = os.sendfile(out, src, None, 1 << 20)
+                copied += n
+                if copied > budget:
+                    return None
+                if not n or copied >= st.st_size:  # as large as it was: done
+                    break
+            os.utime(out, ns=(st.st_atime_ns, st.st_mtime_ns))
+            return copied
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
 
 
 def _unescape(field):
@@ -140,8 +258,20 @@ class _Builder:
         self.copies = {}
         self.watched = {}
         self.repos = None
+        self.snap_root = None
+        self.snapshots = []
 
     # ---------------------------------------------------------------- helpers
+
+    def run(self, plan_ops):
+        for op in plan_ops:
+            method = getattr(self, "op_" + op.get("op", ""), None)
+            if method is None:
+                raise MountError("plan", repr(op), _errno.EINVAL)
+            try:
+                method(op)
+            except OSError as exc:
+                raise MountError(op["op"], op.get("path", ""), exc.errno) from None
 
     def at(self, path):
         return self.root if path == "/" else self.root + path
@@ -272,17 +402,66 @@ class _Builder:
         data = "lowerdir=%s,upperdir=%s,workdir=%s,userxattr" % (
             _overlay_escape(path), _overlay_escape(upper), _overlay_escape(work))
         try:
-            if not self.layer_dirs:
-                self.mkdir(self.scratch + "/upper", 0o700)
-                self.mkdir(self.scratch + "/work", 0o700)
-                self.layer_dirs = True
-            self.mkdir(upper, op.get("mode", 0o755))
-            self.mkdir(work, 0o700)
+            self.make_layer_dirs(op)
             libc.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
         except (OSError, MountError) as exc:
             self.overlay_refused(op, target, exc)
             return
         self.overlays[upper] = path
+
+    def make_layer_dirs(self, op):
+        """The upper and work directories of a writable overlay."""
+        if not self.layer_dirs:
+            self.mkdir(self.scratch + "/upper", 0o700)
+            self.mkdir(self.scratch + "/work", 0o700)
+            self.layer_dirs = True
+        self.mkdir(op["upper"], op.get("mode", 0o755))
+        self.mkdir(op["work"], 0o700)
+
+    def op_snapshot(self, op):
+        """Host directory ``path`` holds mounts of files only (a bind-mounted
+        ``/etc/resolv.conf``): overlayfs refuses it as a lower layer (the mounts are
+        locked), so a copy of it, taken now on a private tmpfs, is the lower layer of
+        one writable overlay, recorded like any other.  What the copy cannot read is
+        shown by a read-only bind of the host's own entry (an unreadable file; a
+        directory the command cannot enter either); a large subdirectory is the
+        split's overlay of it instead.  Over its bounds, or if it meets a directory it
+        can enter but not list, the plan's ``split`` runs instead."""
+        path = op["path"]
+        if self.snap_root is None:
+            self.snap_root = self.scratch + "/snapshot"
+            self.mkdir(self.snap_root, 0o700)
+            self.mount("mount the snapshot tmpfs", path, "tmpfs", self.snap_root, "tmpfs",
+                       _NOSUID_NODEV, "mode=0700")
+        copy = "%s/%d" % (self.snap_root, len(self.snapshots))
+        self.snapshots.append(copy)
+        # a large subdirectory with nothing mounted below it is its own overlay, as
+        # in the split, rather than copied entry by entry (/etc/alternatives: ~400)
+        own = {o["path"]: o for o in op["split"] if o["op"] == "overlay" and "upper" in o
+               and os.path.dirname(o["path"]) == path}
+        large = {p for p in own if _holds_more_than(p, SNAPSHOT_COPY_AT_MOST)}
+        try:
+            binds = _copy_tree(path, copy, op["max_entries"], op["max_bytes"], large)
+        except OSError:  # whatever went wrong, the split needs no copy
+            binds = None
+        if binds is None:
+            self.run(op["split"])
+            return
+        target = self.at(path)
+        self.create(op, target)
+        self.make_layer_dirs(op)
+        data = "lowerdir=%s,upperdir=%s,workdir=%s,userxattr" % (
+            _overlay_escape(copy), _overlay_escape(op["upper"]), _overlay_escape(op["work"]))
+        try:
+            libc.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
+        except OSError:
+            self.run(op["split"])
+            return
+        self.overlays[op["upper"]] = path
+        for host in binds:
+            self.bind("bind read-only (unreadable)", {"path": host}, host, self.at(host), ro=True)
+        for sub in sorted(large):
+            self.op_overlay(own[sub])
 
     def ro_overlay(self, op):
         """A read-only view of a host directory that, unlike a read-only
