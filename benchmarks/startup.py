@@ -3,7 +3,8 @@
 Run as the unprivileged user:  ``.venv/bin/python benchmarks/startup.py [--reps 10]``
 (needs ``pip install '.[bench]'`` for mini-sandbox / mini-tapbox).
 
-Cases, each measured in one interleaved run (A B C A B C …), medians (min–max):
+Cases alternate round by round (``--rounds``), and within a round the paths are interleaved
+(A B C A B C …); medians (min–max):
 
 - ``plain host``: this machine's own mount table.
 - ``netns``: inside a private user+net+mount namespace whose ``/etc/resolv.conf`` is a bind
@@ -22,6 +23,7 @@ Prints markdown tables; writes ``benchmarks/results/startup-*.json`` and ``start
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -116,21 +118,28 @@ def _mount_count() -> int:
         return sum(1 for _ in f)
 
 
-def _in_world(reps: int, extra_mounts: int) -> dict:
-    from corral.world import World
-
-    with World.start(extra_mounts=extra_mounts) as world:
-        proc = world.run([sys.executable, __file__, "--inner", "--reps", str(reps)],
-                         capture_output=True, text=True, timeout=3600)
+def _in_world(world, reps: int) -> dict:
+    proc = world.run([sys.executable, __file__, "--inner", "--reps", str(reps)],
+                     capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
         raise SystemExit("startup: the run inside the namespace failed:\n" + proc.stderr[-2000:])
     sys.stderr.write(proc.stderr)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _merge(into: dict, got: dict) -> None:
+    for name, metrics in got["samples"].items():
+        for metric, values in metrics.items():
+            into["samples"].setdefault(name, {}).setdefault(metric, []).extend(values)
+    into["skipped"].update(got["skipped"])
+    into["mounts"] = got["mounts"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="split the repetitions into rounds that alternate the cases")
     parser.add_argument("--cases", default=",".join(CASES),
                         help="comma-separated subset of: " + ", ".join(CASES))
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
@@ -139,11 +148,23 @@ def main() -> None:
         print(json.dumps(measure(args.reps)))
         return
 
-    results = {}
-    for case in args.cases.split(","):
-        extra = CASES[case]
-        print(f"== {case}: {args.reps} interleaved repetitions", file=sys.stderr)
-        results[case] = measure(args.reps) if extra == 0 else _in_world(args.reps, extra or 0)
+    cases = args.cases.split(",")
+    rounds = max(1, min(args.rounds, args.reps))
+    per_round = [args.reps // rounds + (i < args.reps % rounds) for i in range(rounds)]
+    results = {case: {"samples": {}, "skipped": {}, "mounts": 0} for case in cases}
+    with contextlib.ExitStack() as stack:
+        from corral.world import World
+
+        worlds = {case: stack.enter_context(World.start(extra_mounts=CASES[case] or 0))
+                  for case in cases if CASES[case] != 0}
+        # The cases alternate round by round (plain, netns, +60, plain, ...): a change of
+        # the machine's load lands on every row alike instead of on one block.
+        for i, reps in enumerate(per_round):
+            for case in cases:
+                print(f"== round {i + 1}/{rounds}, {case}: {reps} interleaved repetitions",
+                      file=sys.stderr)
+                got = measure(reps) if case not in worlds else _in_world(worlds[case], reps)
+                _merge(results[case], got)
     metrics = [("ms", "start-up of /bin/true, ms")]
     report = {}
     for case, res in results.items():
