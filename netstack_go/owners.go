@@ -12,8 +12,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"strconv"
+	"sync"
 	"sync/atomic"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -34,6 +36,10 @@ type flowAddr struct {
 	src, dst     [16]byte // IPv4 in the first 4 bytes
 	sport, dport uint16
 }
+
+// diagBufs holds sock_diag read buffers between calls: a batch of new flows
+// reads into one instead of allocating 64 KiB (garbage the Go heap would keep).
+var diagBufs = sync.Pool{New: func() any { b := make([]byte, 1<<16); return &b }}
 
 var diagSeq atomic.Uint32 // answers to an earlier, timed-out call never match a new one
 
@@ -65,7 +71,9 @@ func socketInodes(diagFD int, flows []flowAddr, timeout time.Duration) ([]uint32
 }
 
 func askInodes(fd int, flows []flowAddr, which []int, mapped bool, inodes []uint32, deadline time.Time) error {
-	buf := make([]byte, 1<<16)
+	bufp := diagBufs.Get().(*[]byte)
+	defer diagBufs.Put(bufp)
+	buf := *bufp
 	for at := 0; at < len(which); at += diagBatch {
 		chunk := which[at:min(at+diagBatch, len(which))]
 		wanted := make(map[uint32]int, len(chunk))
@@ -173,7 +181,9 @@ func readDiagAnswers(data []byte, wanted map[uint32]int, inodes []uint32) error 
 // processes) and returns, for each inode, the pids holding it, in the order of
 // pids, at most maxHolders.  A process whose /proc entry cannot be read (it
 // ended) is skipped.  A process stops being read once it holds every inode
-// asked: the rest of its fds cannot add a holder.
+// asked: the rest of its fds cannot add a holder.  Nothing is allocated per fd
+// (a process may hold thousands): the names are passed to readlinkat straight
+// from the getdents buffer, which is reused from call to call.
 func socketHolders(inodes []uint32, pids []int32, maxHolders int) [][]int32 {
 	out := make([][]int32, len(inodes))
 	targets := make(map[string][]int, len(inodes))
@@ -186,8 +196,10 @@ func socketHolders(inodes []uint32, pids []int32, maxHolders int) [][]int32 {
 	if len(targets) == 0 {
 		return out
 	}
-	link := make([]byte, 64)
-	names := make([]byte, 1<<14)
+	bufp := direntBufs.Get().(*[]byte)
+	defer direntBufs.Put(bufp)
+	names := *bufp
+	var link [64]byte
 	for _, pid := range pids {
 		dir, err := unix.Open("/proc/"+strconv.Itoa(int(pid))+"/fd", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 		if err != nil {
@@ -200,30 +212,45 @@ func socketHolders(inodes []uint32, pids []int32, maxHolders int) [][]int32 {
 			if err != nil || n <= 0 {
 				break
 			}
-			var fds []string
-			_, _, fds = unix.ParseDirent(names[:n], -1, fds)
-			for _, name := range fds {
-				k, err := unix.Readlinkat(dir, name, link)
-				if err != nil || k >= len(link) {
+			for off := 0; off < n && left > 0; {
+				reclen := int(binary.NativeEndian.Uint16(names[off+16:]))
+				name := names[off+19 : off+reclen] // NUL-terminated, padded
+				off += reclen
+				if name[0] == '.' {
+					continue // "." and ".."
+				}
+				k := readlinkat(dir, &name[0], link[:])
+				if k <= 0 || k >= len(link) {
 					continue // gone since the listing, or not a socket (sockets fit)
 				}
-				key := string(link[:k])
-				flows, ok := targets[key]
-				if !ok || seen[key] {
+				flows, ok := targets[string(link[:k])] // no allocation for a lookup
+				if !ok || seen[string(link[:k])] {
 					continue
 				}
-				seen[key] = true
+				seen[string(link[:k])] = true
 				for _, i := range flows {
 					if len(out[i]) < maxHolders {
 						out[i] = append(out[i], pid)
 					}
 				}
-				if left--; left == 0 {
-					break
-				}
+				left--
 			}
 		}
 		unix.Close(dir)
 	}
 	return out
+}
+
+// direntBufs holds getdents buffers between calls.
+var direntBufs = sync.Pool{New: func() any { b := make([]byte, 1<<14); return &b }}
+
+// readlinkat with a NUL-terminated name already in memory (unix.Readlinkat copies
+// its string argument for each call): the link's length, or -1.
+func readlinkat(dir int, name *byte, buf []byte) int {
+	n, _, errno := unix.Syscall6(unix.SYS_READLINKAT, uintptr(dir), uintptr(unsafe.Pointer(name)),
+		uintptr(unsafe.Pointer(&buf[0])), uintptr(len(buf)), 0, 0)
+	if errno != 0 {
+		return -1
+	}
+	return int(n)
 }
