@@ -432,10 +432,18 @@ def start_early(config, argv, *, on_warning=None):
     says go, so that P's imports and network set-up overlap C's namespaces and
     mounts.  Return a :class:`Started`."""
     launch = prepare(config, argv)
+    launch.spec["wait_go"] = True  # nothing runs before P has its events, outputs, network
+    process, ctl, relay = _start(launch, on_warning)
+    relay.spawned()
+    return Started(launch=launch, process=process, ctl=ctl, relay=relay)
+
+
+def _start(launch, on_warning):
+    """Say the plan's warnings, start C with the stdio relay; (process, ctl, relay).
+    If C cannot be started, nothing ran: its scratch goes, no record is kept."""
     for warning in launch.warnings:
         if on_warning:
             on_warning(warning)
-    launch.spec["wait_go"] = True  # nothing runs before P has its events, outputs, network
     relay = stdio_relay()
     try:
         process, ctl = spawn_stage1(launch, relay)
@@ -443,8 +451,7 @@ def start_early(config, argv, *, on_warning=None):
         relay.close()
         _discard_scratch(launch)
         raise
-    relay.spawned()
-    return Started(launch=launch, process=process, ctl=ctl, relay=relay)
+    return process, ctl, relay
 
 
 def in_terminal_foreground():
@@ -483,16 +490,7 @@ def run_blocking(config, argv, *, on_warning=None, on_timeout=None):
     if config.net == "filtered":
         raise ConfigError("run_blocking() has no network stack; use corral.run() for net='filtered'")
     launch = prepare(config, argv)
-    for warning in launch.warnings:
-        if on_warning:
-            on_warning(warning)
-    relay = stdio_relay()
-    try:
-        process, ctl = spawn_stage1(launch, relay)
-    except BaseException:
-        relay.close()
-        _cleanup_scratch(launch)
-        raise
+    process, ctl, relay = _start(launch, on_warning)
     return supervise_blocking(config, launch, process.pid, ctl, on_timeout=on_timeout, relay=relay)
 
 

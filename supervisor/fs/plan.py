@@ -206,25 +206,20 @@ class HostFs:
         """The sockets below directory ``top``, looking at no more than
         ``limit`` entries (d_type, stat only for types readdir does not give).
         Returns (paths, complete)."""
-        found, seen, todo = [], 0, [top]
-        while todo:
-            try:
-                it = os.scandir(todo.pop())
-            except OSError:
-                continue
-            with it:
-                for entry in it:
-                    seen += 1
-                    if seen > limit:
-                        return found, False
-                    if entry.is_dir(follow_symlinks=False):
-                        todo.append(entry.path)
-                    elif not entry.is_file(follow_symlinks=False) and not entry.is_symlink():
-                        try:
-                            if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
-                                found.append(entry.path)
-                        except OSError:
-                            pass
+        from ..spawn.mounts import scan_tree
+
+        found, seen = [], 0
+        for entry in scan_tree(top, limit):
+            seen += 1
+            if seen > limit:
+                return found, False
+            if (not entry.is_dir(follow_symlinks=False) and not entry.is_file(follow_symlinks=False)
+                    and not entry.is_symlink()):
+                try:
+                    if stat.S_ISSOCK(entry.stat(follow_symlinks=False).st_mode):
+                        found.append(entry.path)
+                except OSError:
+                    pass
         return found, True
 
 

@@ -114,10 +114,12 @@ _SNAPSHOT_MODE = 0o1777  # no setuid/setgid bits in a copy (the tmpfs is nosuid 
 SNAPSHOT_COPY_AT_MOST = 64
 
 
-def _holds_more_than(path, limit):
-    """Whether directory ``path`` has more than ``limit`` entries below it (counting
-    stops there; an unreadable part counts as empty)."""
-    seen, todo = 0, [path]
+def scan_tree(top, limit):
+    """Yield the entries below directory ``top`` (``os.DirEntry``, depth first, never
+    following a symlink; an unreadable directory counts as empty), stopping after
+    ``limit + 1`` of them: a caller that got more than ``limit`` knows the tree is
+    larger than that, without a walk of all of it."""
+    seen, todo = 0, [top]
     while todo:
         try:
             it = os.scandir(todo.pop())
@@ -126,11 +128,17 @@ def _holds_more_than(path, limit):
         with it:
             for entry in it:
                 seen += 1
+                yield entry
                 if seen > limit:
-                    return True
+                    return
                 if entry.is_dir(follow_symlinks=False):
                     todo.append(entry.path)
-    return False
+
+
+def _holds_more_than(path, limit):
+    """Whether directory ``path`` has more than ``limit`` entries below it (counting
+    stops there; an unreadable part counts as empty)."""
+    return sum(1 for _ in scan_tree(path, limit)) > limit
 
 
 def _copy_tree(src, dst, max_entries, max_bytes, skip=()):
