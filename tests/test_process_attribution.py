@@ -6,6 +6,8 @@ path, so their script name shows in the ancestry); the tests read ``process`` of
 """
 
 import json
+import os
+import subprocess
 import textwrap
 
 import pytest
@@ -277,3 +279,18 @@ def test_a_socket_held_by_many_processes_names_every_one(world, tmp_path, option
     assert out.proc.returncode == 0, out.dump()
     proc = out.connect(dst_ip=ECHO_V4)["process"]
     assert 1 + len(proc["others"]) == 21, out.dump()
+
+
+def test_a_kept_proc_fd_of_an_ended_process_does_not_hide_the_process_now_at_its_pid():
+    # Owners keeps an fd of /proc/PID per process; once that process has ended, the pid
+    # the walk finds may be another process's: it is read, not reported unknown.
+    gone = subprocess.Popen(["true"])
+    stale = os.open("/proc/%d" % gone.pid, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    gone.wait()
+    owners = owner.Owners(None, lambda: None)
+    owners._dirs[os.getpid()] = stale  # as if kept for an earlier process with our pid
+    try:
+        nspid, exe, argv, _cwd = owners._read_static(os.getpid())
+        assert exe == os.readlink("/proc/self/exe") and argv and nspid > 0
+    finally:
+        owners.close()

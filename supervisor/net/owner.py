@@ -82,7 +82,6 @@ class Owners:
         self._root = None
         self._tree = None
         self.exact = False  # walk the process tree on every lookup (see _holders)
-        self._seq = 0
         self._dirs = {}  # host pid -> fd of /proc/PID (see _dir)
         self._nspids = {}  # host pid -> its pid in the sandbox
 
@@ -237,6 +236,7 @@ class Owners:
         return memo[pid]
 
     def _read_static(self, pid):
+        kept = pid in self._dirs
         proc = self._dir(pid)
         if proc is None:
             return None
@@ -251,7 +251,9 @@ class Owners:
             raw = _read_at(proc, "cmdline", ARGV_MAX * (ARG_MAX_CHARS + 1) * 4)
         except (OSError, IndexError, ValueError):
             self._drop(pid)
-            return None
+            # The kept fd was bound to a process that has ended since: the pid, found
+            # again in this batch's walk, belongs to another process now; read that one.
+            return self._read_static(pid) if kept else None
         argv = tuple(a.decode("utf-8", "replace")[:ARG_MAX_CHARS] for a in raw.split(b"\0")[:-1][:ARGV_MAX])
         return nspid, exe, argv, cwd
 
