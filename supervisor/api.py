@@ -142,19 +142,18 @@ async def _run_async(config, argv, capture_output, input, callbacks, on_warning=
                      on_timeout=None, cli=False, started=None):
     """``cli``: `corral run` itself, which forwards signals to the sandbox and exits
     as soon as this returns.  ``started``: its stage-1, forked early (launch.start_early)."""
-    forward_signals = cli
     pipe = subprocess.PIPE if capture_output else None
     async with open_sandbox(config, on_warning=on_warning, **callbacks) as box:
         box._on_timeout = on_timeout
         box._process_exits = cli
         box._started = started
         with contextlib.ExitStack() as stack:
-            if forward_signals:
+            if cli:
                 receiver = stack.enter_context(trio.open_signal_receiver(*stage1.FORWARDED))
             proc = await box.start(argv, stdin=subprocess.PIPE if input is not None else None,
                                    stdout=pipe, stderr=pipe)
             async with trio.open_nursery() as nursery:
-                if forward_signals:
+                if cli:
                     nursery.start_soon(_forward_signals, receiver, proc)
                 out, err = await proc.communicate(input)
                 await proc._done.wait()

@@ -101,6 +101,13 @@ def wait_listed(env, proc):
     raise AssertionError("the sandbox never appeared in `corral ps`")
 
 
+def private_runtime_env(tmp_path):
+    """Our environment with a private XDG_RUNTIME_DIR: corral's state for this test only."""
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    return dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+
+
 def start_victim(env, cwd, stop_all, *options):
     """A running sandbox with something in its upper layers."""
     proc = subprocess.Popen(
@@ -175,9 +182,8 @@ def test_forged_state_entry_is_not_trusted_by_exec_ps_or_stop(tmp_path, stop_all
     sealed record, and a process in another user namespace is never taken for one."""
     from corral import state
 
-    xdg = tmp_path / "xdg"
-    xdg.mkdir(mode=0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+    env = private_runtime_env(tmp_path)
+    xdg = Path(env["XDG_RUNTIME_DIR"])
     victim, row = start_victim(env, str(tmp_path), stop_all)
     info_path = xdg / "corral" / row["id"] / "info.json"
     pointer = json.loads(info_path.read_text())
@@ -244,9 +250,7 @@ def _cmdline(pid):
 
 
 def test_ps_and_logs_escape_terminal_control_bytes(tmp_path, stop_all):
-    xdg = tmp_path / "xdg"
-    xdg.mkdir(mode=0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+    env = private_runtime_env(tmp_path)
     hostile = "\x1b]0;pwned\x07\x1b[2J\nFAKE-ROW\r\x9b31m\u202e"
     proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", "none", "--", "sh", "-c",
                              "echo ready; exec sleep 30", hostile],
@@ -333,9 +337,7 @@ def test_stop_on_another_users_sandbox_is_a_one_line_error():
 
 
 def test_exec_does_not_pass_the_callers_extra_fds(tmp_path, stop_all):
-    xdg = tmp_path / "xdg"
-    xdg.mkdir(mode=0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+    env = private_runtime_env(tmp_path)
     proc, row = start_victim(env, str(tmp_path), stop_all)
     target = tmp_path / "host-file"
     target.write_text("")
@@ -351,9 +353,7 @@ def test_exec_does_not_pass_the_callers_extra_fds(tmp_path, stop_all):
 def test_exec_stdin_file_cannot_be_reopened_for_writing(tmp_path, stop_all):
     """`corral exec ID -- CMD < file`: the command reads the file through a pipe; reopening
     /proc/self/fd/0 for writing does not reach the host file (as for `corral run`)."""
-    xdg = tmp_path / "xdg"
-    xdg.mkdir(mode=0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+    env = private_runtime_env(tmp_path)
     proc, row = start_victim(env, str(tmp_path), stop_all)
     target = tmp_path / "host-file"
     target.write_text("secret input\n")
@@ -368,9 +368,7 @@ def test_exec_stdin_file_cannot_be_reopened_for_writing(tmp_path, stop_all):
 
 
 def test_exec_has_the_namespaces_restrictions_and_limits_of_the_command(tmp_path, stop_all):
-    xdg = tmp_path / "xdg"
-    xdg.mkdir(mode=0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg))
+    env = private_runtime_env(tmp_path)
     probe = ("for n in user mnt pid uts ipc net cgroup; do readlink /proc/self/ns/$n; done; "
              + STATUS + "; ulimit -n; "
              "python3 -c 'import resource; print(resource.getrlimit(resource.RLIMIT_NPROC)[0])'; "
