@@ -595,6 +595,9 @@ def _cleanup_scratch(launch, background=False):
             log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
                         scratch)
         return
+    if background and AFTER_EXIT is not None:
+        AFTER_EXIT.append(lambda: remove_tree(scratch))
+        return
     if background and not can_fork():  # threads or Go here: spawn (vfork + exec), never fork
         import subprocess
 
@@ -627,6 +630,9 @@ def close_later(fd):
     device's: unregistering it waits for RCU grace periods, ~40 ms).  The helper
     is `cat` reading a pipe whose only writer is this process: it ends when this
     process does, and its exit closes the fd.  Falls back to closing it here."""
+    if AFTER_EXIT is not None:
+        AFTER_EXIT.append(lambda: os.close(fd))
+        return
     import shutil
     import subprocess
 
@@ -645,6 +651,9 @@ def close_later(fd):
 
 
 _EXIT_PIPES = []
+# A list in a warm server's worker (corral.warm.server), which reports the exit
+# status first and then runs these itself: no helper process needed.
+AFTER_EXIT = None
 
 
 def remove_tree(path):

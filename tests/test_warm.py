@@ -1,0 +1,241 @@
+"""The warm server (`corral warm`, issue 11): a run through it is the run a cold
+`corral` makes, and nothing but this user's equally confined processes can use it
+or impersonate it."""
+
+import array
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+from hypothesis import given, strategies as st
+
+from corral.warm import client as wire
+
+pytestmark = pytest.mark.namespaces
+PY = sys.executable
+SHOW = ("echo out; echo err >&2; pwd; umask; echo \"$WARM_PROBE\"; ulimit -n; nice; "
+        "ls /proc/self/fd | tr '\\n' ' '; echo; exit 7")
+
+
+def corral(env, *args, **kw):
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    kw.setdefault("timeout", 60)
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.run([PY, "-m", "corral", *args], env=env, **kw)
+
+
+def runs(env):
+    """How many connections the server has taken (status answers count too)."""
+    proc = corral(env, "warm", "status")
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stderr.rsplit(",", 1)[1].split()[0])
+
+
+@pytest.fixture
+def warm(tmp_path):
+    xdg = tmp_path / "xdg"
+    xdg.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg), WARM_PROBE="probe-value")
+    proc = corral(env, "warm", "start", "--idle", "300")
+    assert proc.returncode == 0, proc.stderr
+    pid = int(proc.stderr.split("pid ", 1)[1].split(",", 1)[0])
+    yield env
+    corral(env, "warm", "stop")
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_warm_run_is_the_cold_run(warm, tmp_path):
+    cold = corral({**warm, "CORRAL_WARM": "off"}, "run", "--net", "none", "--", "sh", "-c", SHOW,
+                  cwd=tmp_path, preexec_fn=lambda: os.umask(0o027))
+    before = runs(warm)
+    hot = corral(warm, "run", "--net", "none", "--", "sh", "-c", SHOW, cwd=tmp_path,
+                 preexec_fn=lambda: os.umask(0o027))
+    assert runs(warm) == before + 2  # this run and the status call: it went warm
+    assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr)
+    assert hot.returncode == 7
+    lines = hot.stdout.splitlines()
+    assert lines[:4] == ["out", str(tmp_path), "0027", "probe-value"]
+    assert lines[-1].split() == ["0", "1", "2", "3"]  # stdio and ls's own listing: nothing else
+
+
+def test_a_warm_run_gets_the_clients_limits_nice_and_extra_fds(warm, tmp_path):
+    r, w = os.pipe()
+
+    def setup():
+        import resource
+
+        os.umask(0o022)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (123, 456))
+        os.nice(3)
+
+    proc = corral(warm, "run", "--net", "none", "--json-status-fd", str(w), "--", "sh", "-c",
+                  "ulimit -n; nice", cwd=tmp_path, pass_fds=(w,), preexec_fn=setup)
+    os.close(w)
+    with os.fdopen(r) as f:
+        status = f.read()
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["123", "3"]
+    assert '"exit-code": 0' in status  # written to the client's own fd, at its number
+
+
+def test_the_client_killed_takes_its_sandbox_with_it(warm, tmp_path, stop_all):
+    marker = "warm-victim-%d" % os.getpid()
+    proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", "none", "--", "sh", "-c",
+                             "echo ready; exec sleep 300 %s" % marker],
+                            env=warm, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    stop_all.append(proc)
+    assert proc.stdout.readline() == "ready\n"
+    found = subprocess.run(["pgrep", "-f", "sleep 300 " + marker], capture_output=True, text=True)
+    assert found.stdout.split(), "the sandboxed sleep is not visible"
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", "sleep 300 " + marker], capture_output=True)
+        if found.returncode == 1:
+            return
+        time.sleep(0.05)
+    raise AssertionError("the sandbox outlived its killed client")
+
+
+def test_sigterm_to_the_client_reaches_the_command_as_in_a_cold_run(warm, tmp_path):
+    script = "trap 'echo got-term; exit 9' TERM; echo ready; sleep 30 & wait"
+    results = []
+    for env in ({**warm, "CORRAL_WARM": "off"}, warm):
+        proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", "none", "--", "sh", "-c",
+                                 script], env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        results.append((proc.returncode, out))
+    assert results[0] == results[1] == (9, "got-term\n")
+
+
+def test_a_dead_server_means_a_cold_start(warm, tmp_path):
+    status = corral(warm, "warm", "status").stderr
+    pid = int(status.split("pid ", 1)[1].split(",", 1)[0])
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    proc = corral(warm, "run", "--net", "none", "--", "sh", "-c", "echo fine")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "fine\n", "")
+    assert corral(warm, "warm", "status").returncode == 1
+
+
+RAW_CLIENT = textwrap.dedent("""
+    import array, os, socket, sys
+    from corral.warm import client as wire
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.settimeout(10)
+    sock.connect(sys.argv[1])
+    # an attacker skips the client's own check of the server and asks straight away
+    request = wire.encode_request("run", ["corral", "run", "--net", "host", "--", "true"],
+                                  os.environb, b"/", [0, 1, 2])
+    sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [0, 1, 2]))])
+    msg, fds = wire.receive(sock, 4096, 1)
+    print("ANSWER", msg.decode(errors="replace"))
+""")
+
+
+def _socket_of(env):
+    path = wire.socket_path(env)
+    assert path, "no warm socket"
+    return path
+
+
+def test_a_sandbox_cannot_be_given_the_servers_socket(warm, tmp_path):
+    path = _socket_of(warm)
+    proc = corral(warm, "run", "--net", "none", "--allow-socket", path, "--", "true")
+    assert proc.returncode == 2
+    assert "corral's own state" in proc.stderr
+
+
+def test_a_sandboxed_process_reaching_the_socket_by_a_hard_link_is_refused(warm, tmp_path):
+    alias = tmp_path / "alias.sock"
+    os.link(_socket_of(warm), alias)  # the state dir is masked; this name is not
+    proc = corral(warm, "run", "--net", "none", "--allow-socket", str(alias), "--", PY, "-c",
+                  RAW_CLIENT, str(alias))
+    assert "ANSWER" in proc.stdout, proc.stderr
+    answer = proc.stdout.split("ANSWER", 1)[1]
+    assert not answer.strip().startswith("ready")
+    assert "confined differently" in answer
+
+
+def test_a_no_new_privs_client_is_refused_by_the_server(warm, tmp_path):
+    path = _socket_of(warm)
+    proc = subprocess.run(["setpriv", "--no-new-privs", PY, "-c", RAW_CLIENT, path], env=warm,
+                          capture_output=True, text=True, timeout=60)
+    assert "ANSWER" in proc.stdout, proc.stderr
+    assert "confined differently" in proc.stdout.split("ANSWER", 1)[1]
+
+
+IMPOSTOR = textwrap.dedent("""
+    import os, socket, sys
+    path = sys.argv[1]
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(path)
+    srv.listen(8)
+    print("listening", flush=True)
+    srv.settimeout(30)
+    conn, _ = srv.accept()
+    conn.settimeout(5)
+    try:
+        got = conn.recv(1 << 20)
+    except OSError:
+        got = b""
+    print("GOT %d" % len(got), flush=True)
+""")
+
+
+def test_an_impostor_server_in_another_user_namespace_gets_nothing(warm, tmp_path, stop_all):
+    path = _socket_of(warm)
+    corral(warm, "warm", "stop")
+    # same uid seen from outside (unshare -r maps it), but not confined as we are
+    impostor = subprocess.Popen(["unshare", "-r", PY, "-c", IMPOSTOR, path], env=warm,
+                                stdout=subprocess.PIPE, text=True)
+    stop_all.append(impostor)
+    assert impostor.stdout.readline() == "listening\n"
+    secret_env = {**warm, "IMPOSTOR_BAIT": "s3cret"}
+    proc = corral(secret_env, "run", "--net", "none", "--", "sh", "-c", "echo cold-ok")
+    assert (proc.returncode, proc.stdout) == (0, "cold-ok\n"), proc.stderr
+    out, _ = impostor.communicate(timeout=40)
+    assert "GOT 0" in out  # connected, then left without sending a byte
+
+
+@given(st.binary(max_size=300))
+def test_decoding_hostile_requests_only_ever_refuses(data):
+    try:
+        wire.decode_request(data)
+    except wire.Refused:
+        pass
+
+
+@given(st.lists(st.binary(max_size=12).filter(lambda b: b"\0" not in b), max_size=40))
+def test_decoding_hostile_field_lists_only_ever_refuses(fields):
+    try:
+        wire.decode_request(b"\0".join([wire.PROTOCOL, *fields]))
+    except wire.Refused:
+        pass
+
+
+def test_a_request_round_trips():
+    data = wire.encode_request("run", ["corral", "run", "--", "echo", ""],
+                               {b"A": b"1=2", b"B": b""}, b"/tmp", [0, 1, 2, 9])
+    req = wire.decode_request(data)
+    assert req["argv"] == [b"corral", b"run", b"--", b"echo", b""]
+    assert req["env"] == {b"A": b"1=2", b"B": b""}
+    assert req["fds"] == [0, 1, 2, 9]
+    assert req["cwd"] == b"/tmp"
