@@ -412,6 +412,7 @@ class Process:
         self._popen = None
         self._ctl = None
         self._relay = None
+        self._go = None
         self._machine = None
         self.pid = None  # the command's pid as seen from the supervisor
         self.result = None
@@ -452,6 +453,7 @@ class Process:
         """Take over a stage-1 started earlier (:class:`corral.launch.Started`)."""
         started.adopted = True
         self._popen, self._ctl, self._relay = started.process, started.ctl, started.relay
+        self._go = started.go
         self._supervision()
 
     def _supervision(self):
@@ -516,13 +518,24 @@ class Process:
                 elif isinstance(action, _supervise.StartNetwork):
                     await self._start_network(action.fd, action.diag)
                 elif isinstance(action, _supervise.SendGo):
-                    stage1.send(self._ctl, {"go": True})
+                    self._send_go()
                 elif isinstance(action, _supervise.TimedOut):
                     if self._box._on_timeout:
                         self._box._on_timeout(action.seconds)
                 else:
                     _supervise.carry_out([action])
         return started
+
+    def _send_go(self):
+        """Go; with the command and its stdio when the sandbox was made ready
+        before they were known (:meth:`corral.launch.Started.take_command`)."""
+        message, fds = self._go or ({"go": True}, ())
+        self._go = None
+        try:
+            stage1.send(self._ctl, message, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
 
     def _command_started(self, pid):
         self.pid = pid

@@ -238,7 +238,9 @@ def _say(text):
     sys.stderr.write("corral: %s\n" % text)
 
 
-def main(argv=None):
+def main(argv=None, started=None):
+    """``started``: a sandbox a warm server made ready for this very
+    configuration (:meth:`corral.launch.Started.take_command` done)."""
     from .errors import ConfigError, CorralError
 
     argv = sys.argv[1:] if argv is None else argv
@@ -280,12 +282,14 @@ def main(argv=None):
             _say("--baseline: %s" % exc)
             return EXIT_USAGE
     try:
-        if config.net == "filtered" or config.events or config.monitor or config.audit or config.report or config.suggest:
+        if (started is not None or config.net == "filtered" or config.events or config.monitor
+                or config.audit or config.report or config.suggest):
             from . import launch
 
             # stage-1 first (a fork, nothing heavy loaded yet): trio, the network and
             # the policy load while it builds the sandbox; the command waits for them
-            started = launch.start_early(config, command_argv, on_warning=_say)
+            if started is None:
+                started = launch.start_early(config, command_argv, on_warning=_say)
             try:
                 from . import api
 

@@ -159,22 +159,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
             keep.close()
         raise
     try:
-        fs_spec = fsplan.FsSpec(
-            mode=config.mode,
-            cwd=cwd,
-            home=os.path.expanduser("~"),
-            paths=config.path_actions(),
-            hide_secrets=config.hide_secrets,
-            hidden_extra=_hidden_sockets(environ),
-            scratch=scratch,
-            resolv_conf=SANDBOX_RESOLV_CONF if config.net == "filtered" else None,
-            runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
-            tmp_size=config.tmp_size,
-            allow_sockets=config.allow_socket,
-            allow_persist=config.allow_persist,
-            protect=protect,
-        )
-        plan = fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
+        plan = _plan(config, environ, cwd, scratch, protect)
     except BaseException:
         remove_tree(scratch)
         if keep is not None:
@@ -198,6 +183,39 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     }
     return Launch(spec=spec, scratch=scratch, warnings=tuple(notes) + tuple(plan.warnings),
                   keep=keep, env_dropped=tuple(env_dropped))
+
+
+def _plan(config, environ, cwd, scratch, protect):
+    from .fs import plan as fsplan
+
+    fs_spec = fsplan.FsSpec(
+        mode=config.mode,
+        cwd=cwd,
+        home=os.path.expanduser("~"),
+        paths=config.path_actions(),
+        hide_secrets=config.hide_secrets,
+        hidden_extra=_hidden_sockets(environ),
+        scratch=scratch,
+        resolv_conf=SANDBOX_RESOLV_CONF if config.net == "filtered" else None,
+        runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
+        tmp_size=config.tmp_size,
+        allow_sockets=config.allow_socket,
+        allow_persist=config.allow_persist,
+        protect=protect,
+    )
+    return fsplan.build_plan(fs_spec, _read("/proc/self/mountinfo"))
+
+
+def replan(launch, config, environ=None):
+    """The plan :func:`prepare` would make now for ``launch``'s sandbox (same
+    scratch), as JSON: a sandbox made ready earlier serves a command only while
+    this still equals its own (corral warm)."""
+    environ = os.environ if environ is None else environ
+    notes = []
+    place = _scratch_place(config.scratch)
+    protect = [place.path, default_scratch_root(), _state_root(notes)]
+    cwd = os.path.realpath(config.cwd or os.getcwd())
+    return _plan(config, environ, cwd, launch.scratch, protect).to_json()
 
 
 def planned_overlays(launch):
@@ -402,6 +420,32 @@ class Started:
     ctl: socket.socket
     relay: object  # corral._stdio.Relay
     adopted: bool = False
+    go: tuple | None = None  # (message, fds) for P's go, when it carries the command
+
+    def take_command(self, config, argv):
+        """This sandbox was made ready before its command was known (a warm
+        server's spare, started with our fds 0-2 on /dev/null): it runs ``argv``,
+        with the environment and stdio this process has now, sent with go."""
+        env, dropped = config.scrub_env(os.environ)
+        self.launch.spec.update(argv=list(argv), env=env, tty=False)
+        self.launch = attrs.evolve(self.launch, env_dropped=tuple(dropped))
+        self.relay.close()
+        self.relay = stdio_relay()
+        present, fds = [], []
+        try:
+            for index, mine in enumerate(self.relay.child_fds):
+                fd = index if mine is None else mine
+                try:
+                    fds.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3))
+                    present.append(True)
+                except OSError:  # closed: the command gets it closed
+                    present.append(False)
+            self.relay.spawned()
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        self.go = ({"go": True, "argv": list(argv), "env": env, "stdio": present}, fds)
 
     def abandon(self):
         """Not adopted (bad input found later, an exception, Ctrl-C): kill C,

@@ -30,11 +30,33 @@ def corral(env, *args, **kw):
     return subprocess.run([PY, "-m", "corral", *args], env=env, **kw)
 
 
-def runs(env):
-    """How many connections the server has taken (status answers count too)."""
+def server_pid(env):
     proc = corral(env, "warm", "status")
     assert proc.returncode == 0, proc.stderr
-    return int(proc.stderr.rsplit(",", 1)[1].split()[0])
+    return int(proc.stderr.split("pid ", 1)[1].split(",", 1)[0])
+
+
+def ancestors(pid):
+    found = []
+    while pid > 1:
+        with open("/proc/%d/stat" % pid) as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        found.append(pid)
+    return found
+
+
+def sandboxed_sleep(env, marker, stop_all, *options):
+    """Start a sandbox that sleeps; the host pid of its sleep once it runs."""
+    proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", "none", *options, "--", "sh",
+                             "-c", "echo ready; exec sh -c 'sleep 300; :' %s" % marker],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    stop_all.append(proc)
+    assert proc.stdout.readline() == "ready\n"
+    found = subprocess.run(["pgrep", "-f", "^sh -c sleep 300; : %s$" % marker],
+                           capture_output=True, text=True)
+    pids = [int(p) for p in found.stdout.split()]
+    assert len(pids) == 1, found
+    return proc, pids[0]
 
 
 @pytest.fixture
@@ -56,10 +78,8 @@ def warm(tmp_path):
 def test_a_warm_run_is_the_cold_run(warm, tmp_path):
     cold = corral({**warm, "CORRAL_WARM": "off"}, "run", "--net", "none", "--", "sh", "-c", SHOW,
                   cwd=tmp_path, preexec_fn=lambda: os.umask(0o027))
-    before = runs(warm)
     hot = corral(warm, "run", "--net", "none", "--", "sh", "-c", SHOW, cwd=tmp_path,
                  preexec_fn=lambda: os.umask(0o027))
-    assert runs(warm) == before + 2  # this run and the status call: it went warm
     assert (hot.returncode, hot.stdout, hot.stderr) == (cold.returncode, cold.stdout, cold.stderr)
     assert hot.returncode == 7
     lines = hot.stdout.splitlines()
@@ -87,20 +107,27 @@ def test_a_warm_run_gets_the_clients_limits_nice_and_extra_fds(warm, tmp_path):
     assert '"exit-code": 0' in status  # written to the client's own fd, at its number
 
 
+def test_runs_go_through_the_server_and_then_its_ready_spare(warm, tmp_path, stop_all):
+    server = server_pid(warm)
+    for n in range(3):  # a fresh worker, then the sandbox kept ready for a run like it
+        proc, sleeper = sandboxed_sleep(warm, "warm-through-%d-%d" % (os.getpid(), n), stop_all)
+        assert server in ancestors(sleeper) and proc.pid not in ancestors(sleeper)
+        proc.kill()
+        proc.wait()
+    cold, sleeper = sandboxed_sleep({**warm, "CORRAL_WARM": "off"}, "warm-cold-%d" % os.getpid(),
+                                    stop_all)
+    assert cold.pid in ancestors(sleeper) and server not in ancestors(sleeper)
+
+
 def test_the_client_killed_takes_its_sandbox_with_it(warm, tmp_path, stop_all):
     marker = "warm-victim-%d" % os.getpid()
-    proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", "none", "--", "sh", "-c",
-                             "echo ready; exec sleep 300 %s" % marker],
-                            env=warm, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
-    stop_all.append(proc)
-    assert proc.stdout.readline() == "ready\n"
-    found = subprocess.run(["pgrep", "-f", "sleep 300 " + marker], capture_output=True, text=True)
-    assert found.stdout.split(), "the sandboxed sleep is not visible"
+    proc, _ = sandboxed_sleep(warm, marker, stop_all)
     proc.kill()
     proc.wait()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        found = subprocess.run(["pgrep", "-f", "sleep 300 " + marker], capture_output=True)
+        found = subprocess.run(["pgrep", "-f", "^sh -c sleep 300; : %s$" % marker],
+                               capture_output=True)
         if found.returncode == 1:
             return
         time.sleep(0.05)

@@ -22,7 +22,9 @@ Messages to P (one JSON object per datagram):
   {"child": N}                       D: E's pid inside the sandbox
   {"exit": code, "signal": N|null}   D: E ended
   {"error": {...}}                   C or D: a step failed; nothing was run
-P may answer {"go": true} after "ready" (required when ``spec["wait_go"]``).
+P may answer {"go": true} after "ready" (required when ``spec["wait_go"]``); a sandbox
+made ready before its command was known gets it with go: {"go": true, "argv": [...],
+"env": {...}, "stdio": [bool, bool, bool]} + SCM_RIGHTS of the stdio fds (corral warm).
 """
 
 import errno
@@ -317,9 +319,13 @@ def _pid1(ctl, spec, lifeline, joined, closed=()):
     _setup_root(spec)
     send(ctl, {"ready": True})
     if spec.get("wait_go"):
-        message, _ = recv(ctl)
+        message, fds = recv(ctl)
         if not message or not message.get("go"):
+            for fd in fds:
+                os.close(fd)
             return 1  # P went away or refused: run nothing
+        if "argv" in message:  # made ready before its command was known (corral warm)
+            closed = _take_command(spec, message, fds)
     os.read(joined, 1)  # the undertaker is in (long since, in practice): see _fork_undertaker
     os.close(joined)
     child = _spawn_command(ctl, spec, lifeline, hardened, closed)
@@ -327,6 +333,30 @@ def _pid1(ctl, spec, lifeline, joined, closed=()):
     code, sig = _supervise(child, mask)
     send(ctl, {"exit": code, "signal": sig})
     return code
+
+
+def _take_command(spec, message, fds):
+    """The command, its environment and its stdio, sent with go: the fds go on
+    0-2 (``message["stdio"]``: for each of 0, 1, 2 whether an fd came, in that
+    order); return the stdio fds the command gets closed."""
+    stdio = message.get("stdio")
+    if (not isinstance(message.get("argv"), list) or not message["argv"]
+            or not isinstance(message.get("env"), dict) or not isinstance(stdio, list)
+            or len(stdio) != 3 or sum(map(bool, stdio)) != len(fds)):
+        for fd in fds:
+            os.close(fd)
+        raise StepError("go", errno.EINVAL, "a malformed command", fix="report this as a corral bug")
+    spec["argv"], spec["env"], spec["tty"] = message["argv"], message["env"], False
+    received = iter(fds)
+    closed = []
+    for index, present in enumerate(stdio):
+        if present:
+            fd = next(received)
+            os.dup2(fd, index)
+            os.close(fd)
+        else:
+            closed.append(index)  # /dev/null held there (_hold_stdio); closed for the command
+    return tuple(closed)
 
 
 def _setup_network(ctl, spec):

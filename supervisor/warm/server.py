@@ -41,6 +41,7 @@ import fcntl
 import gc
 import io
 import os
+import select
 import signal
 import socket
 import sys
@@ -51,6 +52,7 @@ from . import client as wire
 
 IDLE_DEFAULT = 1800.0  # seconds without a run after which the server exits
 ACCEPT_TICK = 5.0
+SPARE_TTL = 60.0  # seconds a sandbox is kept ready for a run like the last one
 REQUEST_TIMEOUT = 5.0  # seconds a client has to send its request, and to say go
 
 
@@ -117,6 +119,7 @@ class Server:
 
         self.idle = idle
         self.sock = None
+        self.spare = None  # (pid, handoff socket) of the sandbox kept ready
         self.key = wire.namespace_key()
         self.place = state.state_place(environ)
         self.dir_fd = self.place.open()
@@ -149,7 +152,12 @@ class Server:
         sock.bind("/proc/self/fd/%d/%s" % (self.dir_fd, self.name))
         self.inode = os.stat(self.name, dir_fd=self.dir_fd).st_ino
         sock.listen(64)
+        sock.setblocking(False)
         self.sock = sock
+        # workers tell the server what they ran (a template for the next spare)
+        self.templates, self.templates_w = socket.socketpair(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self.templates.setblocking(False)
 
     def loop(self):
         """Serve until stopped, idle or stale; True when stale (restart)."""
@@ -162,15 +170,19 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, stop)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.sock.settimeout(ACCEPT_TICK)
         try:
             while True:
-                _reap(children)
+                self._reap(children)
                 if self.idle and not children and time.monotonic() - last > self.idle:
                     return False
+                ready, _, _ = select.select([self.sock, self.templates], [], [], ACCEPT_TICK)
+                if self.templates in ready:
+                    self._new_spare(children)
+                if self.sock not in ready:
+                    continue
                 try:
                     conn, _ = self.sock.accept()
-                except socket.timeout:
+                except BlockingIOError:
                     continue
                 last = time.monotonic()
                 if code_fingerprint() != self.fingerprint:
@@ -178,28 +190,83 @@ class Server:
                     conn.close()
                     return True
                 self.served += 1
-                pid = os.fork()
-                if pid == 0:
-                    self._become_worker(conn)  # never returns
-                children.add(pid)
+                if not self._hand_to_spare(conn):
+                    children.add(self._fork(self._become_worker, conn))
                 conn.close()
         except _Stop:
             return False
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, signal.SIG_DFL)
+            if self.spare is not None:
+                self.spare[1].close()  # its EOF: the spare abandons its sandbox
+
+    def _fork(self, become, *args):
+        pid = os.fork()
+        if pid == 0:
+            code = 70
+            try:
+                self.sock.close()
+                self.templates.close()
+                if self.spare is not None:
+                    self.spare[1].close()
+                os.close(self.lock_fd)
+                os.close(self.dir_fd)
+                code = become(*args)
+            except BaseException:  # never back into the server's loop
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        return pid
 
     def _become_worker(self, conn):
-        code = 70
+        return Worker(conn, self).run()
+
+    def _new_spare(self, children):
+        """A worker ran something: keep a sandbox ready for the same again."""
         try:
-            self.sock.close()
-            os.close(self.lock_fd)
-            os.close(self.dir_fd)
-            code = Worker(conn, self).run()
-        except BaseException:  # never back into the server's loop
-            traceback.print_exc()
+            template = self.templates.recv(wire.MESSAGE_MAX)
+        except BlockingIOError:
+            return
+        if self.spare is not None or not template:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            pid = self._fork(self._become_spare, theirs, template)
         finally:
-            os._exit(code)
+            theirs.close()
+        children.add(pid)
+        self.spare = (pid, ours)
+
+    def _become_spare(self, handoff, template):
+        return Spare(handoff, template, self).run()
+
+    def _hand_to_spare(self, conn):
+        """Give ``conn`` to the ready spare; False when there is none (or it died)."""
+        if self.spare is None:
+            return False
+        pid, sock = self.spare
+        self.spare = None
+        try:
+            sock.sendmsg([b"conn"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                      conn.fileno().to_bytes(4, sys.byteorder, signed=True))])
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+    def _reap(self, children):
+        for pid in list(children):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done:
+                children.discard(pid)
+                if self.spare is not None and self.spare[0] == pid:
+                    self.spare[1].close()
+                    self.spare = None
 
     def status_text(self):
         return ("pid %d, serving %s since %s, %d runs" % (
@@ -215,6 +282,9 @@ class Server:
                 pass
             self.sock.close()
             self.sock = None
+        for sock in (getattr(self, "templates", None), getattr(self, "templates_w", None)):
+            if sock is not None:
+                sock.close()
         for fd in (self.lock_fd, self.dir_fd):
             try:
                 os.close(fd)
@@ -224,16 +294,6 @@ class Server:
 
 class AlreadyRunning(Exception):
     pass
-
-
-def _reap(children):
-    for pid in list(children):
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            children.discard(pid)
 
 
 def _say_cold(conn, why):
@@ -263,38 +323,53 @@ def serve(environ, idle=IDLE_DEFAULT, ready=None):
 
 
 class Worker:
-    """One connection, in its own process (a fork of the server)."""
+    """One connection, in its own process (a fork of the server).  ``spare``:
+    a sandbox made ready for a run like this one (:class:`Spare`), used when
+    this run turns out to be the same but for its command."""
 
-    def __init__(self, conn, server):
+    def __init__(self, conn, server, spare=None):
         self.conn = conn
         self.server = server
+        self.spare = spare
 
     def run(self):
         """The exit status of this process."""
+        started, going = None, False
         try:
-            self.conn.settimeout(REQUEST_TIMEOUT)
-            os.close(wire.same_confinement(self.conn))
-            data, fds = wire.receive(self.conn, wire.MESSAGE_MAX, wire.MAX_FDS)
-            req = self._accept(data, fds)  # owns fds from here
-            if req is None:
-                return 0
-            me = os.pidfd_open(os.getpid())
             try:
-                self.conn.sendmsg([b"ready"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                me.to_bytes(4, sys.byteorder, signed=True))])
-            finally:
-                os.close(me)
-            if self.conn.recv(16) != b"go":
-                return 0  # the client gave up (and starts cold): nothing ran
-        except (wire.Refused, OSError) as exc:
-            _say_cold(self.conn, str(exc))
-            return 0
+                self.conn.settimeout(REQUEST_TIMEOUT)
+                os.close(wire.same_confinement(self.conn))
+                data, fds = wire.receive(self.conn, wire.MESSAGE_MAX, wire.MAX_FDS)
+                req, started = self._accept(data, fds)  # owns fds from here
+                if req is None:
+                    return 0
+                me = os.pidfd_open(os.getpid())
+                try:
+                    self.conn.sendmsg([b"ready"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                    me.to_bytes(4, sys.byteorder, signed=True))])
+                finally:
+                    os.close(me)
+                if self.conn.recv(16) != b"go":
+                    return 0  # the client gave up (and starts cold): nothing ran
+                going = True
+            except (wire.Refused, OSError) as exc:
+                sys.stderr.write("corral warm: a run starts cold: %s\n" % exc)  # the server's log
+                _say_cold(self.conn, str(exc))
+                return 0
+        finally:
+            if started is not None and not going:
+                started.abandon()  # the client gave up: nothing ran, its scratch goes
         self.conn.settimeout(None)
         _die_with_client(self.conn)
         from .. import launch
 
         launch.AFTER_EXIT = []
-        code = _main(req["argv"])
+        if started is not None:
+            from .. import cli
+
+            for warning in self.spare.warnings:  # said when it was made ready, to nobody
+                cli._say(warning)
+        code = _main(req["argv"], started)
         signal.signal(signal.SIGIO, signal.SIG_IGN)  # the client leaves once it has the status
         try:
             self.conn.send(b"exit\0%d" % code)
@@ -312,31 +387,48 @@ class Worker:
 
     def _accept(self, data, fds):
         """Answer status and stop; for a run, become the client and return its
-        request.  Every fd in ``fds`` is placed or closed."""
+        request, and the spare's sandbox when it serves this run (else None).
+        Every fd in ``fds`` is placed or closed."""
+        started = None
         try:
             req = wire.decode_request(data)
             if req["kind"] == "status":
                 self.conn.send(b"status\0" + self.server.status_text().encode())
-                return None
+                return None, None
             if req["kind"] == "stop":
                 os.kill(os.getppid(), signal.SIGTERM)
                 self.conn.send(b"stopped")
-                return None
+                return None, None
             if req["kind"] != "run":
                 raise wire.Refused("unknown request %r" % req["kind"])
             self._check_same_corral(req)
             if len(fds) != len(req["fds"]):
                 raise wire.Refused("the fds sent do not match the request")
             _take_settings(req)
+            try:  # the next run like this one finds a sandbox ready
+                self.server.templates_w.send(data)
+            except OSError:
+                pass
+            if self.spare is not None:
+                if self.spare.serves(req):
+                    started = self.spare.started
+                else:  # before the fds are swapped: its ctl and relay are still where they were
+                    self.spare.started.abandon()
+                    self.spare = None
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        self.conn = _install_fds(req["fds"], fds, self.conn)
+        keep = (started.ctl,) if started is not None else ()
+        self.conn, *kept = _install_fds(req["fds"], fds, self.conn, keep)
+        if started is not None:
+            started.ctl, = kept
         self.conn.settimeout(REQUEST_TIMEOUT)
         sys.argv = [os.fsdecode(a) for a in req["argv"]]
         _reopen_stdio(set(req["fds"]))
-        return req
+        if started is not None:
+            started.take_command(self.spare.config, self.spare.command_argv(req))
+        return req, started
 
     def _check_same_corral(self, req):
         import corral
@@ -345,6 +437,82 @@ class Worker:
             raise wire.Refused("the client runs another Python")
         if req["package"] != os.fsencode(os.path.dirname(os.path.abspath(corral.__file__))):
             raise wire.Refused("the client runs another corral")
+
+
+# Everything of a request but its command and fds: what a spare was made for.
+SAME = ("kind", "exe", "package", "cwd", "umask", "nice", "oom_score_adj", "limits", "cpus",
+        "ignored", "blocked")
+
+
+class Spare:
+    """A sandbox made ready for a run like the last one (its *template*): same
+    options, cwd, limits, signals — everything but the command, its environment
+    and its stdio, which come with go (:meth:`corral.launch.Started.take_command`).
+    It serves the next connection when that run is the same and the mount plan,
+    planned again now, is too; otherwise it is abandoned and the run is made
+    as any other.  Unused for :data:`SPARE_TTL` seconds, it is abandoned."""
+
+    def __init__(self, handoff, template, server):
+        self.handoff = handoff
+        self.template = template
+        self.server = server
+        self.req = self.config = self.started = None
+        self.warnings = []
+
+    def run(self):
+        from .. import cli, launch
+
+        try:
+            self.req = wire.decode_request(self.template)
+            _take_settings(self.req)
+            command, self.config, argv = cli.parse([os.fsdecode(a) for a in self.req["argv"][1:]])
+        except Exception:
+            return 0  # nothing to make ready for: runs go as they would
+        if command not in cli.SANDBOX_COMMANDS or self.config.keep_changes:
+            return 0  # --keep-changes claims its directory when planned: not ahead of a run
+        null = os.open(os.devnull, os.O_RDWR)  # its stdio comes with go: nothing to relay yet
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        os.close(null)
+        try:
+            self.started = launch.start_early(self.config, argv, on_warning=self.warnings.append)
+        except Exception:
+            return 0
+        try:
+            ready, _, _ = select.select([self.handoff], [], [], SPARE_TTL)
+            msg, fds = wire.receive(self.handoff, 16, 1) if ready else (b"", [])
+        except (OSError, wire.Refused):
+            msg, fds = b"", []
+        self.handoff.close()
+        if not fds:
+            self.started.abandon()
+            return 0
+        return Worker(socket.socket(fileno=fds[0]), self.server, self).run()
+
+    def serves(self, req):
+        """Whether this sandbox is the one ``req`` would make now (its settings
+        already taken: the plan is made again with its environment)."""
+        from .. import cli, launch
+
+        if any(req[k] != self.req[k] for k in SAME):
+            return False
+        if _options(req["argv"]) != _options(self.req["argv"]):
+            return False
+        try:
+            _, config, _ = cli.parse([os.fsdecode(a) for a in req["argv"][1:]])
+            return (config == self.config
+                    and launch.replan(self.started.launch, config) == self.started.launch.spec["plan"])
+        except Exception:
+            return False
+
+    def command_argv(self, req):
+        argv = [os.fsdecode(a) for a in req["argv"]]
+        return argv[argv.index("--") + 1:]
+
+
+def _options(argv):
+    """corral's own arguments: up to the first ``--``."""
+    return argv[:argv.index(b"--") + 1] if b"--" in argv else None
 
 
 def _take_settings(req):
@@ -392,18 +560,21 @@ def _take_settings(req):
                                                 if s in signal.valid_signals()])
 
 
-def _install_fds(targets, received, conn):
+def _install_fds(targets, received, conn, keep=()):
     """Put ``received[i]`` at fd ``targets[i]`` and close every other fd but the
-    connection, which moves above them all: the fd table a cold ``corral``
-    would have started with."""
+    connection and the sockets in ``keep`` (a spare's ctl), which move above
+    them all: the fd table a cold ``corral`` would have started with.  Returns
+    the connection and the kept sockets, moved."""
     high = max([2, *targets]) + 1
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in received]
-    conn_fd = fcntl.fcntl(conn.fileno(), fcntl.F_DUPFD_CLOEXEC, high)
-    conn.close()
-    keep = set(moved) | {conn_fd}
+    ours = []
+    for sock in (conn, *keep):
+        ours.append(fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, high))
+        sock.close()
+    kept = set(moved) | set(ours)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd not in keep:
+        if fd not in kept:
             try:
                 os.close(fd)
             except OSError:
@@ -411,7 +582,7 @@ def _install_fds(targets, received, conn):
     for target, fd in zip(targets, moved):
         os.dup2(fd, target)
         os.close(fd)
-    return socket.socket(fileno=conn_fd)
+    return [socket.socket(fileno=fd) for fd in ours]
 
 
 def _reopen_stdio(open_fds):
@@ -450,12 +621,12 @@ def _die_with_client(conn):
     gone()  # it may have gone before the watch was set
 
 
-def _main(argv):
+def _main(argv, started=None):
     """``corral`` ``argv[1:]`` as :func:`corral.cli.console` runs it."""
     from .. import cli
 
     try:
-        code = cli.main([os.fsdecode(a) for a in argv[1:]])
+        code = cli.main([os.fsdecode(a) for a in argv[1:]], started)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:
