@@ -15,8 +15,15 @@ Cases alternate round by round (``--rounds``), and within a round the paths are 
 
 Paths: bare ``/bin/true``, ``unshare -Urnm``, bwrap, mini-sandbox (no network), mini-tapbox
 (its tap network), ``corral run --net none`` and the default ``corral run`` (filtered network,
-DNS and policy ready).  Ratios: corral default vs mini-tapbox, corral ``--net none`` vs
-mini-sandbox (issue 11's goals).  Wall time from spawning the command to reaping it.
+DNS and policy ready), each cold (``CORRAL_WARM=off``) and through a warm server
+(``corral warm start``, started in each case's namespaces before its repetitions and
+stopped after them: its own start-up is not counted, as a daemon's is not), with and without
+its spare sandbox (``--no-spare``).  Each warm row has a server of its own: the spare serves
+a run like the previous one, and one server's runs alternating between two rows would never
+take it.  Ratios: corral
+default vs mini-tapbox, corral ``--net none`` vs mini-sandbox (issue 11's goals).  Wall time
+from spawning the command to reaping it; stdin is /dev/null for every path (a terminal on
+stdin makes corral start cold).
 Prints markdown tables; writes ``benchmarks/results/startup-*.json`` and ``startup.png``.
 """
 
@@ -56,12 +63,16 @@ if rc == 0:
 os._exit(0 if rc == -1 else 1)
 """
 CASES = {"plain host": 0, "netns": None, "netns + 60 mounts": 60}
-PAIRS = (("corral run (default)", "mini-tapbox"), ("corral --net none", "mini-sandbox"))
+PAIRS = (("corral run (default)", "mini-tapbox"), ("corral --net none", "mini-sandbox"),
+         ("corral run (default), warm", "mini-tapbox"),
+         ("corral --net none, warm", "mini-sandbox"),
+         ("corral run (default), warm, no spare", "mini-tapbox"),
+         ("corral --net none, warm, no spare", "mini-sandbox"))
 
 
 def timed(argv: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
-    rc = subprocess.call(argv, stdout=subprocess.DEVNULL, env=env)
+    rc = subprocess.call(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
     dt = (time.perf_counter() - t0) * 1000
     if rc != 0:
         raise Unavailable(f"`{' '.join(argv[:6])}` exited {rc}")
@@ -69,14 +80,16 @@ def timed(argv: list[str], env: dict | None = None) -> float:
 
 
 def preflight(argv: list[str], env: dict | None = None, what: str = "") -> str | None:
-    r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+    r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, env=env,
+                       timeout=60)
     if r.returncode != 0:
         return f"{what or argv[0]} does not work here (exit {r.returncode}): {r.stderr.strip()[-300:]}"
     return None
 
 
-def candidates() -> dict[str, tuple[list[str], dict | None]]:
+def candidates(warm_envs: dict) -> dict[str, tuple[list[str], dict | None]]:
     ms_env = {**os.environ, "MINI_SANDBOX_DOCKER_PRIVILEGED": "1"}
+    cold_env = {**os.environ, "CORRAL_WARM": "off"}
     corral = corral_argv()
     return {
         "bare /bin/true": ([TRUE], None),
@@ -86,19 +99,57 @@ def candidates() -> dict[str, tuple[list[str], dict | None]]:
                           MINISANDBOX_SCRIPT % ("pyminisandbox", TRUE, TRUE)], ms_env),
         "mini-tapbox": ([sys.executable, "-I", "-c",
                          MINISANDBOX_SCRIPT % ("pyminitapbox", TRUE, TRUE)], ms_env),
-        "corral --net none": ([*corral, "run", "--net", "none", "--", TRUE], None),
-        "corral run (default)": ([*corral, "run", "--", TRUE], None),
+        "corral --net none": ([*corral, "run", "--net", "none", "--", TRUE], cold_env),
+        "corral run (default)": ([*corral, "run", "--", TRUE], cold_env),
+        **{row: ([*corral, "run", *(["--net", "none"] if "none" in row else []), "--", TRUE],
+                 warm_envs[row]) for row in WARM},
     }
+
+
+WARM = {  # row: the warm server's options; one server per row, so that each row's runs are
+    # "a run like the last one" for its server (one spare per server; docs/cli.md)
+    "corral --net none, warm": (),
+    "corral run (default), warm": (),
+    "corral --net none, warm, no spare": ("--no-spare",),
+    "corral run (default), warm, no spare": ("--no-spare",),
+}
+
+
+@contextlib.contextmanager
+def warm_servers():
+    """{row: env} with a warm server of its own (a private state directory) for each warm
+    row, in these namespaces."""
+    import tempfile
+
+    with contextlib.ExitStack() as stack:
+        envs = {}
+        for row, options in WARM.items():
+            runtime = stack.enter_context(tempfile.TemporaryDirectory(prefix="corral-bench-"))
+            env = envs[row] = {**os.environ, "XDG_RUNTIME_DIR": runtime}
+            proc = subprocess.run([*corral_argv(), "warm", "start", "--idle", "600", *options],
+                                  env=env, capture_output=True, text=True, timeout=120)
+            if proc.returncode != 0:
+                print(f"no warm server: {proc.stderr.strip()}", file=sys.stderr)
+            stack.callback(subprocess.run, [*corral_argv(), "warm", "stop"], env=env,
+                           capture_output=True, timeout=60)
+        yield envs
 
 
 def measure(reps: int) -> dict:
     """Interleaved samples of every path that works here (in this process's namespaces)."""
+    with warm_servers() as warm_envs:
+        return _measure(reps, warm_envs)
+
+
+def _measure(reps: int, warm_envs: dict) -> dict:
     paths, skipped = {}, {}
-    for name, (argv, env) in candidates().items():
+    for name, (argv, env) in candidates(warm_envs).items():
         if shutil.which(argv[0]) is None:
             skipped[name] = f"{argv[0]} not installed"
             continue
         reason = preflight(argv, env, name)
+        if not reason and name in WARM:
+            reason = preflight([*corral_argv(), "warm", "status"], env, "the warm server")
         if reason:
             skipped[name] = reason
             print(f"skipping {name}: {reason}", file=sys.stderr)
@@ -193,7 +244,8 @@ def main() -> None:
 
 def side_by_side(report: dict) -> str:
     """The README's table: one row per case, issue 11's four columns."""
-    cols = ["corral run (default)", "mini-tapbox", "corral --net none", "mini-sandbox"]
+    cols = ["corral run (default)", "corral run (default), warm", "mini-tapbox",
+            "corral --net none", "corral --net none, warm", "mini-sandbox"]
     lines = ["| case | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for case, summary in report.items():
         cells = []
@@ -203,7 +255,7 @@ def side_by_side(report: dict) -> str:
                 cells.append("—")
                 continue
             cell = f"{s['median']:,.0f}" if s["median"] >= 100 else f"{s['median']:.1f}"
-            pair = dict(PAIRS).get(name)
+            pair = dict(PAIRS).get(name)  # ours -> theirs
             base = summary.get(pair, {}).get("ms") if pair else None
             if base:
                 cell += f" ({s['median'] / base['median']:.2f}×)"

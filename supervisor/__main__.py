@@ -1,3 +1,3 @@
-from .cli import console
+from .warm.client import console
 
 console()

@@ -202,6 +202,9 @@ def build_parser(only=None):
                    "(running sandboxes go on)")
     p.add_argument("--idle", type=float, default=1800.0, metavar="SECONDS",
                    help="exit after SECONDS without a run (default 1800; 0: never)")
+    p.add_argument("--no-spare", dest="spare", action="store_false",
+                   help="keep no sandbox ready for a run like the last one (slower runs, "
+                   "nothing idle)")
     return parser
 
 
@@ -352,18 +355,15 @@ def _diff(args):
 
 
 def console():
-    """Console-script entry: through the warm server when one serves us
-    (:mod:`corral.warm`), else cold.  Exit without the interpreter's teardown (about
-    10 ms of start-up budget, with nothing left to flush but stdio).  The
-    cyclic garbage collector is off while corral starts (a hundred modules
-    load, ~10-15% of their time goes to collections that find nothing);
-    :func:`main` turns it on (:func:`_collector_on`) before the supervision runs."""
+    """The cold ``corral`` (:func:`corral.warm.client.console`, the console
+    script, comes here when no warm server serves it).  Exit without the
+    interpreter's teardown (about 10 ms of start-up budget, with nothing left to
+    flush but stdio).  The cyclic garbage collector is off while corral starts
+    (a hundred modules load, ~10-15% of their time goes to collections that find
+    nothing); :func:`main` turns it on (:func:`_collector_on`) before the
+    supervision runs."""
     gc.disable()
-    from .warm import client
-
-    code = client.run(sys.argv[1:])  # None: no warm server for us, start cold
-    if code is None:
-        code = main()
+    code = main()
     try:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -27,11 +27,11 @@ argv, environment, paths — can contain NUL), with counts before each list:
 see :func:`encode_request` and :func:`decode_request`.
 """
 
+import _socket as socket  # not `socket`: its enums cost ~4 ms of start-up, and only these calls are used
 import array
 import os
 import resource
 import signal
-import socket
 import struct
 import sys
 import time
@@ -339,6 +339,18 @@ def open_fds(skip):
 
 
 # ---------------------------------------------------------------- run
+
+
+def console():
+    """The ``corral`` command (console script, ``python -m corral``): through a
+    warm server when one serves us, else cold (:func:`corral.cli.console`),
+    without loading the command line's own modules first."""
+    code = run(sys.argv[1:])
+    if code is None:
+        from ..cli import console as cold
+
+        cold()  # exits
+    os._exit(code)
 
 
 def run(argv, environ=None):

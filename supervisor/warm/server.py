@@ -114,10 +114,11 @@ def code_fingerprint():
 class Server:
     """The listening side: its socket, lock and loop."""
 
-    def __init__(self, environ, idle=IDLE_DEFAULT):
+    def __init__(self, environ, idle=IDLE_DEFAULT, spares=True):
         from .. import state
 
         self.idle = idle
+        self.spares = spares
         self.sock = None
         self.spare = None  # (pid, handoff socket) of the sandbox kept ready
         self.key = wire.namespace_key()
@@ -228,7 +229,7 @@ class Server:
             template = self.templates.recv(wire.MESSAGE_MAX)
         except BlockingIOError:
             return
-        if self.spare is not None or not template:
+        if self.spare is not None or not template or not self.spares:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -269,9 +270,10 @@ class Server:
                     self.spare = None
 
     def status_text(self):
-        return ("pid %d, serving %s since %s, %d runs" % (
+        return ("pid %d, serving %s since %s%s, %d runs" % (
             self.pid, self.path, time.strftime("%Y-%m-%d %H:%M:%S",
-                                                  time.localtime(self.started)), self.served))
+                                                  time.localtime(self.started)),
+            "" if self.spares else " (no spare)", self.served))
 
     def close(self):
         if self.sock is not None:
@@ -303,10 +305,10 @@ def _say_cold(conn, why):
         pass
 
 
-def serve(environ, idle=IDLE_DEFAULT, ready=None):
+def serve(environ, idle=IDLE_DEFAULT, ready=None, spares=True):
     """Run a server in this process until it stops; ``ready(text)`` is called
     once it listens.  A stale server replaces itself (exec) with a fresh one."""
-    server = Server(environ, idle)
+    server = Server(environ, idle, spares)
     try:
         server.listen()
         if ready is not None:
@@ -316,7 +318,7 @@ def serve(environ, idle=IDLE_DEFAULT, ready=None):
         server.close()
     if stale:
         os.execv(sys.executable, [sys.executable, "-m", "corral", "warm", "serve",
-                                  "--idle", repr(idle)])
+                                  "--idle", repr(idle)] + ([] if spares else ["--no-spare"]))
 
 
 # ---------------------------------------------------------------- a worker
@@ -688,15 +690,15 @@ def main(args, say):
         return 0
     if args.action == "serve":
         try:
-            serve(os.environ, args.idle)
+            serve(os.environ, args.idle, spares=args.spare)
         except AlreadyRunning as exc:
             say("warm: a server already runs at %s. Fix: `corral warm stop` first" % exc)
             return 1
         return 0
-    return _start(args.idle, say)
+    return _start(args.idle, args.spare, say)
 
 
-def _start(idle, say):
+def _start(idle, spares, say):
     """Start a server in the background; return once it listens."""
     try:
         say("warm: already running: %s" % request("status").partition(b"\0")[2].decode())
@@ -725,7 +727,8 @@ def _start(idle, say):
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             os.close(null)
-            serve(os.environ, idle, lambda server: tell(b"ok\0" + server.status_text().encode()))
+            serve(os.environ, idle, lambda server: tell(b"ok\0" + server.status_text().encode()),
+                  spares)
             code = 0
         except AlreadyRunning as exc:
             tell(b"a server already runs at %s" % os.fsencode(str(exc)))
