@@ -145,11 +145,11 @@ class Relay:
             os.close(self._stdin_r)
 
     def spawned(self):
-        """The sandbox holds its ends now: close ours and start relaying."""
+        """The sandbox holds its ends now: close ours and start relaying (once)."""
         for fd in set(self._theirs):
             os.close(fd)
         self._theirs = []
-        if not self._pumps:
+        if not self._pumps or self._threads:
             return
         self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
         for src, dst, ours in self._pumps:

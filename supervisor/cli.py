@@ -285,8 +285,8 @@ def main(argv=None, started=None):
             _say("--baseline: %s" % exc)
             return EXIT_USAGE
     try:
-        if (started is not None or config.net == "filtered" or config.events or config.monitor
-                or config.audit or config.report or config.suggest):
+        if (config.net == "filtered" or config.events or config.monitor or config.audit
+                or config.report or config.suggest):
             from . import launch
 
             # stage-1 first (a fork, nothing heavy loaded yet): trio, the network and
@@ -308,7 +308,7 @@ def main(argv=None, started=None):
 
             _collector_on()
             result = launch.run_blocking(config, command_argv, on_warning=_say,
-                                         on_timeout=_timed_out)
+                                         on_timeout=_timed_out, started=started)
     except ConfigError as exc:
         _say(str(exc))
         return EXIT_USAGE

@@ -528,11 +528,16 @@ class StatusWriter:
             log.warning("cannot write to --json-status-fd %d: %s", self._fd, exc)
 
 
-def run_blocking(config, argv, *, on_warning=None, on_timeout=None):
+def run_blocking(config, argv, *, on_warning=None, on_timeout=None, started=None):
     """Run ``argv`` in a sandbox without a userspace network (``net`` none or
-    host) and return its :class:`Result`."""
+    host) and return its :class:`Result`.  ``started``: a sandbox a warm server
+    made ready for it (:meth:`Started.take_command` done)."""
     if config.net == "filtered":
         raise ConfigError("run_blocking() has no network stack; use corral.run() for net='filtered'")
+    if started is not None:
+        started.adopted = True
+        return supervise_blocking(config, started.launch, started.process.pid, started.ctl,
+                                  on_timeout=on_timeout, relay=started.relay, go=started.go)
     launch = prepare(config, argv)
     process, ctl, relay = _start(launch, on_warning)
     return supervise_blocking(config, launch, process.pid, ctl, on_timeout=on_timeout, relay=relay)
@@ -546,19 +551,21 @@ def stdio_relay(fds=(0, 1, 2)):
     return _stdio.Relay(fds)
 
 
-def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None):
+def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None, go=None):
     """Supervise a started stage-1 without trio: forward SIGTERM, SIGHUP,
     SIGUSR1, SIGUSR2 (and keyboard signals when they cannot reach the command
     by themselves), enforce ``timeout``, relay stdio, return the
     :class:`Result`.  An exception (or a signal handler's) kills everything
-    inside before it propagates."""
+    inside before it propagates.  ``go``: (message, fds) to send when pid 1 is
+    ready (a stage-1 that waits for go, :attr:`Started.go`)."""
     status = StatusWriter(config.json_status_fd)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stage1.FORWARDED}
     old_wakeup = signal.set_wakeup_fd(wake_w)
     machine = _supervise.Supervision(
         stage1_pid=pid, now=time.monotonic(), timeout=config.timeout,
-        kill_grace=config.kill_grace, keyboard_direct=in_terminal_foreground())
+        kill_grace=config.kill_grace, keyboard_direct=in_terminal_foreground(),
+        wait_go=go is not None)
     registration = []  # the `corral ps` entry, once the command runs
     wait_status = None
     try:
@@ -566,7 +573,7 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None)
             relay.spawned()
         try:
             _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration,
-                            config.timeout)
+                            config.timeout, go)
         except BaseException:
             _supervise.carry_out(machine.teardown())
             raise
@@ -594,7 +601,8 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None)
         _cleanup_scratch(launch, background=True)
 
 
-def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout):
+def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout,
+                    go=None):
     """The select loop around :class:`corral._supervise.Supervision`."""
     while not machine.finished:
         timer = machine.next_timer()
@@ -620,6 +628,13 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
                     on_timeout(timeout)
             elif isinstance(action, _supervise.StartNetwork):
                 os.close(action.fd)  # no userspace network on this path
+            elif isinstance(action, _supervise.SendGo):
+                message, fds = go
+                try:
+                    stage1.send(ctl, message, fds)
+                finally:
+                    for fd in fds:
+                        os.close(fd)
             else:
                 _supervise.carry_out([action])
 

@@ -144,9 +144,18 @@ class Stat:
 
 
 class HostFs:
-    """The probe :func:`build_plan` uses on the real host."""
+    """The probe :func:`build_plan` uses on the real host (one per plan: its
+    lstat answers are remembered, the plan asks about some paths dozens of times)."""
+
+    def __init__(self):
+        self._stats = {}
 
     def lstat(self, path):
+        if path not in self._stats:
+            self._stats[path] = self._lstat(path)
+        return self._stats[path]
+
+    def _lstat(self, path):
         try:
             st = os.lstat(path)
         except (FileNotFoundError, NotADirectoryError):
