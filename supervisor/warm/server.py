@@ -480,10 +480,6 @@ class Spare:
             self.started = launch.start_early(self.config, argv, on_warning=self.warnings.append)
         except Exception:
             return 0
-        if self.config.net == "filtered":  # the Go runtime too: nothing forks here any more
-            from ..net import service
-
-            service.preload()
         try:
             ready, _, _ = select.select([self.handoff], [], [], SPARE_TTL)
             msg, fds = wire.receive(self.handoff, 16, 1) if ready else (b"", [])
