@@ -45,9 +45,9 @@ def ancestors(pid):
     return found
 
 
-def sandboxed_sleep(env, marker, stop_all, *options):
+def sandboxed_sleep(env, marker, stop_all, *options, net="none"):
     """Start a sandbox that sleeps; the host pid of its sleep once it runs."""
-    proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", "none", *options, "--", "sh",
+    proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", net, *options, "--", "sh",
                              "-c", "exec sh -c 'echo ready; sleep 300; :' %s" % marker],
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
     stop_all.append(proc)
@@ -107,13 +107,18 @@ def test_a_warm_run_gets_the_clients_limits_nice_and_extra_fds(warm, tmp_path):
     assert '"exit-code": 0' in status  # written to the client's own fd, at its number
 
 
-def test_runs_go_through_the_server_and_then_its_ready_spare(warm, tmp_path, stop_all):
+@pytest.mark.parametrize("net", ["none", "filtered"])
+def test_runs_go_through_the_server_and_then_its_ready_spare(warm, tmp_path, stop_all, net):
     server = server_pid(warm)
     for n in range(3):  # a fresh worker, then the sandbox kept ready for a run like it
-        proc, sleeper = sandboxed_sleep(warm, "warm-through-%d-%d" % (os.getpid(), n), stop_all)
+        proc, sleeper = sandboxed_sleep(warm, "warm-through-%d-%d" % (os.getpid(), n), stop_all,
+                                        net=net)
         assert server in ancestors(sleeper) and proc.pid not in ancestors(sleeper)
         proc.kill()
         proc.wait()
+    for n in range(3):  # and to their end, exit status and output included
+        done = corral(warm, "run", "--net", net, "--", "sh", "-c", "echo ok-%d; exit 3" % n)
+        assert (done.returncode, done.stdout, done.stderr) == (3, "ok-%d\n" % n, "")
     cold, sleeper = sandboxed_sleep({**warm, "CORRAL_WARM": "off"}, "warm-cold-%d" % os.getpid(),
                                     stop_all)
     assert cold.pid in ancestors(sleeper) and server not in ancestors(sleeper)
