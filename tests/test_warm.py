@@ -274,3 +274,16 @@ def test_a_request_round_trips():
     assert req["env"] == {b"A": b"1=2", b"B": b""}
     assert req["fds"] == [0, 1, 2, 9]
     assert req["cwd"] == b"/tmp"
+
+
+@pytest.mark.parametrize("net", ["none", "filtered"])
+def test_every_event_is_written_when_a_warm_client_exits(warm, tmp_path, net):
+    import json
+
+    for n in range(2):  # a fresh worker, then a spare
+        events = tmp_path / ("events-%d.jsonl" % n)
+        proc = corral(warm, "run", "--net", net, "--events", str(events), "--", "sh", "-c",
+                      "exit 4")
+        assert proc.returncode == 4, proc.stderr
+        kinds = [json.loads(line)["type"] for line in events.read_text().splitlines()]
+        assert kinds[0] == "sandbox_start" and kinds[-1] == "sandbox_exit", kinds

@@ -496,7 +496,7 @@ class Spare:
         already taken: the plan is made again with its environment)."""
         from .. import cli, launch
 
-        if any(req[k] != self.req[k] for k in SAME):
+        if any(req[k] != self.req[k] for k in SAME) or not self._alive():
             return False
         if _options(req["argv"]) != _options(self.req["argv"]):
             return False
@@ -506,6 +506,15 @@ class Spare:
                     and launch.replan(self.started.launch, config) == self.started.launch.spec["plan"])
         except Exception:
             return False
+
+    def _alive(self):
+        """Stage-1 still waits (it exits when a step fails: a cold run would retry)."""
+        try:
+            ended = os.waitid(os.P_PID, self.started.process.pid,
+                              os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return ended is None
 
     def command_argv(self, req):
         argv = [os.fsdecode(a) for a in req["argv"]]
