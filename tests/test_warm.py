@@ -63,7 +63,9 @@ def sandboxed_sleep(env, marker, stop_all, *options, net="none"):
 def warm(tmp_path):
     xdg = tmp_path / "xdg"
     xdg.mkdir(mode=0o700)
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg), WARM_PROBE="probe-value")
+    (tmp_path / "tmp").mkdir()  # the scratch root: corral-<uid> in it
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(xdg), TMPDIR=str(tmp_path / "tmp"),
+               WARM_PROBE="probe-value")
     proc = corral(env, "warm", "start", "--idle", "300")
     assert proc.returncode == 0, proc.stderr
     pid = int(proc.stderr.split("pid ", 1)[1].split(",", 1)[0])
@@ -303,3 +305,19 @@ def test_a_spare_planned_before_a_repository_appeared_does_not_serve_it(warm, tm
     assert attack.returncode == 0, attack.stderr
     assert not (repo / ".git" / "hooks" / "pre-commit").exists()
     assert (repo / ".git" / "config").read_text() == "[core]\n"
+
+
+def test_the_server_and_its_spares_leave_no_scratch_behind(warm, tmp_path):
+    scratch_root = tmp_path / "tmp" / ("corral-%d" % os.getuid())
+    for options in (["--net", "none"], ["--net", "none"], [], ["--net", "none"]):
+        assert corral(warm, "run", *options, "--", "true").returncode == 0
+    assert corral(warm, "warm", "status").returncode == 0  # served by the spare: it goes
+    assert corral(warm, "run", "--", "true").returncode == 0  # and a new one is made
+    assert corral(warm, "warm", "stop").returncode == 0
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = [n for n in os.listdir(scratch_root) if n.startswith("sb-")]
+        if not left:
+            return
+        time.sleep(0.1)
+    raise AssertionError("left behind: %s" % left)

@@ -359,8 +359,9 @@ class Worker:
                 _say_cold(self.conn, str(exc))
                 return 0
         finally:
-            if started is not None and not going:
-                started.abandon()  # the client gave up: nothing ran, its scratch goes
+            if self.spare is not None and not going:
+                # a status or stop request, or a client that gave up: nothing ran in it
+                self.spare.started.abandon()
         self.conn.settimeout(None)
         _die_with_client(self.conn)
         from .. import launch
