@@ -198,6 +198,17 @@ def checks():
         fix="Linux >= 6.12 with Landlock enabled (lsm=...,landlock)",
     ))
 
+    from .warm import client as warm_client
+    from .warm import server as warm_server
+
+    try:
+        answer = warm_server.request("status")
+        running, detail = True, "running: " + answer.partition(b"\0")[2].decode("utf-8", "replace")
+    except (warm_client.Refused, OSError) as exc:
+        running, detail = False, "not serving this shell (%s): each run starts cold" % exc
+    results.append(Check(name="warm server", ok=running, optional=True, detail=detail,
+                         fix="`corral warm start` (many short runs: each starts ~2-3x faster)"))
+
     try:
         from .bindings import load
 

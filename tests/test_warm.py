@@ -45,11 +45,11 @@ def ancestors(pid):
     return found
 
 
-def sandboxed_sleep(env, marker, stop_all, *options, net="none"):
+def sandboxed_sleep(env, marker, stop_all, *options, net="none", stdin=subprocess.DEVNULL):
     """Start a sandbox that sleeps; the host pid of its sleep once it runs."""
     proc = subprocess.Popen([PY, "-m", "corral", "run", "--net", net, *options, "--", "sh",
                              "-c", "exec sh -c 'echo ready; sleep 300; :' %s" % marker],
-                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+                            env=env, stdin=stdin, stdout=subprocess.PIPE, text=True)
     stop_all.append(proc)
     assert proc.stdout.readline() == "ready\n"
     found = subprocess.run(["pgrep", "-f", "^sh -c echo ready; sleep 300; : %s$" % marker],
@@ -124,6 +124,20 @@ def test_runs_go_through_the_server_and_then_its_ready_spare(warm, tmp_path, sto
     cold, sleeper = sandboxed_sleep({**warm, "CORRAL_WARM": "off"}, "warm-cold-%d" % os.getpid(),
                                     stop_all)
     assert cold.pid in ancestors(sleeper) and server not in ancestors(sleeper)
+
+
+def test_a_terminal_on_stdin_starts_cold(warm, tmp_path, stop_all):
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc, sleeper = sandboxed_sleep(warm, "warm-tty-%d" % os.getpid(), stop_all, stdin=slave)
+    finally:
+        os.close(slave)
+    assert proc.pid in ancestors(sleeper) and server_pid(warm) not in ancestors(sleeper)
+    proc.kill()
+    proc.wait()
+    os.close(master)
 
 
 def test_the_client_killed_takes_its_sandbox_with_it(warm, tmp_path, stop_all):
