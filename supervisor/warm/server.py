@@ -333,6 +333,7 @@ class Worker:
         self.conn = conn
         self.server = server
         self.spare = spare
+        self.template = None  # the request, once accepted: the next spare is made for it
 
     def run(self):
         """The exit status of this process."""
@@ -381,6 +382,10 @@ class Worker:
         null = os.open(os.devnull, os.O_RDWR)  # the client's stdio is the client's again
         for fd in (0, 1, 2):
             os.dup2(null, fd)
+        try:  # the next run like this one finds a sandbox ready (made now: not while this ran)
+            self.server.templates_w.send(self.template)
+        except OSError:
+            pass
         for cleanup in launch.AFTER_EXIT:  # scratch removal, the TAP's slow close
             try:
                 cleanup()
@@ -408,10 +413,7 @@ class Worker:
             if len(fds) != len(req["fds"]):
                 raise wire.Refused("the fds sent do not match the request")
             _take_settings(req)
-            try:  # the next run like this one finds a sandbox ready
-                self.server.templates_w.send(data)
-            except OSError:
-                pass
+            self.template = data
             if self.spare is not None:
                 if self.spare.serves(req):
                     started = self.spare.started
@@ -422,8 +424,8 @@ class Worker:
             for fd in fds:
                 os.close(fd)
             raise
-        keep = (started.ctl,) if started is not None else ()
-        self.conn, *kept = _install_fds(req["fds"], fds, self.conn, keep)
+        keep = (self.server.templates_w,) + ((started.ctl,) if started is not None else ())
+        self.conn, self.server.templates_w, *kept = _install_fds(req["fds"], fds, self.conn, keep)
         if started is not None:
             started.ctl, = kept
         self.conn.settimeout(REQUEST_TIMEOUT)
