@@ -335,3 +335,13 @@ def test_the_server_and_its_spares_leave_no_scratch_behind(warm, tmp_path):
             return
         time.sleep(0.1)
     raise AssertionError("left behind: %s" % left)
+
+
+def test_runs_that_alternate_their_options_all_go_warm(warm, tmp_path, stop_all):
+    server = server_pid(warm)
+    for n, net in enumerate(["none", "filtered", "none", "filtered"]):
+        proc, sleeper = sandboxed_sleep(warm, "warm-alt-%d-%d" % (os.getpid(), n), stop_all,
+                                        net=net)
+        assert server in ancestors(sleeper) and proc.pid not in ancestors(sleeper)
+        proc.kill()
+        proc.wait()

@@ -38,6 +38,7 @@ import time
 import zlib
 
 PROTOCOL = b"corral-warm/1"
+RETRY = b"retry"  # a spare that is not for this run: connect once more
 READY_TIMEOUT = 2.0  # seconds a server has to answer before the run starts cold
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 WARM_COMMANDS = ("run", "audit")
@@ -366,14 +367,21 @@ def run(argv, environ=None):
         return None
     if path is None:
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(READY_TIMEOUT)
-        pidfd = _handshake(sock, path, ["corral", *argv])
-    except (OSError, Refused):
-        sock.close()
-        return None
-    return _wait(sock, pidfd)
+    for attempt in range(2):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.settimeout(READY_TIMEOUT)
+            pidfd = _handshake(sock, path, ["corral", *argv])
+        except Refused as exc:
+            sock.close()
+            if str(exc) != RETRY.decode():
+                return None
+            continue
+        except OSError:
+            sock.close()
+            return None
+        return _wait(sock, pidfd)
+    return None
 
 
 def _isatty(fd):

@@ -298,6 +298,13 @@ class AlreadyRunning(Exception):
     pass
 
 
+class Retry(wire.Refused):
+    """A spare that is not this run's: the client connects once more."""
+
+    def __str__(self):
+        return wire.RETRY.decode()
+
+
 def _say_cold(conn, why):
     try:
         conn.send(why.encode())
@@ -412,20 +419,19 @@ class Worker:
             self._check_same_corral(req)
             if len(fds) != len(req["fds"]):
                 raise wire.Refused("the fds sent do not match the request")
-            _take_settings(req)
             self.template = data
-            if self.spare is not None:
-                if self.spare.serves(req):
-                    started = self.spare.started
-                else:  # before the fds are swapped: its ctl and relay are still where they were
-                    self.spare.started.abandon()
-                    self.spare = None
+            if self.spare is None:
+                _take_settings(req)
+            else:  # its settings are the template's: the run must have the same, or go elsewhere
+                started = self.spare.take(req)
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
         keep = (self.server.templates_w,) + ((started.ctl,) if started is not None else ())
-        self.conn, self.server.templates_w, *kept = _install_fds(req["fds"], fds, self.conn, keep)
+        pinned = self.spare.pinned if self.spare is not None else ()
+        self.conn, self.server.templates_w, *kept = _install_fds(req["fds"], fds, self.conn, keep,
+                                                                 pinned)
         if started is not None:
             started.ctl, = kept
         self.conn.settimeout(REQUEST_TIMEOUT)
@@ -454,8 +460,9 @@ class Spare:
     options, cwd, limits, signals — everything but the command, its environment
     and its stdio, which come with go (:meth:`corral.launch.Started.take_command`).
     It serves the next connection when that run is the same and the mount plan,
-    planned again now, is too; otherwise it is abandoned and the run is made
-    as any other.  Unused for :data:`SPARE_TTL` seconds, it is abandoned."""
+    planned again now, is too; otherwise it is abandoned and tells the client to
+    connect again (:class:`Retry`), which a fresh worker then serves.  Unused for
+    :data:`SPARE_TTL` seconds, it is abandoned."""
 
     def __init__(self, handoff, template, server):
         self.handoff = handoff
@@ -463,6 +470,7 @@ class Spare:
         self.server = server
         self.req = self.config = self.started = None
         self.warnings = []
+        self.pinned = frozenset()  # fds the Go runtime opened, loaded ahead
 
     def run(self):
         from .. import cli, launch
@@ -483,6 +491,15 @@ class Spare:
             self.started = launch.start_early(self.config, argv, on_warning=self.warnings.append)
         except Exception:
             return 0
+        if self.config.net == "filtered":
+            # The Go runtime (~20 ms) too: this process forks nothing any more.  Its fds
+            # stay where it put them (no run whose fds would land there takes this spare),
+            # and its signal handlers stay: a run taking the spare has the same dispositions.
+            before = set(os.listdir("/proc/self/fd"))
+            from ..net import service
+
+            service.preload()
+            self.pinned = frozenset(int(n) for n in set(os.listdir("/proc/self/fd")) - before)
         try:
             ready, _, _ = select.select([self.handoff], [], [], SPARE_TTL)
             msg, fds = wire.receive(self.handoff, 16, 1) if ready else (b"", [])
@@ -493,6 +510,18 @@ class Spare:
             self.started.abandon()
             return 0
         return Worker(socket.socket(fileno=fds[0]), self.server, self).run()
+
+    def take(self, req):
+        """This sandbox for ``req``, its environment taken; Retry when it is not
+        the one ``req`` would make now (the client asks again, and a fresh worker
+        serves it): nothing of this process was changed but the environment."""
+        if any(req[k] != self.req[k] for k in SAME) or set(req["fds"]) & self.pinned:
+            raise Retry()
+        os.environb.clear()
+        os.environb.update(req["env"])
+        if not self.serves(req):
+            raise Retry()
+        return self.started
 
     def serves(self, req):
         """Whether this sandbox is the one ``req`` would make now (its settings
@@ -574,18 +603,19 @@ def _take_settings(req):
                                                 if s in signal.valid_signals()])
 
 
-def _install_fds(targets, received, conn, keep=()):
+def _install_fds(targets, received, conn, keep=(), pinned=()):
     """Put ``received[i]`` at fd ``targets[i]`` and close every other fd but the
     connection and the sockets in ``keep`` (a spare's ctl), which move above
-    them all: the fd table a cold ``corral`` would have started with.  Returns
-    the connection and the kept sockets, moved."""
+    them all, and the fds ``pinned`` where they are (the Go runtime's, none of
+    ``targets``): the fd table a cold ``corral`` would have started with.
+    Returns the connection and the kept sockets, moved."""
     high = max([2, *targets]) + 1
     moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, high) for fd in received]
     ours = []
     for sock in (conn, *keep):
         ours.append(fcntl.fcntl(sock.fileno(), fcntl.F_DUPFD_CLOEXEC, high))
         sock.close()
-    kept = set(moved) | set(ours)
+    kept = set(moved) | set(ours) | set(pinned)
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
         if fd not in kept:
