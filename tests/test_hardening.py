@@ -361,7 +361,7 @@ def test_shell_fork_bomb_with_pids_limit_is_contained():
     """A real fork bomb: bounded by --pids, ended by --timeout; the host can
     still start processes meanwhile."""
     bomb = subprocess.Popen([PY, "-m", "corral", *NONE, "--pids", "8", "--timeout", "3",
-                             "--kill-grace", "1", "--", "sh", "-c", "b() { b | b & }; b; sleep 20"],
+                             "--kill-grace", "1", "--", "sh", "-c", "(b() { b | b & }; b); exec sleep 20"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         assert subprocess.run(["true"], timeout=10).returncode == 0
