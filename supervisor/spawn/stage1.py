@@ -36,7 +36,7 @@ import stat
 import struct
 import sys
 
-from . import harden, libc, seccomp
+from . import harden, libc, mounts, seccomp
 
 SI_KERNEL = 0x80
 # Signals pid 1 passes on to the command (issue 2: SIGINT SIGTERM SIGHUP
@@ -174,20 +174,66 @@ def _stage1(ctl, spec, parent_pid, prelude=None):
     undertaker, joined = _fork_undertaker()
     _enter_namespaces(spec)
     os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
+    if harden.wants_seccomp(spec.get("harden")):
+        _hardening(seccomp._library)  # now: D pivots C's root away too
     lifeline_r, lifeline_w = os.pipe()
+    program_r, program_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(lifeline_w)
-        pid1(ctl, spec, lifeline_r, joined, closed)  # never returns, but in E
+        os.close(program_w)
+        pid1(ctl, spec, lifeline_r, joined, closed, program_r)  # never returns, but in E
     os.close(lifeline_r)
     os.close(joined)
+    os.close(program_r)
     send(ctl, {"d_pid": pid})
+    _send_program(ctl, spec, program_w)
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
         return 1
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+_LENGTH = struct.Struct("I")
+
+
+def _send_program(ctl, spec, program_w):
+    """C, while D mounts (on another CPU when there is one): build the command's
+    seccomp program and pass it to D, length first; on failure report why and
+    pass nothing, and D starts nothing (fail closed)."""
+    try:
+        program = _hardening(harden.seccomp_program, spec.get("harden"))
+        if program is not None:
+            data = memoryview(_LENGTH.pack(len(program)) + program)
+            while data:
+                data = data[os.write(program_w, data):]
+    except StepError as exc:
+        _report(ctl, exc)
+    except OSError:
+        pass  # D is gone
+    finally:
+        os.close(program_w)
+
+
+def _receive_program(spec, program_r):
+    """D: the program C built (None: the spec asks for no filter); raises
+    :class:`Unfiltered` when C sent none or a truncated one (C reported why)."""
+    chunks = []
+    while chunk := os.read(program_r, 1 << 16):
+        chunks.append(chunk)
+    os.close(program_r)
+    if not harden.wants_seccomp(spec.get("harden")):
+        return None
+    data = b"".join(chunks)
+    if len(data) < _LENGTH.size or _LENGTH.unpack_from(data)[0] != len(data) - _LENGTH.size:
+        raise Unfiltered()
+    return data[_LENGTH.size:]
+
+
+class Unfiltered(Exception):
+    """D got no seccomp program from C, which reported why."""
 
 
 def _hold_stdio():
@@ -295,13 +341,14 @@ def _nesting_fix(err):
 # ---------------------------------------------------------------- pid 1 (D)
 
 
-def pid1(ctl, spec, lifeline, joined, closed=()):
+def pid1(ctl, spec, lifeline, joined, closed, program):
     """Run as D, pid 1 of the sandbox; never returns (except in E).
-    ``closed``: the stdio fds the command gets closed (see _hold_stdio)."""
-    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined, closed)
+    ``closed``: the stdio fds the command gets closed (see _hold_stdio);
+    ``program``: the pipe C sends the seccomp program on (_send_program)."""
+    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined, closed, program)
 
 
-def _pid1(ctl, spec, lifeline, joined, closed=()):
+def _pid1(ctl, spec, lifeline, joined, closed, program):
     libc.set_pdeathsig(signal.SIGKILL)
     if select.select([lifeline], [], [], 0)[0]:  # C died before we armed it
         return 1
@@ -311,10 +358,12 @@ def _pid1(ctl, spec, lifeline, joined, closed=()):
         libc.sethostname(spec["hostname"])
     except OSError as exc:
         raise StepError("sethostname", exc.errno, spec["hostname"]) from None
-    # Before the mounts: libseccomp must be loaded while the host's /usr is there.
-    hardened = _prepare_hardening(spec)
     _setup_network(ctl, spec)
     _setup_root(spec)
+    try:
+        hardened = _prepare_hardening(spec, _receive_program(spec, program))
+    except Unfiltered:
+        return 1
     send(ctl, {"ready": True})
     if spec.get("wait_go"):
         message, _ = recv(ctl)
@@ -365,8 +414,6 @@ def _setup_network(ctl, spec):
 
 
 def _setup_root(spec):
-    from . import mounts
-
     try:
         mounts.setup_root(spec["plan"])
     except mounts.MountError as exc:
@@ -518,9 +565,13 @@ def _which(name, path):
     raise FileNotFoundError(errno.ENOENT, "command not found", name)
 
 
-def _prepare_hardening(spec):
+def _prepare_hardening(spec, program=harden.BUILD):
+    return _hardening(harden.prepare, spec.get("harden"), program)
+
+
+def _hardening(step, *args):
     try:
-        return harden.prepare(spec.get("harden"))
+        return step(*args)
     except (harden.HardenError, seccomp.SeccompError) as exc:
         raise StepError("seccomp" if isinstance(exc, seccomp.SeccompError) else "limits",
                         exc.errno, exc.strerror, exc.fix) from None
