@@ -171,7 +171,9 @@ def _stage1(ctl, spec, parent_pid, prelude=None):
     if prelude is not None:
         prelude()
     closed = _hold_stdio()
-    undertaker, joined = _fork_undertaker()
+    helper, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    undertaker, joined = _fork_undertaker(spec, theirs)
+    theirs.close()
     _enter_namespaces(spec)
     os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
     if harden.wants_seccomp(spec.get("harden")):
@@ -182,7 +184,8 @@ def _stage1(ctl, spec, parent_pid, prelude=None):
     if pid == 0:
         os.close(lifeline_w)
         os.close(program_w)
-        pid1(ctl, spec, lifeline_r, joined, closed, program_r)  # never returns, but in E
+        pid1(ctl, spec, lifeline_r, joined, closed, program_r, helper)  # never returns, but in E
+    helper.close()
     os.close(lifeline_r)
     os.close(joined)
     os.close(program_r)
@@ -254,7 +257,7 @@ def _hold_stdio():
     return tuple(closed)
 
 
-def _fork_undertaker():
+def _fork_undertaker(spec, helper):
     """Fork U, which outlives C by a moment and so drops the sandbox's namespaces
     last: unmounting the sandbox's mount tree (an RCU grace period and every
     overlay, ~100-300 ms under load) then happens in U's exit, which nobody
@@ -266,7 +269,9 @@ def _fork_undertaker():
     pipe's end, or PR_SET_PDEATHSIG).  Returns the pipe's write end (close-on-exec:
     only C and D hold it), and the read end of a pipe that ends once U has joined
     (or given up): D waits for that before it starts the command, because U then
-    counts against the sandbox's RLIMIT_NPROC (hardening.HELPER_PROCESSES)."""
+    counts against the sandbox's RLIMIT_NPROC (hardening.HELPER_PROCESSES).
+    Once in, U makes overlays of the plan for D on the other CPU, sent on the
+    socket ``helper`` (mounts.premake_overlays)."""
     c_pid = os.getpid()
     ready_r, ready_w = os.pipe()
     joined_r, joined_w = os.pipe()
@@ -276,16 +281,18 @@ def _fork_undertaker():
         return ready_w, joined_r
     try:
         libc.set_pdeathsig(signal.SIGKILL)
-        low, high = sorted((ready_r, joined_w))
-        os.closerange(0, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 16)
+        start = 0
+        for fd in sorted((ready_r, joined_w, helper.fileno())):
+            os.closerange(start, fd)
+            start = fd + 1
+        os.closerange(start, 1 << 16)
         if os.getppid() == c_pid and os.read(ready_r, 1):  # else C is gone
             for name, nstype in (("user", libc.CLONE_NEWUSER), ("mnt", libc.CLONE_NEWNS)):
                 fd = os.open("/proc/%d/ns/%s" % (c_pid, name), os.O_RDONLY | os.O_CLOEXEC)
                 libc.setns(fd, nstype)
                 os.close(fd)
             os.close(joined_w)
+            mounts.premake_overlays(spec["plan"], helper)
             os.read(ready_r, 1)  # EOF when C exits; PR_SET_PDEATHSIG then kills U
     finally:
         os._exit(0)
@@ -341,14 +348,15 @@ def _nesting_fix(err):
 # ---------------------------------------------------------------- pid 1 (D)
 
 
-def pid1(ctl, spec, lifeline, joined, closed, program):
+def pid1(ctl, spec, lifeline, joined, closed, program, helper):
     """Run as D, pid 1 of the sandbox; never returns (except in E).
     ``closed``: the stdio fds the command gets closed (see _hold_stdio);
-    ``program``: the pipe C sends the seccomp program on (_send_program)."""
-    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined, closed, program)
+    ``program``: the pipe C sends the seccomp program on (_send_program);
+    ``helper``: the socket U sends overlays on (mounts.premake_overlays)."""
+    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined, closed, program, helper)
 
 
-def _pid1(ctl, spec, lifeline, joined, closed, program):
+def _pid1(ctl, spec, lifeline, joined, closed, program, helper):
     libc.set_pdeathsig(signal.SIGKILL)
     if select.select([lifeline], [], [], 0)[0]:  # C died before we armed it
         return 1
@@ -359,7 +367,7 @@ def _pid1(ctl, spec, lifeline, joined, closed, program):
     except OSError as exc:
         raise StepError("sethostname", exc.errno, spec["hostname"]) from None
     _setup_network(ctl, spec)
-    _setup_root(spec)
+    _setup_root(spec, helper)
     try:
         hardened = _prepare_hardening(spec, _receive_program(spec, program))
     except Unfiltered:
@@ -413,9 +421,9 @@ def _setup_network(ctl, spec):
             os.close(one)
 
 
-def _setup_root(spec):
+def _setup_root(spec, helper):
     try:
-        mounts.setup_root(spec["plan"])
+        mounts.setup_root(spec["plan"], helper)
     except mounts.MountError as exc:
         raise StepError(
             "mount %s (%s)" % (exc.path, exc.step), exc.errno, str(exc), getattr(exc, "fix", None)
