@@ -245,8 +245,9 @@ def test_seccomp_off_loads_no_filter():
 def test_truncated_or_missing_seccomp_program_from_stage1_is_refused():
     """Pid 1 gets the command's filter from stage-1 over a pipe (stage-1 builds it
     while pid 1 mounts).  A program cut short (stage-1 killed mid-write), with a
-    wrong length, or missing (stage-1 could not build it, and said why) is refused:
-    pid 1 starts nothing rather than load a shorter, weaker filter."""
+    wrong length, or missing (stage-1 could not build it or set up the network,
+    and said why; or sent "no filter" where one is asked for) is refused: pid 1
+    starts nothing rather than load a shorter, weaker filter, or none."""
     from corral.spawn import harden, stage1
 
     spec = {"harden": {"seccomp": "default"}}
@@ -259,11 +260,16 @@ def test_truncated_or_missing_seccomp_program_from_stage1_is_refused():
         os.close(w)
         return stage1._receive_program(spec, r)
 
-    for sent in (b"", whole[:2], whole[:-8], struct.pack("I", len(program) - 8) + program, program):
+    nothing = struct.pack("I", 0)  # what stage-1 sends with --seccomp off
+    for sent in (b"", whole[:2], whole[:-8], struct.pack("I", len(program) - 8) + program, program,
+                 nothing):
         with pytest.raises(stage1.Unfiltered):
             received(sent)
     assert received(whole) == program
-    assert stage1._receive_program({"harden": {"seccomp": "off"}}, os.open(os.devnull, os.O_RDONLY)) is None
+    spec = {"harden": {"seccomp": "off"}}
+    assert received(nothing) is None
+    with pytest.raises(stage1.Unfiltered):
+        received(b"")  # stage-1 failed (and said why)
 
 
 # ------------------------------------------------------------ mounts, nesting

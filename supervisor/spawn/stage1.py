@@ -175,9 +175,9 @@ def _stage1(ctl, spec, parent_pid, prelude=None):
     undertaker, joined = _fork_undertaker(spec, theirs)
     theirs.close()
     _enter_namespaces(spec)
-    os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
     if harden.wants_seccomp(spec.get("harden")):
         _hardening(seccomp._library)  # now: D pivots C's root away too
+    os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
     lifeline_r, lifeline_w = os.pipe()
     program_r, program_w = os.pipe()
     pid = os.fork()
@@ -190,7 +190,7 @@ def _stage1(ctl, spec, parent_pid, prelude=None):
     os.close(joined)
     os.close(program_r)
     send(ctl, {"d_pid": pid})
-    _send_program(ctl, spec, program_w)
+    _share_of_d(ctl, spec, program_w)
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
@@ -202,16 +202,17 @@ def _stage1(ctl, spec, parent_pid, prelude=None):
 _LENGTH = struct.Struct("I")
 
 
-def _send_program(ctl, spec, program_w):
-    """C, while D mounts (on another CPU when there is one): build the command's
-    seccomp program and pass it to D, length first; on failure report why and
-    pass nothing, and D starts nothing (fail closed)."""
+def _share_of_d(ctl, spec, program_w):
+    """C, while D mounts (on another CPU when there is one): what of D's set-up
+    needs only the namespaces C is in (hostname, loopback, ICMP echo sockets),
+    then the command's seccomp program, passed to D length first (0: none).  On
+    failure report why and pass nothing: D then starts nothing (fail closed)."""
     try:
-        program = _hardening(harden.seccomp_program, spec.get("harden"))
-        if program is not None:
-            data = memoryview(_LENGTH.pack(len(program)) + program)
-            while data:
-                data = data[os.write(program_w, data):]
+        _setup_host(spec)
+        program = _hardening(harden.seccomp_program, spec.get("harden")) or b""
+        data = memoryview(_LENGTH.pack(len(program)) + program)
+        while data:
+            data = data[os.write(program_w, data):]
     except StepError as exc:
         _report(ctl, exc)
     except OSError:
@@ -221,22 +222,24 @@ def _send_program(ctl, spec, program_w):
 
 
 def _receive_program(spec, program_r):
-    """D: the program C built (None: the spec asks for no filter); raises
-    :class:`Unfiltered` when C sent none or a truncated one (C reported why)."""
+    """D: the program C built (None: the spec asks for no filter), once C has done
+    its share (_share_of_d); raises :class:`Unfiltered` when C sent nothing (it
+    reported why), a truncated program, or none where the spec asks for one."""
     chunks = []
     while chunk := os.read(program_r, 1 << 16):
         chunks.append(chunk)
     os.close(program_r)
-    if not harden.wants_seccomp(spec.get("harden")):
-        return None
     data = b"".join(chunks)
     if len(data) < _LENGTH.size or _LENGTH.unpack_from(data)[0] != len(data) - _LENGTH.size:
         raise Unfiltered()
-    return data[_LENGTH.size:]
+    program = data[_LENGTH.size:]
+    if bool(program) != harden.wants_seccomp(spec.get("harden")):
+        raise Unfiltered()
+    return program or None
 
 
 class Unfiltered(Exception):
-    """D got no seccomp program from C, which reported why."""
+    """D did not get from C what it must have to start the command."""
 
 
 def _hold_stdio():
@@ -362,11 +365,7 @@ def _pid1(ctl, spec, lifeline, joined, closed, program, helper):
         return 1
     mask = set(FORWARDED) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, mask)
-    try:
-        libc.sethostname(spec["hostname"])
-    except OSError as exc:
-        raise StepError("sethostname", exc.errno, spec["hostname"]) from None
-    _setup_network(ctl, spec)
+    _setup_tap(ctl, spec)
     _setup_root(spec, helper)
     try:
         hardened = _prepare_hardening(spec, _receive_program(spec, program))
@@ -386,7 +385,13 @@ def _pid1(ctl, spec, lifeline, joined, closed, program, helper):
     return code
 
 
-def _setup_network(ctl, spec):
+def _setup_host(spec):
+    """The hostname, and the network namespace's loopback and ping range: C does
+    it (the namespaces are C's), while D mounts."""
+    try:
+        libc.sethostname(spec["hostname"])
+    except OSError as exc:
+        raise StepError("sethostname", exc.errno, spec["hostname"]) from None
     if spec["net"] == "host":
         return
     try:
@@ -401,6 +406,11 @@ def _setup_network(ctl, spec):
             f.write("%d %d" % (gid, gid))
     except OSError as exc:
         raise StepError("ping_group_range", exc.errno, "allowing ICMP echo sockets") from None
+
+
+def _setup_tap(ctl, spec):
+    """D: the TAP device (net=filtered), sent to P with a sock_diag socket.  Opened
+    here, before the mounts take /dev/net/tun out of view."""
     if spec["net"] == "filtered":
         from . import tap  # only loaded when there is a network
 
