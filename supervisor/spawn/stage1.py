@@ -1,10 +1,12 @@
 """Stage-1 (C) and pid 1 (D) of a sandbox — DESIGN §2.  Standard library only.
 
     P  supervisor ──ctl socket (SOCK_SEQPACKET, JSON + SCM_RIGHTS)──┐
-    └─ C  stage-1: unshare(USER|NS|PID|UTS|IPC|CGROUP[|NET]), uid/gid maps
+    └─ C  stage-1: unshare(USER|NS|PID|UTS|IPC|CGROUP[|NET]), uid/gid maps;
+         │   while D mounts: hostname, lo, the seccomp program (sent to D)
          ├─ U  forked before the unshare, joins C's user and mount namespaces,
-         │     ends with C: the mount tree's teardown happens in U's exit
-         └─ D  pid 1: hostname, network, mounts + pivot_root, then forks E,
+         │     makes overlays for D (mounts.premake_overlays), ends with C:
+         │     the mount tree's teardown happens in U's exit
+         └─ D  pid 1: TAP, mounts + pivot_root, then forks E,
               reaps, forwards signals, reports E's exit and exits with it
               └─ E  the user's command (exec)
 
