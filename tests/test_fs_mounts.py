@@ -54,6 +54,59 @@ _, status = os.waitpid(pid, 0)
 sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
 """
 
+# The same, with a helper making overlays in parallel as stage-1's undertaker does
+# (forked before the unshare, it joins the user and mount namespaces, then runs
+# premake_overlays).  HELPER_MODE: "race" (as in corral), "first" (the helper is
+# done before setup_root starts), "claimed" (every work directory already exists:
+# the helper makes nothing, setup_root makes every overlay itself).
+HELPER_CHILD = r"""
+import json, os, socket, sys
+from corral.spawn import libc, mounts
+plan, script, mode = json.loads(sys.argv[1]), sys.argv[2], os.environ["HELPER_MODE"]
+uid, gid = os.getuid(), os.getgid()
+libc.set_pdeathsig(9)
+ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+go_r, go_w = os.pipe()
+parent = os.getpid()
+helper = os.fork()
+if helper == 0:
+    ours.close()
+    os.close(go_w)
+    os.read(go_r, 1)
+    for name, nstype in (("user", libc.CLONE_NEWUSER), ("mnt", libc.CLONE_NEWNS)):
+        fd = os.open("/proc/%d/ns/%s" % (parent, name), os.O_RDONLY)
+        libc.setns(fd, nstype)
+    mounts.premake_overlays(plan, theirs)
+    os._exit(0)
+theirs.close()
+libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS | libc.CLONE_NEWPID | libc.CLONE_NEWNET
+             | libc.CLONE_NEWUTS | libc.CLONE_NEWIPC)
+for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", "%d %d 1" % (uid, uid)),
+                   ("/proc/self/gid_map", "%d %d 1" % (gid, gid))):
+    with open(path, "w") as f:
+        f.write(text)
+if mode == "claimed":
+    for op in plan:
+        if op["op"] == "overlay" and "work" in op:
+            os.makedirs(op["work"], 0o700)
+os.write(go_w, b"g")
+if mode != "race":
+    os.waitpid(helper, 0)
+pid = os.fork()
+if pid == 0:
+    libc.set_pdeathsig(9)
+    try:
+        mounts.setup_root(plan, ours)
+    except mounts.MountError as exc:
+        os.write(2, ("MountError step=%s path=%s errno=%s: %s\n"
+                     % (exc.step, exc.path, exc.errno, exc)).encode())
+        os._exit(90)
+    os.execv("/bin/sh", ["sh", "-c", script])
+ours.close()
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status) & 0xFF)
+"""
+
 
 def _probe():
     if os.getuid() == 0:
@@ -110,10 +163,10 @@ class Box:
         kw.setdefault("scratch", self.scratch)
         return build_plan(FsSpec(**kw), _read("/proc/self/mountinfo"))
 
-    def run(self, script, plan=None, env=(), **kw):
+    def run(self, script, plan=None, env=(), child=CHILD, **kw):
         ops = (plan or self.plan(**kw)).dumps() if not isinstance(plan, list) else json.dumps(plan)
         env = dict(os.environ, HOME=self.home, **dict(env))
-        proc = subprocess.run([sys.executable, "-c", CHILD, ops, "set -u\n" + script],
+        proc = subprocess.run([sys.executable, "-c", child, ops, "set -u\n" + script],
                               capture_output=True, text=True, timeout=60, env=env, cwd=self.proj)
         if proc.returncode == SETUP_FAILED:
             raise AssertionError("setup_root failed: " + proc.stderr)
@@ -402,3 +455,58 @@ def test_var_tmp_write_succeeds_inside_and_never_reaches_host(box):
     out = ok(box.run("echo x > %s && cat %s" % (name, name)))
     assert out == "x\n"
     assert not os.path.exists(name)
+
+
+# ------------------------------------------------------------------ overlays made by a helper
+
+
+@pytest.mark.parametrize("mode", ["race", "first", "claimed"])
+def test_overlay_claimed_by_one_process_is_never_remade_by_the_other(box, mode):
+    """Stage-1's undertaker makes overlays while pid 1 works through the plan; an
+    overlay made twice on one work directory would wipe the live one's (its
+    copy-ups then fail).  Whichever process creates the work directory makes the
+    overlay: each writable overlay of the plan is mounted exactly once, writes
+    land in its upper directory and never on the host, and the manifest is the
+    one pid 1 writes alone."""
+    alone = ok(box.run("grep -c ' - overlay ' /proc/self/mountinfo"))
+    manifest = box.manifest()
+    box.scratch += "-helper"  # a fresh one (overlayfs leaves a mode-0 work/work in the first)
+    os.mkdir(box.scratch, 0o700)
+    plan = box.plan()
+    writable = [op for op in plan.to_json() if op["op"] == "overlay" and "upper" in op]
+    script = ('echo inside >> ~/.bashrc && cat ~/.bashrc && echo x > /var/tmp/corral-helper-%d && '
+              "grep ' - overlay ' /proc/self/mountinfo | grep -o 'upperdir=[^,]*' | sort | uniq -d; "
+              "grep -c ' - overlay ' /proc/self/mountinfo" % os.getpid())
+    out = ok(box.run(script, plan=plan, child=HELPER_CHILD, env={"HELPER_MODE": mode}))
+    assert out.splitlines() == ["# host bashrc", "inside", alone.strip()]  # no upperdir twice
+    assert int(alone) >= len(writable) > 1
+    assert box.read(".bashrc") == "# host bashrc\n"
+    assert not os.path.exists("/var/tmp/corral-helper-%d" % os.getpid())
+    assert box.manifest()["overlays"] == manifest["overlays"]
+    assert box.manifest()["fallbacks"] == {}
+
+
+def test_helper_never_makes_an_overlay_whose_work_directory_exists(box):
+    """The other half of the claim: once pid 1 has created an overlay's work
+    directory (it makes that overlay), the helper leaves it, and every one before
+    it, alone: nothing is sent and no work directory is touched."""
+    plan = box.plan().to_json()
+    works = [op["work"] for op in plan if op["op"] == "overlay" and "upper" in op]
+    last = works[-1]
+    code = (
+        "import json, os, socket, sys\n"
+        "from corral.spawn import libc, mounts\n"
+        "uid, gid = os.getuid(), os.getgid()\n"
+        "libc.unshare(libc.CLONE_NEWUSER | libc.CLONE_NEWNS)\n"
+        "for path, text in (('/proc/self/setgroups', 'deny'), ('/proc/self/uid_map', '%d %d 1' % (uid, uid)),\n"
+        "                   ('/proc/self/gid_map', '%d %d 1' % (gid, gid))):\n"
+        "    open(path, 'w').write(text)\n"
+        "ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)\n"
+        "mounts.premake_overlays(json.loads(sys.argv[1]), theirs)\n"
+        "print(ours.recv(4096))\n")
+    os.makedirs(last, 0o700)  # pid 1 claimed the last overlay: the helper's first
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(plan)], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.stdout == "b''\n", proc.stderr  # end of stream, no overlay
+    assert os.listdir(last) == []
+    assert [w for w in works if os.path.exists(w)] == [last]

@@ -10,6 +10,7 @@ import fcntl
 import os
 import platform
 import pty
+import struct
 import subprocess
 import sys
 import termios
@@ -239,6 +240,36 @@ def test_seccomp_off_loads_no_filter():
     assert out.stdout.split() == [b"Seccomp:", b"0"]
     out = corral(*NONE, "--", "grep", "^Seccomp:", "/proc/self/status")
     assert out.stdout.split() == [b"Seccomp:", b"2"]
+
+
+def test_truncated_or_missing_seccomp_program_from_stage1_is_refused():
+    """Pid 1 gets the command's filter from stage-1 over a pipe (stage-1 builds it
+    while pid 1 mounts).  A program cut short (stage-1 killed mid-write), with a
+    wrong length, or missing (stage-1 could not build it or set up the network,
+    and said why; or sent "no filter" where one is asked for) is refused: pid 1
+    starts nothing rather than load a shorter, weaker filter, or none."""
+    from corral.spawn import harden, stage1
+
+    spec = {"harden": {"seccomp": "default"}}
+    program = harden.seccomp_program(spec["harden"])
+    whole = struct.pack("I", len(program)) + program
+
+    def received(sent):
+        r, w = os.pipe()
+        os.write(w, sent)
+        os.close(w)
+        return stage1._receive_program(spec, r)
+
+    nothing = struct.pack("I", 0)  # what stage-1 sends with --seccomp off
+    for sent in (b"", whole[:2], whole[:-8], struct.pack("I", len(program) - 8) + program, program,
+                 nothing):
+        with pytest.raises(stage1.Unfiltered):
+            received(sent)
+    assert received(whole) == program
+    spec = {"harden": {"seccomp": "off"}}
+    assert received(nothing) is None
+    with pytest.raises(stage1.Unfiltered):
+        received(b"")  # stage-1 failed (and said why)
 
 
 # ------------------------------------------------------------ mounts, nesting

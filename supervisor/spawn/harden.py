@@ -39,9 +39,9 @@ class HardenError(OSError):
 
 
 class Prepared:
-    def __init__(self, rlimits, seccomp_filter, landlock_fd=None):
+    def __init__(self, rlimits, seccomp_program, landlock_fd=None):
         self.rlimits = rlimits  # [(resource constant, value)]
-        self.filter = seccomp_filter
+        self.program = seccomp_program  # BPF bytes (seccomp.build_program), or None: no filter
         self.landlock_fd = landlock_fd  # a ruleset scoping abstract unix sockets, or None
 
 
@@ -96,9 +96,31 @@ def _restrict_self(fd):
         raise OSError(err, "landlock_restrict_self: %s" % errno.errorcode.get(err, err))
 
 
-def prepare(spec):
-    """Check the limits against the hard limits we run under and build the
-    seccomp filter.  Raises :class:`HardenError` or ``seccomp.SeccompError``."""
+def wants_seccomp(spec):
+    return (spec or {}).get("seccomp", "default") != "off"
+
+
+def seccomp_program(spec):
+    """The command's seccomp filter for ``spec`` as a BPF program (bytes), or None
+    when it runs without one (``--seccomp off``).  Raises ``seccomp.SeccompError``."""
+    if not wants_seccomp(spec):
+        return None
+    from . import seccomp
+
+    return seccomp.build_program(seccomp.rules(spec.get("deny", ()),
+                                               spec.get("allow_nested", False)))
+
+
+BUILD = object()
+
+
+def prepare(spec, program=BUILD):
+    """Check the limits against the hard limits we run under; ``program``: the
+    seccomp filter :func:`seccomp_program` built for this ``spec`` elsewhere
+    (stage-1 builds it while pid 1 mounts), else built here.  Raises
+    :class:`HardenError` or ``seccomp.SeccompError``."""
+    if program is BUILD:
+        program = seccomp_program(spec)
     spec = spec or {}
     rlimits = []
     for name, value in sorted((spec.get("rlimits") or {}).items()):
@@ -112,13 +134,7 @@ def prepare(spec):
                 % hard,
             )
         rlimits.append((which, value))
-    seccomp_filter = None
-    if spec.get("seccomp", "default") != "off":
-        from . import seccomp
-
-        seccomp_filter = seccomp.Filter(seccomp.rules(spec.get("deny", ()),
-                                                      spec.get("allow_nested", False)))
-    return Prepared(rlimits, seccomp_filter, _abstract_socket_scope())
+    return Prepared(rlimits, program, _abstract_socket_scope())
 
 
 def apply(prepared):
@@ -131,8 +147,10 @@ def apply(prepared):
     if prepared.landlock_fd is not None:
         _restrict_self(prepared.landlock_fd)
         os.close(prepared.landlock_fd)
-    if prepared.filter is not None:
-        prepared.filter.load()
+    if prepared.program is not None:
+        from . import seccomp
+
+        seccomp.load(prepared.program)
 
 
 class _CapHeader(ctypes.Structure):

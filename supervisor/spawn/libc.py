@@ -72,6 +72,17 @@ _SYS_PIVOT_ROOT = {
     "armv7l": 218, "armv6l": 218,
 }
 _SYS_MOUNT_SETATTR = 442  # the same number on every architecture (5.12+)
+# The new mount API (5.2+), numbered alike on every architecture too.
+_SYS_MOVE_MOUNT = 429
+_SYS_FSOPEN = 430
+_SYS_FSCONFIG = 431
+_SYS_FSMOUNT = 432
+FSOPEN_CLOEXEC = 0x1
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_CMD_CREATE = 6
+FSMOUNT_CLOEXEC = 0x1
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
 
 _SIOCGIFFLAGS = 0x8913
 _SIOCSIFFLAGS = 0x8914
@@ -130,6 +141,38 @@ def mount_setattr(path, attr_set, attr_clr=0, *, recursive=False, dirfd=AT_FDCWD
     if rc != 0:
         raise _fail("mount_setattr", "%r set %#x clear %#x%s" % (
             path, attr_set, attr_clr, " recursive" if recursive else ""))
+
+
+def fsmount(fstype, options, attr_flags):
+    """A detached mount of a new ``fstype`` superblock configured with ``options``
+    (``[(key, value or None for a flag)]``): its fd, for :func:`move_mount`."""
+    fs = _libc.syscall(ctypes.c_long(_SYS_FSOPEN), _b(fstype), ctypes.c_uint(FSOPEN_CLOEXEC))
+    if fs < 0:
+        raise _fail("fsopen", fstype)
+    try:
+        for key, value in options:
+            cmd = FSCONFIG_SET_FLAG if value is None else FSCONFIG_SET_STRING
+            if _libc.syscall(ctypes.c_long(_SYS_FSCONFIG), ctypes.c_int(fs), ctypes.c_uint(cmd),
+                             _b(key), _b(value), ctypes.c_int(0)) != 0:
+                raise _fail("fsconfig", "%s %s=%r" % (fstype, key, value))
+        if _libc.syscall(ctypes.c_long(_SYS_FSCONFIG), ctypes.c_int(fs),
+                         ctypes.c_uint(FSCONFIG_CMD_CREATE), None, None, ctypes.c_int(0)) != 0:
+            raise _fail("fsconfig", "%s create" % fstype)
+        fd = _libc.syscall(ctypes.c_long(_SYS_FSMOUNT), ctypes.c_int(fs),
+                           ctypes.c_uint(FSMOUNT_CLOEXEC), ctypes.c_uint(attr_flags))
+        if fd < 0:
+            raise _fail("fsmount", fstype)
+        return fd
+    finally:
+        os.close(fs)
+
+
+def move_mount(fd, target):
+    """Attach the detached mount ``fd`` (from :func:`fsmount`) at ``target``."""
+    if _libc.syscall(ctypes.c_long(_SYS_MOVE_MOUNT), ctypes.c_int(fd), b"",
+                     ctypes.c_int(AT_FDCWD), _b(target),
+                     ctypes.c_uint(MOVE_MOUNT_F_EMPTY_PATH)) != 0:
+        raise _fail("move_mount", "fd %d to %r" % (fd, target))
 
 
 def locked_flags(path):

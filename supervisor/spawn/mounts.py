@@ -18,7 +18,9 @@ of one writable overlay; over its bounds it runs the plan's ``split`` instead.
 import errno as _errno
 import json
 import os
+import socket
 import stat
+import struct
 
 from . import libc
 
@@ -96,18 +98,85 @@ class MountError(Exception):
             step, path, os.strerror(errno), _errno.errorcode.get(errno, errno), self.fix))
 
 
-def setup_root(plan_ops):
-    """Carry out ``plan_ops`` (``Plan.to_json()``, or its JSON text)."""
+def setup_root(plan_ops, helper=None):
+    """Carry out ``plan_ops`` (``Plan.to_json()``, or its JSON text).  ``helper``:
+    a socket to a process running :func:`premake_overlays` on the same plan, in
+    the same user and mount namespaces (closed here)."""
     if isinstance(plan_ops, str):
         plan_ops = json.loads(plan_ops)
-    builder = _Builder()
+    builder = _Builder(helper)
     umask = os.umask(0)  # modes in the plan are exact
     try:
         builder.run(plan_ops)
     finally:
         os.umask(umask)
+        builder.close_helper()
 
 
+def premake_overlays(plan_ops, sock):
+    """Make the writable overlays of ``plan_ops`` (top level) while :func:`setup_root`
+    works through the plan in another process, from the last one back: an overlay's
+    superblock (its work directory's checks: ~0.8 ms each) is most of the cost of a
+    mount, and so runs on another CPU.  Each is made as a detached mount (the new
+    mount API) and sent on ``sock`` with its upper directory's path; setup_root
+    attaches it where the plan says, in the plan's order.  Whoever creates an
+    overlay's work directory first makes it (``mkdir`` is the claim): this stops at
+    the first one setup_root has claimed, and never reports an error: on any
+    failure it sends the path alone, and setup_root makes that overlay itself,
+    its errors and fallbacks included.  Closes ``sock``."""
+    if isinstance(plan_ops, str):
+        plan_ops = json.loads(plan_ops)
+    os.umask(0)  # modes in the plan are exact
+    try:
+        for op in reversed(plan_ops):
+            if op.get("op") != "overlay" or op.get("ro") or "upper" not in op:
+                continue
+            if not _plain(op["path"], op["upper"], op["work"]):
+                continue  # left to setup_root's own mount
+            scratch = os.path.dirname(os.path.dirname(op["work"]))
+            for layer in (scratch + "/upper", scratch + "/work"):
+                try:
+                    os.mkdir(layer, 0o700)
+                except FileExistsError:
+                    pass
+            try:
+                os.mkdir(op["work"], 0o700)
+            except FileExistsError:
+                return  # setup_root got there first: it makes this one and those before
+            fds = []
+            try:
+                try:
+                    os.mkdir(op["upper"], op.get("mode", 0o755))
+                except FileExistsError:
+                    pass
+                fds.append(libc.fsmount("overlay", (
+                    ("lowerdir", op["path"]), ("upperdir", op["upper"]),
+                    ("workdir", op["work"]), ("userxattr", None)),
+                    libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV))
+            except OSError:
+                pass  # setup_root tries it itself
+            try:
+                _send_mount(sock, op["upper"], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+    except OSError:
+        pass  # setup_root's end is gone; an overlay claimed here becomes its own (EOF)
+    finally:
+        sock.close()
+
+
+def _plain(*paths):
+    """No character the overlay options' syntax would need escaped."""
+    return not any(c in p for p in paths for c in ",:\\")
+
+
+def _send_mount(sock, upper, fds):
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _FD.pack(fds[0]))] if fds else []
+    sock.sendmsg([os.fsencode(upper)], ancillary)
+
+
+_FD = struct.Struct("i")
 _SNAPSHOT_MODE = 0o1777  # no setuid/setgid bits in a copy (the tmpfs is nosuid anyway)
 # A subdirectory of a snapshot with more entries than that below it is an overlay of its
 # own rather than copied: an overlay costs what ~20-50 entries cost to copy.
@@ -253,7 +322,9 @@ def _overlay_escape(path):
 
 
 class _Builder:
-    def __init__(self):
+    def __init__(self, helper=None):
+        self.helper = helper  # a socket to premake_overlays, or None
+        self.premade = {}  # upper dir -> detached mount fd (None: make it here)
         self.root = None
         self.scratch = None
         self.setattr_works = True
@@ -409,6 +480,16 @@ class _Builder:
         self.create(op, target)
         data = "lowerdir=%s,upperdir=%s,workdir=%s,userxattr" % (
             _overlay_escape(path), _overlay_escape(upper), _overlay_escape(work))
+        premade = self.premade_mount(op)
+        if premade is not None:
+            try:
+                libc.move_mount(premade, target)
+                self.overlays[upper] = path
+                return
+            except OSError:
+                pass  # then made here, as if there were no helper
+            finally:
+                os.close(premade)
         try:
             self.make_layer_dirs(op)
             libc.mount("overlay", target, "overlay", _NOSUID_NODEV, data)
@@ -419,12 +500,53 @@ class _Builder:
 
     def make_layer_dirs(self, op):
         """The upper and work directories of a writable overlay."""
+        self.make_layer_roots()
+        self.mkdir(op["upper"], op.get("mode", 0o755))
+        self.mkdir(op["work"], 0o700)
+
+    def make_layer_roots(self):
         if not self.layer_dirs:
             self.mkdir(self.scratch + "/upper", 0o700)
             self.mkdir(self.scratch + "/work", 0o700)
             self.layer_dirs = True
-        self.mkdir(op["upper"], op.get("mode", 0o755))
-        self.mkdir(op["work"], 0o700)
+
+    def premade_mount(self, op):
+        """Overlay ``op`` as a detached mount made by :func:`premake_overlays`, or
+        None when this process is to make it: it claims the overlay by creating
+        its work directory, unless the helper did so first (then it waits for
+        the helper's mount, or its word that it failed)."""
+        if self.helper is None:
+            return None
+        self.make_layer_roots()
+        try:
+            os.mkdir(op["work"], 0o700)
+            return None
+        except FileExistsError:
+            pass
+        except OSError:
+            return None  # make_layer_dirs says why
+        while op["upper"] not in self.premade:
+            try:
+                data, ancdata, _flags, _addr = self.helper.recvmsg(4096, socket.CMSG_SPACE(_FD.size))
+            except OSError:
+                data = b""
+            if not data:  # the helper is gone
+                self.close_helper()
+                return None
+            fds = [_FD.unpack_from(payload)[0] for level, kind, payload in ancdata
+                   if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+                   and len(payload) >= _FD.size]
+            self.premade[os.fsdecode(data)] = fds[0] if fds else None
+        return self.premade.pop(op["upper"])
+
+    def close_helper(self):
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
+        for fd in self.premade.values():
+            if fd is not None:
+                os.close(fd)
+        self.premade.clear()
 
     def op_snapshot(self, op):
         """Host directory ``path`` holds mounts of files only (a bind-mounted

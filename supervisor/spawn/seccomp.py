@@ -61,6 +61,11 @@ _ATTR_ACT_BADARCH = 2
 _CMP_MASKED_EQ = 7
 _COMPAT_ARCHES = {"x86_64": ("x86", "x32"), "aarch64": ("arm",)}
 _LIBRARY = "libseccomp.so.2"
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_INSN_SIZE = 8  # struct sock_filter
+_BPF_MAXINSNS = 4096
+_lib = None
 
 
 class SeccompError(OSError):
@@ -97,6 +102,10 @@ def rules(deny=(), allow_nested=False):
 
 
 def _library():
+    """libseccomp, loaded once (stage-1 loads it while the host's /usr is its root)."""
+    global _lib
+    if _lib is not None:
+        return _lib
     try:
         lib = ctypes.CDLL(_LIBRARY)
     except OSError as exc:
@@ -108,7 +117,7 @@ def _library():
     lib.seccomp_init.restype = ctypes.c_void_p
     lib.seccomp_init.argtypes = [ctypes.c_uint32]
     lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_export_bpf.argtypes = [ctypes.c_void_p, ctypes.c_int]
     lib.seccomp_arch_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32]
     lib.seccomp_arch_resolve_name.restype = ctypes.c_uint32
     lib.seccomp_arch_resolve_name.argtypes = [ctypes.c_char_p]
@@ -116,40 +125,75 @@ def _library():
     lib.seccomp_attr_set.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32]
     lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
                                            ctypes.c_uint, ctypes.POINTER(_ArgCmp)]
+    _lib = lib
     return lib
 
 
-class Filter:
-    """A filter built in pid 1 (where errors can be reported) and loaded in
-    the command's process just before execve (:meth:`load`)."""
-
-    def __init__(self, rule_list):
-        self._lib = lib = _library()
-        self._ctx = lib.seccomp_init(_ACT_ALLOW)
-        if not self._ctx:
-            raise SeccompError(errno.ENOMEM, "seccomp_init failed")
-        for arch in _COMPAT_ARCHES.get(os.uname().machine, ()):
-            token = lib.seccomp_arch_resolve_name(arch.encode())
-            rc = lib.seccomp_arch_add(self._ctx, token) if token else 0
-            if rc not in (0, -errno.EEXIST):
-                raise SeccompError(-rc, "seccomp_arch_add %s: %s" % (arch, os.strerror(-rc)))
-        lib.seccomp_attr_set(self._ctx, _ATTR_ACT_BADARCH, _ACT_KILL_PROCESS)
-        for name, err, cond in rule_list:
-            number = lib.seccomp_syscall_resolve_name(name.encode())
-            if number < 0:
-                raise SeccompError(errno.EINVAL, "unknown system call %r in the seccomp filter" % name,
-                                   "check the names in the --seccomp file (as in `man 2 syscalls`)")
-            args = (_ArgCmp * 1)()
-            count = 0
-            if cond is not None:
-                index, mask, value = cond
-                args[0] = _ArgCmp(index, _CMP_MASKED_EQ, mask, value)
-                count = 1
-            rc = lib.seccomp_rule_add_array(self._ctx, _ACT_ERRNO | err, number, count, args)
+def build_program(rule_list):
+    """The filter of ``rule_list`` (:func:`rules`) as a classic BPF program: the
+    bytes of its ``struct sock_filter`` array, built with libseccomp where an
+    error can still be reported (stage-1, or ``corral exec``'s helper) and loaded
+    by :func:`load` in the command's process, which so runs no libseccomp code
+    between its fork and its execve."""
+    lib = _library()
+    ctx = lib.seccomp_init(_ACT_ALLOW)
+    if not ctx:
+        raise SeccompError(errno.ENOMEM, "seccomp_init failed")
+    try:
+        _add_rules(lib, ctx, rule_list)
+        # a memfd, not a pipe: the export never blocks, whatever its size
+        fd = os.memfd_create("corral-seccomp", os.MFD_CLOEXEC)
+        try:
+            rc = lib.seccomp_export_bpf(ctx, fd)
             if rc != 0:
-                raise SeccompError(-rc, "seccomp rule for %s: %s" % (name, os.strerror(-rc)))
+                raise SeccompError(-rc, "seccomp_export_bpf: %s" % os.strerror(-rc))
+            size = os.lseek(fd, 0, os.SEEK_CUR)
+            program = os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
+    finally:
+        lib.seccomp_release(ctx)
+    if not program or len(program) % _INSN_SIZE or len(program) // _INSN_SIZE > _BPF_MAXINSNS:
+        raise SeccompError(errno.EINVAL, "libseccomp exported a filter of %d bytes" % len(program),
+                           "report this as a corral bug")
+    return program
 
-    def load(self):
-        rc = self._lib.seccomp_load(self._ctx)
+
+def _add_rules(lib, ctx, rule_list):
+    for arch in _COMPAT_ARCHES.get(os.uname().machine, ()):
+        token = lib.seccomp_arch_resolve_name(arch.encode())
+        rc = lib.seccomp_arch_add(ctx, token) if token else 0
+        if rc not in (0, -errno.EEXIST):
+            raise SeccompError(-rc, "seccomp_arch_add %s: %s" % (arch, os.strerror(-rc)))
+    lib.seccomp_attr_set(ctx, _ATTR_ACT_BADARCH, _ACT_KILL_PROCESS)
+    for name, err, cond in rule_list:
+        number = lib.seccomp_syscall_resolve_name(name.encode())
+        if number < 0:
+            raise SeccompError(errno.EINVAL, "unknown system call %r in the seccomp filter" % name,
+                               "check the names in the --seccomp file (as in `man 2 syscalls`)")
+        args = (_ArgCmp * 1)()
+        count = 0
+        if cond is not None:
+            index, mask, value = cond
+            args[0] = _ArgCmp(index, _CMP_MASKED_EQ, mask, value)
+            count = 1
+        rc = lib.seccomp_rule_add_array(ctx, _ACT_ERRNO | err, number, count, args)
         if rc != 0:
-            raise SeccompError(-rc, "seccomp_load: %s" % os.strerror(-rc))
+            raise SeccompError(-rc, "seccomp rule for %s: %s" % (name, os.strerror(-rc)))
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def load(program):
+    """Install ``program`` (from :func:`build_program`) on the calling thread, as
+    seccomp_load does (``no_new_privs`` must be set before)."""
+    from . import libc
+
+    buf = ctypes.create_string_buffer(program, len(program))
+    prog = _SockFprog(len(program) // _INSN_SIZE, ctypes.addressof(buf))
+    try:
+        libc.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.addressof(prog))
+    except OSError as exc:
+        raise SeccompError(exc.errno, "loading the seccomp filter: %s" % os.strerror(exc.errno)) from None

@@ -1,10 +1,12 @@
 """Stage-1 (C) and pid 1 (D) of a sandbox — DESIGN §2.  Standard library only.
 
     P  supervisor ──ctl socket (SOCK_SEQPACKET, JSON + SCM_RIGHTS)──┐
-    └─ C  stage-1: unshare(USER|NS|PID|UTS|IPC|CGROUP[|NET]), uid/gid maps
+    └─ C  stage-1: unshare(USER|NS|PID|UTS|IPC|CGROUP[|NET]), uid/gid maps;
+         │   while D mounts: hostname, lo, the seccomp program (sent to D)
          ├─ U  forked before the unshare, joins C's user and mount namespaces,
-         │     ends with C: the mount tree's teardown happens in U's exit
-         └─ D  pid 1: hostname, network, mounts + pivot_root, then forks E,
+         │     makes overlays for D (mounts.premake_overlays), ends with C:
+         │     the mount tree's teardown happens in U's exit
+         └─ D  pid 1: TAP, mounts + pivot_root, then forks E,
               reaps, forwards signals, reports E's exit and exits with it
               └─ E  the user's command (exec)
 
@@ -38,7 +40,7 @@ import stat
 import struct
 import sys
 
-from . import harden, libc, seccomp
+from . import harden, libc, mounts, seccomp
 
 SI_KERNEL = 0x80
 # Signals pid 1 passes on to the command (issue 2: SIGINT SIGTERM SIGHUP
@@ -173,23 +175,75 @@ def _stage1(ctl, spec, parent_pid, prelude=None):
     if prelude is not None:
         prelude()
     closed = _hold_stdio()
-    undertaker, joined = _fork_undertaker()
+    helper, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    undertaker, joined = _fork_undertaker(spec, theirs)
+    theirs.close()
     _enter_namespaces(spec)
+    if harden.wants_seccomp(spec.get("harden")):
+        _hardening(seccomp._library)  # now: D pivots C's root away too
     os.write(undertaker, b"u")  # kept open: its end tells U that C is gone
     lifeline_r, lifeline_w = os.pipe()
+    program_r, program_w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(lifeline_w)
-        pid1(ctl, spec, lifeline_r, joined, closed)  # never returns, but in E
+        os.close(program_w)
+        pid1(ctl, spec, lifeline_r, joined, closed, program_r, helper)  # never returns, but in E
+    helper.close()
     os.close(lifeline_r)
     os.close(joined)
+    os.close(program_r)
     send(ctl, {"d_pid": pid})
+    _share_of_d(ctl, spec, program_w)
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
         return 1
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
+
+
+_LENGTH = struct.Struct("I")
+
+
+def _share_of_d(ctl, spec, program_w):
+    """C, while D mounts (on another CPU when there is one): what of D's set-up
+    needs only the namespaces C is in (hostname, loopback, ICMP echo sockets),
+    then the command's seccomp program, passed to D length first (0: none).  On
+    failure report why and pass nothing: D then starts nothing (fail closed)."""
+    try:
+        _setup_host(spec)
+        program = _hardening(harden.seccomp_program, spec.get("harden")) or b""
+        data = memoryview(_LENGTH.pack(len(program)) + program)
+        while data:
+            data = data[os.write(program_w, data):]
+    except StepError as exc:
+        _report(ctl, exc)
+    except OSError:
+        pass  # D is gone
+    finally:
+        os.close(program_w)
+
+
+def _receive_program(spec, program_r):
+    """D: the program C built (None: the spec asks for no filter), once C has done
+    its share (_share_of_d); raises :class:`Unfiltered` when C sent nothing (it
+    reported why), a truncated program, or none where the spec asks for one."""
+    chunks = []
+    while chunk := os.read(program_r, 1 << 16):
+        chunks.append(chunk)
+    os.close(program_r)
+    data = b"".join(chunks)
+    if len(data) < _LENGTH.size or _LENGTH.unpack_from(data)[0] != len(data) - _LENGTH.size:
+        raise Unfiltered()
+    program = data[_LENGTH.size:]
+    if bool(program) != harden.wants_seccomp(spec.get("harden")):
+        raise Unfiltered()
+    return program or None
+
+
+class Unfiltered(Exception):
+    """D did not get from C what it must have to start the command."""
 
 
 def _hold_stdio():
@@ -210,7 +264,7 @@ def _hold_stdio():
     return tuple(closed)
 
 
-def _fork_undertaker():
+def _fork_undertaker(spec, helper):
     """Fork U, which outlives C by a moment and so drops the sandbox's namespaces
     last: unmounting the sandbox's mount tree (an RCU grace period and every
     overlay, ~100-300 ms under load) then happens in U's exit, which nobody
@@ -222,7 +276,9 @@ def _fork_undertaker():
     pipe's end, or PR_SET_PDEATHSIG).  Returns the pipe's write end (close-on-exec:
     only C and D hold it), and the read end of a pipe that ends once U has joined
     (or given up): D waits for that before it starts the command, because U then
-    counts against the sandbox's RLIMIT_NPROC (hardening.HELPER_PROCESSES)."""
+    counts against the sandbox's RLIMIT_NPROC (hardening.HELPER_PROCESSES).
+    Once in, U makes overlays of the plan for D on the other CPU, sent on the
+    socket ``helper`` (mounts.premake_overlays)."""
     c_pid = os.getpid()
     ready_r, ready_w = os.pipe()
     joined_r, joined_w = os.pipe()
@@ -232,16 +288,18 @@ def _fork_undertaker():
         return ready_w, joined_r
     try:
         libc.set_pdeathsig(signal.SIGKILL)
-        low, high = sorted((ready_r, joined_w))
-        os.closerange(0, low)
-        os.closerange(low + 1, high)
-        os.closerange(high + 1, 1 << 16)
+        start = 0
+        for fd in sorted((ready_r, joined_w, helper.fileno())):
+            os.closerange(start, fd)
+            start = fd + 1
+        os.closerange(start, 1 << 16)
         if os.getppid() == c_pid and os.read(ready_r, 1):  # else C is gone
             for name, nstype in (("user", libc.CLONE_NEWUSER), ("mnt", libc.CLONE_NEWNS)):
                 fd = os.open("/proc/%d/ns/%s" % (c_pid, name), os.O_RDONLY | os.O_CLOEXEC)
                 libc.setns(fd, nstype)
                 os.close(fd)
             os.close(joined_w)
+            mounts.premake_overlays(spec["plan"], helper)
             os.read(ready_r, 1)  # EOF when C exits; PR_SET_PDEATHSIG then kills U
     finally:
         os._exit(0)
@@ -297,26 +355,26 @@ def _nesting_fix(err):
 # ---------------------------------------------------------------- pid 1 (D)
 
 
-def pid1(ctl, spec, lifeline, joined, closed=()):
+def pid1(ctl, spec, lifeline, joined, closed, program, helper):
     """Run as D, pid 1 of the sandbox; never returns (except in E).
-    ``closed``: the stdio fds the command gets closed (see _hold_stdio)."""
-    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined, closed)
+    ``closed``: the stdio fds the command gets closed (see _hold_stdio);
+    ``program``: the pipe C sends the seccomp program on (_send_program);
+    ``helper``: the socket U sends overlays on (mounts.premake_overlays)."""
+    _run_and_exit(ctl, "pid 1", _pid1, spec, lifeline, joined, closed, program, helper)
 
 
-def _pid1(ctl, spec, lifeline, joined, closed=()):
+def _pid1(ctl, spec, lifeline, joined, closed, program, helper):
     libc.set_pdeathsig(signal.SIGKILL)
     if select.select([lifeline], [], [], 0)[0]:  # C died before we armed it
         return 1
     mask = set(FORWARDED) | {signal.SIGCHLD}
     signal.pthread_sigmask(signal.SIG_BLOCK, mask)
+    _setup_tap(ctl, spec)
+    _setup_root(spec, helper)
     try:
-        libc.sethostname(spec["hostname"])
-    except OSError as exc:
-        raise StepError("sethostname", exc.errno, spec["hostname"]) from None
-    # Before the mounts: libseccomp must be loaded while the host's /usr is there.
-    hardened = _prepare_hardening(spec)
-    _setup_network(ctl, spec)
-    _setup_root(spec)
+        hardened = _prepare_hardening(spec, _receive_program(spec, program))
+    except Unfiltered:
+        return 1
     send(ctl, {"ready": True})
     if spec.get("wait_go"):
         message, fds = recv(ctl)
@@ -359,7 +417,13 @@ def _take_command(spec, message, fds):
     return tuple(closed)
 
 
-def _setup_network(ctl, spec):
+def _setup_host(spec):
+    """The hostname, and the network namespace's loopback and ping range: C does
+    it (the namespaces are C's), while D mounts."""
+    try:
+        libc.sethostname(spec["hostname"])
+    except OSError as exc:
+        raise StepError("sethostname", exc.errno, spec["hostname"]) from None
     if spec["net"] == "host":
         return
     try:
@@ -374,6 +438,11 @@ def _setup_network(ctl, spec):
             f.write("%d %d" % (gid, gid))
     except OSError as exc:
         raise StepError("ping_group_range", exc.errno, "allowing ICMP echo sockets") from None
+
+
+def _setup_tap(ctl, spec):
+    """D: the TAP device (net=filtered), sent to P with a sock_diag socket.  Opened
+    here, before the mounts take /dev/net/tun out of view."""
     if spec["net"] == "filtered":
         from . import tap  # only loaded when there is a network
 
@@ -394,11 +463,9 @@ def _setup_network(ctl, spec):
             os.close(one)
 
 
-def _setup_root(spec):
-    from . import mounts
-
+def _setup_root(spec, helper):
     try:
-        mounts.setup_root(spec["plan"])
+        mounts.setup_root(spec["plan"], helper)
     except mounts.MountError as exc:
         raise StepError(
             "mount %s (%s)" % (exc.path, exc.step), exc.errno, str(exc), getattr(exc, "fix", None)
@@ -548,9 +615,13 @@ def _which(name, path):
     raise FileNotFoundError(errno.ENOENT, "command not found", name)
 
 
-def _prepare_hardening(spec):
+def _prepare_hardening(spec, program=harden.BUILD):
+    return _hardening(harden.prepare, spec.get("harden"), program)
+
+
+def _hardening(step, *args):
     try:
-        return harden.prepare(spec.get("harden"))
+        return step(*args)
     except (harden.HardenError, seccomp.SeccompError) as exc:
         raise StepError("seccomp" if isinstance(exc, seccomp.SeccompError) else "limits",
                         exc.errno, exc.strerror, exc.fix) from None
