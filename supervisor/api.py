@@ -228,6 +228,9 @@ class Sandbox:
     # anyway (the Go stack's memory and goroutines, the scratch tree in the background)
     # is not waited for, so corral exits right after the command (issue 11).
     _process_exits: bool = False
+    # When the process exits, what a helper removes once the sandbox has ended (the
+    # scratch tree, the `corral ps` entry: launch.cleanup_later); None once handed over.
+    _left: list | None = attrs.field(factory=list, repr=False)
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _started: object = None  # a launch.Started that start() adopts instead of spawning
     _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
@@ -363,26 +366,31 @@ class Sandbox:
             self._ended.set()
 
     async def _finish_end(self):
-        with trio.CancelScope(shield=True):
-            if self.network is not None:
-                await self.network.aclose(free=not self._process_exits)
-                if self.network.tap_fd >= 0:
-                    _launch.close_later(self.network.tap_fd)
-                    self.network.tap_fd = -1
-        result = self.process.result if self.process is not None else None
-        if result is not None:
-            self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal,
-                                              sandbox_id=self.id))
-        self.stream.close()
-        for sink in self._sinks:
-            sink.close()
-        if self._registration is not None:
-            self._registration.close()
+        fds = []
         try:
-            if self.wants_report:
-                self._write_report(result)
+            with trio.CancelScope(shield=True):
+                if self.network is not None:
+                    await self.network.aclose(free=not self._process_exits)
+                    if self.network.tap_fd >= 0:  # left open: the helper closes it last
+                        fds.append(self.network.tap_fd)
+                        self.network.tap_fd = -1
+            result = self.process.result if self.process is not None else None
+            if result is not None:
+                self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal,
+                                                  sandbox_id=self.id))
+            self.stream.close()
+            for sink in self._sinks:
+                sink.close()
+            if self._registration is not None:
+                self._left.append(self._registration.close(remove=not self._process_exits))
+            try:
+                if self.wants_report:
+                    self._write_report(result)
+            finally:
+                self._close_outputs()
         finally:
-            self._close_outputs()
+            left, self._left = self._left, None
+            _launch.cleanup_later(left, fds)
 
     @property
     def wants_report(self):
@@ -416,6 +424,7 @@ class Process:
         self.pid = None  # the command's pid as seen from the supervisor
         self.result = None
         self._error_exc = None
+        self._left_early = False  # the command's exit was reported; stage-1's not waited for
         self._done = trio.Event()
         self.stdin = self.stdout = self.stderr = None
         self._status = _launch.StatusWriter(box.config.json_status_fd)
@@ -482,8 +491,12 @@ class Process:
                 raise
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._wait_stage1()
-                    await trio.to_thread.run_sync(self._relay.finish)
+                    if not self._left_early:
+                        await self._wait_stage1()
+                    if self._relay.active:  # threads to join; else nothing to wait for
+                        await trio.to_thread.run_sync(self._relay.finish)
+                    else:
+                        self._relay.finish()
         finally:
             self._ctl.close()
             self._finish()
@@ -520,9 +533,23 @@ class Process:
                 elif isinstance(action, _supervise.TimedOut):
                     if self._box._on_timeout:
                         self._box._on_timeout(action.seconds)
+                elif isinstance(action, _supervise.CommandExited):
+                    self._left_early = self._may_leave_early()
                 else:
                     _supervise.carry_out([action])
+            if self._left_early:
+                break
         return started
+
+    def _may_leave_early(self):
+        """Once pid 1 reported the command's exit, need stage-1's exit (pid 1's and its
+        own, which end every process inside: a few ms) still be waited for?  Not when
+        the process exits right after (it kills them if they are still there, and
+        reaps nothing), unless something still comes out of the sandbox: relayed
+        output (until its pipes end), the change report, a --keep-changes record."""
+        box = self._box
+        return (box._process_exits and not self._relay.active and self._launch.keep is None
+                and not box.wants_report)
 
     def _command_started(self, pid):
         self.pid = pid
@@ -583,8 +610,11 @@ class Process:
                 self._box.changes = collect_changes(
                     self._launch.scratch, overlays=_launch.planned_overlays(self._launch))
         finally:
-            _launch._cleanup_scratch(self._launch, background=self._box._process_exits
-                                     and not self._box.wants_report)
+            box = self._box
+            if box._process_exits and not box.wants_report and box._left is not None:
+                box._left.append(_launch._scratch_left(self._launch))
+            else:  # (with a report, the walk already took longer than removing does)
+                _launch._cleanup_scratch(self._launch)
 
     async def wait(self) -> int:
         """Wait for the command; return its exit code (128+N for signal N).

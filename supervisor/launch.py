@@ -23,6 +23,7 @@ import time
 import attrs
 
 from . import _supervise, hardening
+from ._remove import remove_tree  # noqa: F401 (public here)
 from ._supervise import KEYBOARD_SIGNALS, SETUP_FAILED, error_from  # noqa: F401 (public here)
 from .errors import ConfigError, SandboxError
 from .spawn import stage1
@@ -516,18 +517,19 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None)
         stage1_pid=pid, now=time.monotonic(), timeout=config.timeout,
         kill_grace=config.kill_grace, keyboard_direct=in_terminal_foreground())
     registration = []  # the `corral ps` entry, once the command runs
-    wait_status = None
+    left_early = False
     try:
         if relay is not None:
             relay.spawned()
         try:
-            _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration,
-                            config.timeout)
+            left_early = _drive_blocking(
+                machine, ctl, wake_r, status, on_timeout, launch, registration, config.timeout,
+                leave_early=launch.keep is None and (relay is None or not relay.active))
         except BaseException:
             _supervise.carry_out(machine.teardown())
             raise
         finally:
-            _, wait_status = os.waitpid(pid, 0)
+            wait_status = _wait_stage1(pid, block=not left_early)
             if relay is not None:
                 relay.finish()
         outcome = machine.outcome(wait_status)
@@ -539,19 +541,22 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None)
         return Result(exit_code=outcome.exit_code, signal=outcome.signal,
                       timed_out=outcome.timed_out, scratch=launch.scratch)
     finally:
-        for entry in registration:
-            entry.close()
+        left = [entry.close(remove=False) for entry in registration]
         ctl.close()
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
-        _cleanup_scratch(launch, background=True)
+        cleanup_later([_scratch_left(launch), *left])
 
 
-def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout):
-    """The select loop around :class:`corral._supervise.Supervision`."""
+def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout,
+                    leave_early):
+    """The select loop around :class:`corral._supervise.Supervision`; True when it
+    left once pid 1 reported the command's exit (``leave_early``), not waiting for
+    stage-1's exit."""
+    leave = False
     while not machine.finished:
         timer = machine.next_timer()
         wait = None if timer is None else max(0.0, timer - time.monotonic())
@@ -576,157 +581,99 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
                     on_timeout(timeout)
             elif isinstance(action, _supervise.StartNetwork):
                 os.close(action.fd)  # no userspace network on this path
+            elif isinstance(action, _supervise.CommandExited):
+                leave = leave_early
             else:
                 _supervise.carry_out([action])
+        if leave:
+            return True
+    return False
 
 
-def _cleanup_scratch(launch, background=False):
-    """Keep the overlay record where --keep-changes asks, else remove scratch
-    (in the background when ``background``: removing a few dozen overlay
-    directories costs 10-20 ms that the caller need not wait for — a detached
-    grandchild when this process may fork, else a detached fresh interpreter)."""
-    scratch = launch.scratch
-    if launch.keep is not None:
-        try:
-            why = launch.keep.keep(scratch)
-        finally:
-            launch.keep.close()
-        if why is not None:
-            log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
-                        scratch)
-        return
-    if background and not can_fork():  # threads or Go here: spawn (vfork + exec), never fork
-        import subprocess
-
-        try:
-            subprocess.Popen([sys.executable, "-I", "-c", _REMOVE, scratch], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, close_fds=True)
-            return
-        except OSError as exc:
-            log.debug("removing %s in the background failed (%s): removing it now", scratch, exc)
-    elif background:
-        pid = os.fork()
-        if pid == 0:
-            try:
-                if os.fork() == 0:
-                    remove_tree(scratch)
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
-        return
-    remove_tree(scratch)
+def _wait_stage1(pid, block=True):
+    """Stage-1's wait status.  Without ``block``, when it has not exited yet, 0: the
+    command's exit was reported and nothing more is read from inside, so its exit
+    (pid 1's and its own: the end of every process inside, a few ms) is not waited
+    for; it is reaped later (:func:`_reap_helpers`), or by init once this process
+    exits, which kills it if it still runs (PR_SET_PDEATHSIG)."""
+    done, wait_status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    if not done:
+        _UNREAPED.append(pid)
+    return wait_status
 
 
-_REMOVE = "import sys; from corral.launch import remove_tree; remove_tree(sys.argv[1])"
+def _cleanup_scratch(launch):
+    """Keep the overlay record where --keep-changes asks, else remove scratch, now."""
+    scratch = _scratch_left(launch)
+    if scratch is not None:
+        remove_tree(scratch)
 
 
-def close_later(fd):
-    """Leave the last close of ``fd`` to a detached process that outlives this one,
-    which is about to exit: for a descriptor whose last close is slow (a TAP
-    device's: unregistering it waits for RCU grace periods, ~40 ms).  The helper
-    is `cat` reading a pipe whose only writer is this process: it ends when this
-    process does, and its exit closes the fd.  Falls back to closing it here."""
-    import shutil
-    import subprocess
-
-    cat = shutil.which("cat", path=os.defpath) or "/bin/cat"
+def _scratch_left(launch):
+    """--keep-changes: move the scratch tree where it asks, and return None (also when it
+    cannot: the changes then stay in scratch, and a warning says where); else the scratch
+    tree, to remove."""
+    if launch.keep is None:
+        return launch.scratch
     try:
-        r, w = os.pipe()  # w: close-on-exec, so no other child holds it
-        try:
-            subprocess.Popen([cat], stdin=r, pass_fds=(fd,), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
-        finally:
-            os.close(r)
-        _EXIT_PIPES.append(w)  # closed by this process's exit
-    except OSError as exc:
-        log.debug("closing fd %d in a helper failed (%s): closing it here", fd, exc)
-    os.close(fd)
-
-
-_EXIT_PIPES = []
-
-
-def remove_tree(path):
-    """Remove a scratch tree whatever the sandbox left in it: any depth (iterative, one
-    name per system call, a few descriptors), overlayfs work dirs with mode 000 and
-    directories the command made read-only (made 0700 first), never following a symlink.
-    What cannot be removed is logged, never raised."""
-    parent, name = os.path.split(os.path.abspath(path))
-    try:
-        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror)
-        return
-    try:
-        left = _remove_at(parent_fd, name)
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror)
-    else:
-        if left:
-            log.warning("cannot remove %s: %d entries could not be removed", path, left)
+        why = launch.keep.keep(launch.scratch)
     finally:
-        os.close(parent_fd)
+        launch.keep.close()
+    if why is not None:
+        log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
+                    launch.scratch)
+    return None
 
 
-def _open_emptiable_dir(name, dir_fd):
-    os.chmod(name, 0o700, dir_fd=dir_fd)  # a directory (unlink said EISDIR): no link to follow
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-
-
-def _remove_at(top_fd, top):
-    """Remove ``top`` (in directory ``top_fd``) and everything below; return how many
-    entries could not be removed.  Depth first, holding one directory fd and coming
-    back up through ``..``; the path is kept as names, so any depth fits."""
+def cleanup_later(paths, fds=()):
+    """Leave to a detached helper what this process need not wait for: removing
+    ``paths`` (None ones skipped: a scratch tree, 10-20 ms for a few dozen overlay
+    directories; a state entry) and the last close of ``fds`` (a TAP device's:
+    unregistering it waits for RCU grace periods, ~40 ms), which happens when the
+    helper exits.  The helper is a fresh interpreter without site-packages running
+    :mod:`corral._remove` (stdlib only: a few ms of CPU, in the background), started
+    by vfork and exec: safe from a process that runs threads or Go, and well under a
+    millisecond of this one's time.  Call it last: the helper's start then competes
+    with nothing this process still does.  Nobody waits for it: it outlives a
+    process that exits, and one that goes on reaps it later (:func:`_reap_helpers`).
+    ``fds`` are closed here either way; if the helper cannot start, the paths are
+    removed here."""
+    paths = [os.fspath(path) for path in paths if path is not None]
+    _reap_helpers()
     try:
-        os.unlink(top, dir_fd=top_fd)
-        return 0
-    except FileNotFoundError:
-        return 0
-    except IsADirectoryError:
-        pass
-    fd = _open_emptiable_dir(top, top_fd)
-    levels = [(top, os.listdir(fd))]  # from top_fd down to fd: (name, entries still to remove)
-    left = 0
-    try:
-        while True:
-            entries = levels[-1][1]
-            child = None
-            while entries and child is None:
-                entry = entries.pop()
-                try:
-                    os.unlink(entry, dir_fd=fd)
-                except IsADirectoryError:
-                    try:
-                        child = _open_emptiable_dir(entry, fd)
-                    except OSError:
-                        left += 1
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    left += 1
-            if child is not None:
-                os.close(fd)
-                fd = child
-                levels.append((entry, os.listdir(fd)))
-                continue
-            done, _ = levels.pop()
-            if not levels:
-                break
-            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
+        if paths or fds:
+            import subprocess
+
+            from . import _remove
+
+            _HELPERS.append(subprocess.Popen(
+                [sys.executable, "-I", "-S", _remove.__file__, *paths], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=tuple(fds),
+                start_new_session=True))
+            paths = []
+    except OSError as exc:
+        log.debug("the clean-up helper did not start (%s): cleaning up here", exc)
+    finally:
+        for fd in fds:
             os.close(fd)
-            fd = parent
-            try:
-                os.rmdir(done, dir_fd=fd)
-            except OSError:
-                left += 1
-    finally:
-        os.close(fd)
-    try:
-        os.rmdir(top, dir_fd=top_fd)
-    except OSError:
-        left += 1
-    return left
+    for path in paths:
+        remove_tree(path)
+
+
+def _reap_helpers():
+    """Reap the clean-up helpers and stage-1 processes that have exited since."""
+    _HELPERS[:] = [helper for helper in _HELPERS if helper.poll() is None]
+    for pid in list(_UNREAPED):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _UNREAPED.remove(pid)
+
+
+_HELPERS = []  # cleanup_later's helpers: reaped when done, as the next one starts
+_UNREAPED = []  # pids of stage-1s not waited for (_wait_stage1): likewise
 
 
 def _register(launch, d_pid, child):

@@ -294,17 +294,22 @@ class Registration:
         self._events.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
         self._events.flush()
 
-    def close(self):
+    def close(self, remove=True):
+        """End the entry: its files and its sealed record are closed (`corral ps` no longer
+        lists it) and its directory removed; or, without ``remove``, left for the caller to
+        remove, whose path this returns (None once closed)."""
         if self.path is None:
-            return
+            return None
         if self._events is not None:
             self._events.close()
             self._events = None
         os.close(self._entry_fd)
-        shutil.rmtree(self.id, dir_fd=self._root_fd, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.id, dir_fd=self._root_fd, ignore_errors=True)
         os.close(self._root_fd)
         os.close(self._record_fd)
-        self.path = None
+        path, self.path = self.path, None
+        return None if remove else path
 
     def __enter__(self):
         return self
