@@ -229,7 +229,8 @@ class Sandbox:
     # is not waited for, so corral exits right after the command (issue 11).
     _process_exits: bool = False
     # When the process exits, what a helper removes once the sandbox has ended (the
-    # scratch tree, the `corral ps` entry: launch.cleanup_later); None once handed over.
+    # scratch tree, the `corral ps` entry): the launch.Sweeper forked with the stage-1
+    # this adopted, else launch.cleanup_later; None once handed over.
     _left: list | None = attrs.field(factory=list, repr=False)
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _started: object = None  # a launch.Started that start() adopts instead of spawning
@@ -390,7 +391,8 @@ class Sandbox:
                 self._close_outputs()
         finally:
             left, self._left = self._left, None
-            _launch.cleanup_later(left, fds)
+            sweeper = self._started.sweeper if self._started is not None else None
+            (sweeper.finish if sweeper is not None else _launch.cleanup_later)(left, fds)
 
     @property
     def wants_report(self):

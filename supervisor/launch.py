@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -402,6 +403,7 @@ class Started:
     process: object  # ForkedStage1 or Popen
     ctl: socket.socket
     relay: object  # corral._stdio.Relay
+    sweeper: "Sweeper | None" = None
     adopted: bool = False
 
     def abandon(self):
@@ -417,6 +419,8 @@ class Started:
         finally:
             self.ctl.close()
             self.relay.finish()
+            if self.sweeper is not None:
+                self.sweeper.abandon()
             _discard_scratch(self.launch)
 
 
@@ -434,13 +438,14 @@ def start_early(config, argv, *, on_warning=None):
     mounts.  Return a :class:`Started`."""
     launch = prepare(config, argv)
     launch.spec["wait_go"] = True  # nothing runs before P has its events, outputs, network
-    process, ctl, relay = _start(launch, on_warning)
+    process, ctl, relay, sweeper = _start(launch, on_warning)
     relay.spawned()
-    return Started(launch=launch, process=process, ctl=ctl, relay=relay)
+    return Started(launch=launch, process=process, ctl=ctl, relay=relay, sweeper=sweeper)
 
 
 def _start(launch, on_warning):
-    """Say the plan's warnings, start C with the stdio relay; (process, ctl, relay).
+    """Say the plan's warnings, start C with the stdio relay, then (while this
+    process may still fork) the :class:`Sweeper`; (process, ctl, relay, sweeper).
     If C cannot be started, nothing ran: its scratch goes, no record is kept."""
     for warning in launch.warnings:
         if on_warning:
@@ -452,7 +457,7 @@ def _start(launch, on_warning):
         relay.close()
         _discard_scratch(launch)
         raise
-    return process, ctl, relay
+    return process, ctl, relay, Sweeper.fork()
 
 
 def in_terminal_foreground():
@@ -491,8 +496,9 @@ def run_blocking(config, argv, *, on_warning=None, on_timeout=None):
     if config.net == "filtered":
         raise ConfigError("run_blocking() has no network stack; use corral.run() for net='filtered'")
     launch = prepare(config, argv)
-    process, ctl, relay = _start(launch, on_warning)
-    return supervise_blocking(config, launch, process.pid, ctl, on_timeout=on_timeout, relay=relay)
+    process, ctl, relay, sweeper = _start(launch, on_warning)
+    return supervise_blocking(config, launch, process.pid, ctl, on_timeout=on_timeout, relay=relay,
+                              sweeper=sweeper)
 
 
 def stdio_relay(fds=(0, 1, 2)):
@@ -503,12 +509,13 @@ def stdio_relay(fds=(0, 1, 2)):
     return _stdio.Relay(fds)
 
 
-def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None):
+def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None, sweeper=None):
     """Supervise a started stage-1 without trio: forward SIGTERM, SIGHUP,
     SIGUSR1, SIGUSR2 (and keyboard signals when they cannot reach the command
     by themselves), enforce ``timeout``, relay stdio, return the
-    :class:`Result`.  An exception (or a signal handler's) kills everything
-    inside before it propagates."""
+    :class:`Result`; what is left to remove goes to ``sweeper`` (a
+    :class:`Sweeper`), else :func:`cleanup_later`.  An exception (or a signal
+    handler's) kills everything inside before it propagates."""
     status = StatusWriter(config.json_status_fd)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stage1.FORWARDED}
@@ -548,7 +555,7 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None)
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
-        cleanup_later([_scratch_left(launch), *left])
+        (sweeper.finish if sweeper is not None else cleanup_later)([_scratch_left(launch), *left])
 
 
 def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout,
@@ -623,6 +630,92 @@ def _scratch_left(launch):
         log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
                     launch.scratch)
     return None
+
+
+class Sweeper:
+    """A helper forked at the start, while this process may fork (no threads, no
+    Go), that removes what the sandbox leaves once this process is done with it:
+    the scratch tree (10-20 ms for a few dozen overlay directories), the state
+    entry, and the last close of fds given to it (a TAP device's: unregistering it
+    waits for RCU grace periods, ~40 ms).  At the end, :meth:`finish` is one
+    message on a socket: nothing to start then (a vfork and exec waits for the
+    exec, which on a busy host waits for a CPU: 3-20 ms).  It holds nothing of
+    ours but that socket (/dev/null as stdio: a pipe reading our output ends with
+    us), is in a session of its own (Ctrl-C is not for it) and ends on the
+    socket's end: removing nothing when it ends without a message (this process
+    was killed: nothing it did not finish is removed, a --keep-changes record
+    included)."""
+
+    def __init__(self, sock, pid):
+        self._sock = sock
+        self.pid = pid
+
+    def __repr__(self):
+        return "<Sweeper pid=%d%s>" % (self.pid, "" if self._sock else " done")
+
+    @classmethod
+    def fork(cls):
+        """The helper, or None when this process may not fork (or the fork fails:
+        :func:`cleanup_later` then does the work at the end)."""
+        if not can_fork():
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            log.debug("no sweeper (%s): cleaning up at the end", exc)
+            ours.close()
+            theirs.close()
+            return None
+        if pid == 0:
+            try:
+                _sweep(theirs)
+            finally:
+                os._exit(0)
+        theirs.close()
+        return cls(ours, pid)
+
+    def finish(self, paths, fds=()):
+        """Have ``paths`` (None ones skipped) removed and ``fds`` closed last, by
+        the helper, once this process has closed them (here: ours are closed)."""
+        paths = [os.fsencode(path) for path in paths if path is not None]
+        message = b"".join(path + b"\0" for path in paths) or b"\0"
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
+        try:
+            self._sock.sendmsg([message], rights if fds else [])
+            paths = []
+        except OSError as exc:  # the helper is gone: do it here
+            log.debug("the sweeper is gone (%s): cleaning up here", exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            self.abandon()
+        for path in paths:
+            remove_tree(os.fsdecode(path))
+
+    def abandon(self):
+        """End the helper without a word: it removes nothing."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            _UNREAPED.append(self.pid)
+
+
+def _sweep(sock):
+    """The Sweeper's body, in the forked helper."""
+    os.setsid()
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, stage1.FD_CEILING)
+    message, _, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
+    for path in message.split(b"\0")[:-1]:  # the fds passed stay open until we exit
+        if path:
+            remove_tree(os.fsdecode(path))
 
 
 def cleanup_later(paths, fds=()):
