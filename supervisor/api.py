@@ -234,7 +234,7 @@ class Sandbox:
     _left: list | None = attrs.field(factory=list, repr=False)
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _started: object = None  # a launch.Started that start() adopts instead of spawning
-    _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
+    _registration: object = None  # the `corral ps` entry (state.Registration), listed while it runs
     report: dict | None = None
     _outputs: dict = attrs.field(factory=dict, repr=False)  # --report/--suggest/--pcap
 
@@ -294,7 +294,8 @@ class Sandbox:
     @property
     def id(self):
         """The id `corral ps/logs/stop/exec` know it by (None until it runs)."""
-        return self._registration.id if self._registration is not None else None
+        entry = self._registration
+        return entry.id if entry is not None and entry.published else None
 
     def __repr__(self):
         state = "new" if self.process is None else repr(self.process)
@@ -427,6 +428,7 @@ class Process:
         self.result = None
         self._error_exc = None
         self._left_early = False  # the command's exit was reported; stage-1's not waited for
+        self._reserved = False  # the `corral ps` entry was made (or tried)
         self._done = trio.Event()
         self.stdin = self.stdout = self.stderr = None
         self._status = _launch.StatusWriter(box.config.json_status_fd)
@@ -532,6 +534,7 @@ class Process:
                     await self._start_network(action.fd, action.diag)
                 elif isinstance(action, _supervise.SendGo):
                     stage1.send(self._ctl, {"go": True})
+                    self._reserve()
                 elif isinstance(action, _supervise.TimedOut):
                     if self._box._on_timeout:
                         self._box._on_timeout(action.seconds)
@@ -562,20 +565,35 @@ class Process:
             argv=self._launch.spec["argv"] or (), pid=pid, sandbox_id=box.id,
             mode="audit" if box.config.audit else "run", env_dropped=self._launch.env_dropped))
 
+    def _reserve(self):
+        """Make the `corral ps` entry ahead (state.reserve: a few ms), while pid 1
+        starts the command."""
+        from . import state
+
+        if not self._reserved:
+            self._reserved = True
+            self._box._registration = state.reserve_quietly(
+                spec=self._launch.spec, supervisor_pid=os.getpid(), d_pid=self.d_pid)
+
     def _register(self):
         """List the sandbox for `corral ps/logs/stop/exec`; its events.jsonl
         gets every event, those from before the command started first."""
-        from . import state
-
         box = self._box
-        entry = state.register_quietly(spec=self._launch.spec, supervisor_pid=os.getpid(),
-                                       d_pid=self.d_pid, command_pid=self.pid)
-        if entry is not None:
-            sink = JsonlSink(entry.open_events(), owned=True)
-            for event in box.stream.history:
-                sink.write(event)
-            box.stream.add_sink(sink)
-            box._registration = entry
+        self._reserve()  # (done already when pid 1 waited for the go)
+        entry = box._registration
+        if entry is None:
+            return
+        try:
+            entry.publish(self.pid)
+        except OSError as exc:
+            log.warning("this sandbox will not appear in `corral ps`: %s", exc)
+            box._registration = None
+            entry.close()
+            return
+        sink = JsonlSink(entry.open_events(), owned=True)
+        for event in box.stream.history:
+            sink.write(event)
+        box.stream.add_sink(sink)
 
     async def _start_network(self, tap_fd, diag_fd=None):
         from .net import owner, service

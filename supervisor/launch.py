@@ -523,7 +523,7 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None,
     machine = _supervise.Supervision(
         stage1_pid=pid, now=time.monotonic(), timeout=config.timeout,
         kill_grace=config.kill_grace, keyboard_direct=in_terminal_foreground())
-    registration = []  # the `corral ps` entry, once the command runs
+    registration = []  # the `corral ps` entry: reserved, then listed once the command runs
     left_early = False
     try:
         if relay is not None:
@@ -542,7 +542,8 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None,
         outcome = machine.outcome(wait_status)
         status.write(**{"exit-code": outcome.exit_code})
         for entry in registration:
-            entry.write_event(exit_record(outcome.exit_code, outcome.signal, entry.id))
+            if entry.published:  # (the command ran)
+                entry.write_event(exit_record(outcome.exit_code, outcome.signal, entry.id))
         if outcome.error is not None:
             raise outcome.error
         return Result(exit_code=outcome.exit_code, signal=outcome.signal,
@@ -564,7 +565,11 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
     left once pid 1 reported the command's exit (``leave_early``), not waiting for
     stage-1's exit."""
     leave = False
+    reserve = True
     while not machine.finished:
+        if reserve and machine.d_pid is not None:  # while pid 1 builds the sandbox
+            reserve = False
+            registration.extend(_reserve(launch, machine.d_pid))
         timer = machine.next_timer()
         wait = None if timer is None else max(0.0, timer - time.monotonic())
         try:
@@ -582,7 +587,7 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
         for action in actions:
             if isinstance(action, _supervise.CommandStarted):
                 status.write(**{"child-pid": action.pid})
-                registration.extend(_register(launch, machine.d_pid, action.pid))
+                _register(launch, registration, action.pid)
             elif isinstance(action, _supervise.TimedOut):
                 if on_timeout:
                     on_timeout(timeout)
@@ -769,18 +774,28 @@ _HELPERS = []  # cleanup_later's helpers: reaped when done, as the next one star
 _UNREAPED = []  # pids of stage-1s not waited for (_wait_stage1): likewise
 
 
-def _register(launch, d_pid, child):
-    """Register the running sandbox for `corral ps/logs/stop/exec` (no
-    events stream here: the start and exit records are written directly)."""
+def _reserve(launch, d_pid):
+    """The `corral ps` entry, made while pid 1 builds the sandbox: [it], or []
+    when the state directory is unusable (a warning says so)."""
     from . import state
 
-    entry = state.register_quietly(spec=launch.spec, supervisor_pid=os.getpid(), d_pid=d_pid,
-                                   command_pid=child)
-    if entry is None:
-        return []
-    entry.write_event(start_record(launch.spec["argv"], child, entry.id,
-                                   env_dropped=launch.env_dropped))
-    return [entry]
+    entry = state.reserve_quietly(spec=launch.spec, supervisor_pid=os.getpid(), d_pid=d_pid)
+    return [] if entry is None else [entry]
+
+
+def _register(launch, registration, child):
+    """The command runs: list the reserved entry for `corral ps/logs/stop/exec` (no
+    events stream here: the start and exit records are written directly)."""
+    for entry in list(registration):
+        try:
+            entry.publish(child)
+        except OSError as exc:
+            log.warning("this sandbox will not appear in `corral ps`: %s", exc)
+            registration.remove(entry)
+            entry.close()
+            continue
+        entry.write_event(start_record(launch.spec["argv"], child, entry.id,
+                                       env_dropped=launch.env_dropped))
 
 
 # The blocking path cannot import corral.events (trio, the policy package: tens of
