@@ -662,6 +662,7 @@ class Sweeper:
     def fork(cls):
         """The helper, or None when this process may not fork (or the fork fails:
         :func:`cleanup_later` then does the work at the end)."""
+        _reap_helpers()
         if not can_fork():
             return None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -759,7 +760,8 @@ def cleanup_later(paths, fds=()):
 
 
 def _reap_helpers():
-    """Reap the clean-up helpers and stage-1 processes that have exited since."""
+    """Reap the clean-up helpers, sweepers and stage-1 processes that have exited
+    since (a process that runs many sandboxes keeps no zombie but the last ones)."""
     _HELPERS[:] = [helper for helper in _HELPERS if helper.poll() is None]
     for pid in list(_UNREAPED):
         try:
@@ -771,7 +773,7 @@ def _reap_helpers():
 
 
 _HELPERS = []  # cleanup_later's helpers: reaped when done, as the next one starts
-_UNREAPED = []  # pids of stage-1s not waited for (_wait_stage1): likewise
+_UNREAPED = []  # pids of sweepers and of stage-1s not waited for (_wait_stage1): likewise
 
 
 def _reserve(launch, d_pid):

@@ -11,7 +11,9 @@ a bounded wait, no scratch tree and no state entry left behind.  None is timed.
 import json
 import os
 import signal
+import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -111,60 +113,69 @@ def test_keep_changes_are_there_when_corral_exits(tmp_path):
     assert _eventually_empty(scratch) == []
 
 
-def test_a_sweeper_removes_what_it_is_told_and_closes_the_fds_it_is_given_last(tmp_path):
-    from corral.launch import Sweeper
+def _in_fresh_process(code, *args):
+    """Run ``code`` in a fresh interpreter (a sweeper is forked only by a process with no
+    thread and no Go runtime, which this test process may have loaded); its JSON answer."""
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *map(str, args)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
 
+
+def test_a_sweeper_removes_what_it_is_told_and_closes_the_fds_it_is_given_last(tmp_path):
     tree = tmp_path / "tree"
     (tree / "a" / "b").mkdir(parents=True)
     os.chmod(tree / "a", 0o500)  # removed whatever its modes
-    r, w = os.pipe()
-    sweeper = Sweeper.fork()
-    assert sweeper is not None
-    sweeper.finish([tree, None], [w])  # our copy of w is closed here; the sweeper's, when done
-    deadline = time.monotonic() + 10
-    while tree.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not tree.exists()
-    assert os.read(r, 1) == b""  # the last writer is gone: the sweeper has exited
-    os.close(r)
-    os.waitpid(sweeper.pid, 0)
+    answer = _in_fresh_process("""
+        import json, os, sys
+        from corral.launch import Sweeper
+        r, w = os.pipe()
+        sweeper = Sweeper.fork()
+        sweeper.finish([sys.argv[1], None], [w])  # our w is closed here; its copy when done
+        eof = os.read(r, 1) == b""  # the last writer is gone: the sweeper has exited
+        os.waitpid(sweeper.pid, 0)
+        print(json.dumps({"eof": eof, "tree": os.path.exists(sys.argv[1])}))
+        """, tree)
+    assert answer == {"eof": True, "tree": False}
 
 
-def test_a_sweeper_holds_nothing_of_the_supervisor_but_its_socket(tmp_path):
+def test_a_sweeper_holds_nothing_of_the_supervisor_but_its_socket():
     # A pipe the supervisor holds (its stdout to `| cat`, another sandbox's stdin) must
     # end with the supervisor, not with a helper that lingers.
-    from corral.launch import Sweeper
-
-    r, w = os.pipe()
-    sweeper = Sweeper.fork()
-    try:
+    fds = _in_fresh_process("""
+        import json, os, time
+        from corral.launch import Sweeper
+        r, w = os.pipe()
+        sweeper = Sweeper.fork()
         deadline = time.monotonic() + 10
         while True:  # (it drops them right after the fork)
-            fds = {int(fd): os.readlink("/proc/%d/fd/%s" % (sweeper.pid, fd))
+            fds = {fd: os.readlink("/proc/%d/fd/%s" % (sweeper.pid, fd))
                    for fd in os.listdir("/proc/%d/fd" % sweeper.pid)}
             if len(fds) == 4 or time.monotonic() > deadline:
                 break
             time.sleep(0.01)
-    finally:
         sweeper.abandon()
         os.waitpid(sweeper.pid, 0)
-        os.close(r)
-        os.close(w)
-    assert all(fds[fd] == os.devnull for fd in (0, 1, 2)), fds
-    assert [target for fd, target in fds.items() if fd > 2 and not target.startswith("socket:")] == []
+        print(json.dumps(fds))
+        """)
+    assert all(fds[fd] == os.devnull for fd in ("0", "1", "2")), fds
+    assert [t for fd, t in fds.items() if int(fd) > 2 and not t.startswith("socket:")] == [], fds
     assert len(fds) == 4, fds
 
 
 def test_a_sweeper_left_without_a_word_removes_nothing(tmp_path):
     # The supervisor was killed before it was done: a --keep-changes record still in
     # scratch, or a report still to collect, must not be removed behind its back.
-    from corral.launch import Sweeper
-
     tree = tmp_path / "tree"
     tree.mkdir()
-    sweeper = Sweeper.fork()
-    sweeper.abandon()
-    os.waitpid(sweeper.pid, 0)
+    _in_fresh_process("""
+        import os
+        from corral.launch import Sweeper
+        sweeper = Sweeper.fork()
+        sweeper.abandon()
+        os.waitpid(sweeper.pid, 0)
+        print("{}")
+        """)
     assert tree.exists()
 
 
