@@ -688,6 +688,8 @@ class Sweeper:
         message = b"".join(path + b"\0" for path in paths) or b"\0"
         rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
         try:
+            if self._sock is None:
+                raise BrokenPipeError(errno.EPIPE, "already ended")
             self._sock.sendmsg([message], rights if fds else [])
             paths = []
         except OSError as exc:  # the helper is gone: do it here
@@ -710,6 +712,7 @@ class Sweeper:
 def _sweep(sock):
     """The Sweeper's body, in the forked helper."""
     os.setsid()
+    signal.set_wakeup_fd(-1)  # an event loop's, closed below
     for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     null = os.open(os.devnull, os.O_RDWR)
