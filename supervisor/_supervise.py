@@ -19,6 +19,9 @@ Actions, in the order the driver must carry them out:
   (``--json-status-fd``), register it for ``corral ps``, emit
   ``sandbox_start``.
 - :class:`TimedOut` ``(seconds)``: the timeout fired (SIGTERM follows).
+- :class:`CommandExited`: pid 1 reported the command's exit.  What is left is
+  stage-1's exit (pid 1's and its own, which end every process inside: a few
+  ms); a driver that reads nothing more from inside need not wait for it.
 - :class:`CloseFds` ``(fds)``: fds that came with a message nobody uses.
 
 At the end :meth:`Supervision.outcome` turns what was seen and stage-1's wait
@@ -59,6 +62,11 @@ class SendGo:
 @attrs.frozen
 class CommandStarted:
     pid: int | None
+
+
+@attrs.frozen
+class CommandExited:
+    pass
 
 
 @attrs.frozen
@@ -152,6 +160,8 @@ class Supervision:
                 self.pid = message.get("pid")
                 actions.append(CommandStarted(self.pid))
         elif "exit" in message:
+            if self.exit_report is None:
+                actions.append(CommandExited())
             self.exit_report = message
         elif "error" in message and isinstance(message["error"], dict):
             self.error = message["error"]

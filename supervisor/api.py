@@ -228,9 +228,13 @@ class Sandbox:
     # anyway (the Go stack's memory and goroutines, the scratch tree in the background)
     # is not waited for, so corral exits right after the command (issue 11).
     _process_exits: bool = False
+    # When the process exits, what a helper removes once the sandbox has ended (the
+    # scratch tree, the `corral ps` entry): the launch.Sweeper forked with the stage-1
+    # this adopted, else launch.cleanup_later; None once handed over.
+    _left: list | None = attrs.field(factory=list, repr=False)
     changes: object = None  # overlay changes, collected at exit when a report is wanted
     _started: object = None  # a launch.Started that start() adopts instead of spawning
-    _registration: object = None  # the `corral ps` entry (state.Registration) while it runs
+    _registration: object = None  # the `corral ps` entry (state.Registration), listed while it runs
     report: dict | None = None
     _outputs: dict = attrs.field(factory=dict, repr=False)  # --report/--suggest/--pcap
 
@@ -290,7 +294,8 @@ class Sandbox:
     @property
     def id(self):
         """The id `corral ps/logs/stop/exec` know it by (None until it runs)."""
-        return self._registration.id if self._registration is not None else None
+        entry = self._registration
+        return entry.id if entry is not None and entry.published else None
 
     def __repr__(self):
         state = "new" if self.process is None else repr(self.process)
@@ -363,26 +368,32 @@ class Sandbox:
             self._ended.set()
 
     async def _finish_end(self):
-        with trio.CancelScope(shield=True):
-            if self.network is not None:
-                await self.network.aclose(free=not self._process_exits)
-                if self.network.tap_fd >= 0:
-                    _launch.close_later(self.network.tap_fd)
-                    self.network.tap_fd = -1
-        result = self.process.result if self.process is not None else None
-        if result is not None:
-            self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal,
-                                              sandbox_id=self.id))
-        self.stream.close()
-        for sink in self._sinks:
-            sink.close()
-        if self._registration is not None:
-            self._registration.close()
+        fds = []
         try:
-            if self.wants_report:
-                self._write_report(result)
+            with trio.CancelScope(shield=True):
+                if self.network is not None:
+                    await self.network.aclose(free=not self._process_exits)
+                    if self.network.tap_fd >= 0:  # left open: the helper closes it last
+                        fds.append(self.network.tap_fd)
+                        self.network.tap_fd = -1
+            result = self.process.result if self.process is not None else None
+            if result is not None:
+                self.stream.emit(SandboxExitEvent(exit_code=result.exit_code, signal=result.signal,
+                                                  sandbox_id=self.id))
+            self.stream.close()
+            for sink in self._sinks:
+                sink.close()
+            if self._registration is not None:
+                self._left.append(self._registration.close(remove=not self._process_exits))
+            try:
+                if self.wants_report:
+                    self._write_report(result)
+            finally:
+                self._close_outputs()
         finally:
-            self._close_outputs()
+            left, self._left = self._left, None
+            sweeper = self._started.sweeper if self._started is not None else None
+            (sweeper.finish if sweeper is not None else _launch.cleanup_later)(left, fds)
 
     @property
     def wants_report(self):
@@ -417,6 +428,8 @@ class Process:
         self.pid = None  # the command's pid as seen from the supervisor
         self.result = None
         self._error_exc = None
+        self._left_early = False  # the command's exit was reported; stage-1's not waited for
+        self._reserved = False  # the `corral ps` entry was made (or tried)
         self._done = trio.Event()
         self.stdin = self.stdout = self.stderr = None
         self._status = _launch.StatusWriter(box.config.json_status_fd)
@@ -484,8 +497,12 @@ class Process:
                 raise
             finally:
                 with trio.CancelScope(shield=True):
-                    await self._wait_stage1()
-                    await trio.to_thread.run_sync(self._relay.finish)
+                    if not self._left_early:
+                        await self._wait_stage1()
+                    if self._relay.active:  # threads to join; else nothing to wait for
+                        await trio.to_thread.run_sync(self._relay.finish)
+                    else:
+                        self._relay.finish()
         finally:
             self._ctl.close()
             self._finish()
@@ -519,11 +536,16 @@ class Process:
                     await self._start_network(action.fd, action.diag)
                 elif isinstance(action, _supervise.SendGo):
                     self._send_go()
+                    self._reserve()
                 elif isinstance(action, _supervise.TimedOut):
                     if self._box._on_timeout:
                         self._box._on_timeout(action.seconds)
+                elif isinstance(action, _supervise.CommandExited):
+                    self._left_early = self._may_leave_early()
                 else:
                     _supervise.carry_out([action])
+            if self._left_early:
+                break
         return started
 
     def _send_go(self):
@@ -537,6 +559,16 @@ class Process:
             for fd in fds:
                 os.close(fd)
 
+    def _may_leave_early(self):
+        """Once pid 1 reported the command's exit, need stage-1's exit (pid 1's and its
+        own, which end every process inside: a few ms) still be waited for?  Not when
+        the process exits right after (it kills them if they are still there, and
+        reaps nothing), unless something still comes out of the sandbox: relayed
+        output (until its pipes end), the change report, a --keep-changes record."""
+        box = self._box
+        return (box._process_exits and not self._relay.active and self._launch.keep is None
+                and not box.wants_report)
+
     def _command_started(self, pid):
         self.pid = pid
         self._status.write(**{"child-pid": pid})
@@ -546,20 +578,35 @@ class Process:
             argv=self._launch.spec["argv"] or (), pid=pid, sandbox_id=box.id,
             mode="audit" if box.config.audit else "run", env_dropped=self._launch.env_dropped))
 
+    def _reserve(self):
+        """Make the `corral ps` entry ahead (state.reserve: a few ms), while pid 1
+        starts the command."""
+        from . import state
+
+        if not self._reserved:
+            self._reserved = True
+            self._box._registration = state.reserve_quietly(
+                spec=self._launch.spec, supervisor_pid=os.getpid(), d_pid=self.d_pid)
+
     def _register(self):
         """List the sandbox for `corral ps/logs/stop/exec`; its events.jsonl
         gets every event, those from before the command started first."""
-        from . import state
-
         box = self._box
-        entry = state.register_quietly(spec=self._launch.spec, supervisor_pid=os.getpid(),
-                                       d_pid=self.d_pid, command_pid=self.pid)
-        if entry is not None:
-            sink = JsonlSink(entry.open_events(), owned=True)
-            for event in box.stream.history:
-                sink.write(event)
-            box.stream.add_sink(sink)
-            box._registration = entry
+        self._reserve()  # (done already when pid 1 waited for the go)
+        entry = box._registration
+        if entry is None:
+            return
+        try:
+            entry.publish(self.pid)
+        except OSError as exc:
+            log.warning("this sandbox will not appear in `corral ps`: %s", exc)
+            box._registration = None
+            entry.close()
+            return
+        sink = JsonlSink(entry.open_events(), owned=True)
+        for event in box.stream.history:
+            sink.write(event)
+        box.stream.add_sink(sink)
 
     async def _start_network(self, tap_fd, diag_fd=None):
         from .net import owner, service
@@ -596,8 +643,11 @@ class Process:
                 self._box.changes = collect_changes(
                     self._launch.scratch, overlays=_launch.planned_overlays(self._launch))
         finally:
-            _launch._cleanup_scratch(self._launch, background=self._box._process_exits
-                                     and not self._box.wants_report)
+            box = self._box
+            if box._process_exits and not box.wants_report and box._left is not None:
+                box._left.append(_launch._scratch_left(self._launch))
+            else:  # (with a report, the walk already took longer than removing does)
+                _launch._cleanup_scratch(self._launch)
 
     async def wait(self) -> int:
         """Wait for the command; return its exit code (128+N for signal N).

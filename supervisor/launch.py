@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ import time
 import attrs
 
 from . import _supervise, hardening
+from ._remove import remove_tree  # noqa: F401 (public here)
 from ._supervise import KEYBOARD_SIGNALS, SETUP_FAILED, error_from  # noqa: F401 (public here)
 from .errors import ConfigError, SandboxError
 from .spawn import stage1
@@ -419,6 +421,7 @@ class Started:
     process: object  # ForkedStage1 or Popen
     ctl: socket.socket
     relay: object  # corral._stdio.Relay
+    sweeper: "Sweeper | None" = None
     adopted: bool = False
     go: tuple | None = None  # (message, fds) for P's go, when it carries the command
 
@@ -460,6 +463,8 @@ class Started:
         finally:
             self.ctl.close()
             self.relay.finish()
+            if self.sweeper is not None:
+                self.sweeper.abandon()
             _discard_scratch(self.launch)
 
 
@@ -477,13 +482,14 @@ def start_early(config, argv, *, on_warning=None):
     mounts.  Return a :class:`Started`."""
     launch = prepare(config, argv)
     launch.spec["wait_go"] = True  # nothing runs before P has its events, outputs, network
-    process, ctl, relay = _start(launch, on_warning)
+    process, ctl, relay, sweeper = _start(launch, on_warning)
     relay.spawned()
-    return Started(launch=launch, process=process, ctl=ctl, relay=relay)
+    return Started(launch=launch, process=process, ctl=ctl, relay=relay, sweeper=sweeper)
 
 
 def _start(launch, on_warning):
-    """Say the plan's warnings, start C with the stdio relay; (process, ctl, relay).
+    """Say the plan's warnings, start C with the stdio relay, then (while this
+    process may still fork) the :class:`Sweeper`; (process, ctl, relay, sweeper).
     If C cannot be started, nothing ran: its scratch goes, no record is kept."""
     for warning in launch.warnings:
         if on_warning:
@@ -495,7 +501,7 @@ def _start(launch, on_warning):
         relay.close()
         _discard_scratch(launch)
         raise
-    return process, ctl, relay
+    return process, ctl, relay, Sweeper.fork()
 
 
 def in_terminal_foreground():
@@ -537,10 +543,12 @@ def run_blocking(config, argv, *, on_warning=None, on_timeout=None, started=None
     if started is not None:
         started.adopted = True
         return supervise_blocking(config, started.launch, started.process.pid, started.ctl,
-                                  on_timeout=on_timeout, relay=started.relay, go=started.go)
+                                  on_timeout=on_timeout, relay=started.relay,
+                                  sweeper=started.sweeper, go=started.go)
     launch = prepare(config, argv)
-    process, ctl, relay = _start(launch, on_warning)
-    return supervise_blocking(config, launch, process.pid, ctl, on_timeout=on_timeout, relay=relay)
+    process, ctl, relay, sweeper = _start(launch, on_warning)
+    return supervise_blocking(config, launch, process.pid, ctl, on_timeout=on_timeout, relay=relay,
+                              sweeper=sweeper)
 
 
 def stdio_relay(fds=(0, 1, 2)):
@@ -551,13 +559,16 @@ def stdio_relay(fds=(0, 1, 2)):
     return _stdio.Relay(fds)
 
 
-def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None, go=None):
+def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None, sweeper=None,
+                       go=None):
     """Supervise a started stage-1 without trio: forward SIGTERM, SIGHUP,
     SIGUSR1, SIGUSR2 (and keyboard signals when they cannot reach the command
     by themselves), enforce ``timeout``, relay stdio, return the
-    :class:`Result`.  An exception (or a signal handler's) kills everything
-    inside before it propagates.  ``go``: (message, fds) to send when pid 1 is
-    ready (a stage-1 that waits for go, :attr:`Started.go`)."""
+    :class:`Result`; what is left to remove goes to ``sweeper`` (a
+    :class:`Sweeper`), else :func:`cleanup_later`.  An exception (or a signal
+    handler's) kills everything inside before it propagates.  ``go``: (message,
+    fds) to send when pid 1 is ready (a stage-1 that waits for its command,
+    :attr:`Started.go`)."""
     status = StatusWriter(config.json_status_fd)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in stage1.FORWARDED}
@@ -566,45 +577,53 @@ def supervise_blocking(config, launch, pid, ctl, *, on_timeout=None, relay=None,
         stage1_pid=pid, now=time.monotonic(), timeout=config.timeout,
         kill_grace=config.kill_grace, keyboard_direct=in_terminal_foreground(),
         wait_go=go is not None)
-    registration = []  # the `corral ps` entry, once the command runs
-    wait_status = None
+    registration = []  # the `corral ps` entry: reserved, then listed once the command runs
+    left_early = False
     try:
         if relay is not None:
             relay.spawned()
         try:
-            _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration,
-                            config.timeout, go)
+            left_early = _drive_blocking(
+                machine, ctl, wake_r, status, on_timeout, launch, registration, config.timeout,
+                leave_early=launch.keep is None and (relay is None or not relay.active), go=go)
         except BaseException:
             _supervise.carry_out(machine.teardown())
             raise
         finally:
-            _, wait_status = os.waitpid(pid, 0)
+            wait_status = _wait_stage1(pid, block=not left_early)
             if relay is not None:
                 relay.finish()
         outcome = machine.outcome(wait_status)
         status.write(**{"exit-code": outcome.exit_code})
         for entry in registration:
-            entry.write_event(exit_record(outcome.exit_code, outcome.signal, entry.id))
+            if entry.published:  # (the command ran)
+                entry.write_event(exit_record(outcome.exit_code, outcome.signal, entry.id))
         if outcome.error is not None:
             raise outcome.error
         return Result(exit_code=outcome.exit_code, signal=outcome.signal,
                       timed_out=outcome.timed_out, scratch=launch.scratch)
     finally:
-        for entry in registration:
-            entry.close()
+        left = [entry.close(remove=False) for entry in registration]
         ctl.close()
         signal.set_wakeup_fd(old_wakeup)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         os.close(wake_r)
         os.close(wake_w)
-        _cleanup_scratch(launch, background=True)
+        (sweeper.finish if sweeper is not None else cleanup_later)([_scratch_left(launch), *left])
 
 
 def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registration, timeout,
-                    go=None):
-    """The select loop around :class:`corral._supervise.Supervision`."""
+                    leave_early, go=None):
+    """The select loop around :class:`corral._supervise.Supervision`; True when it
+    left once pid 1 reported the command's exit (``leave_early``), not waiting for
+    stage-1's exit."""
+    leave = False
+    reserve = True
     while not machine.finished:
+        if reserve and machine.d_pid is not None:  # while pid 1 builds the sandbox
+            reserve = False
+            registration.extend(_reserve(launch, machine.d_pid))
         timer = machine.next_timer()
         wait = None if timer is None else max(0.0, timer - time.monotonic())
         try:
@@ -622,12 +641,14 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
         for action in actions:
             if isinstance(action, _supervise.CommandStarted):
                 status.write(**{"child-pid": action.pid})
-                registration.extend(_register(launch, machine.d_pid, action.pid))
+                _register(launch, registration, action.pid)
             elif isinstance(action, _supervise.TimedOut):
                 if on_timeout:
                     on_timeout(timeout)
             elif isinstance(action, _supervise.StartNetwork):
                 os.close(action.fd)  # no userspace network on this path
+            elif isinstance(action, _supervise.CommandExited):
+                leave = leave_early
             elif isinstance(action, _supervise.SendGo):
                 message, fds = go
                 try:
@@ -637,178 +658,225 @@ def _drive_blocking(machine, ctl, wake_r, status, on_timeout, launch, registrati
                         os.close(fd)
             else:
                 _supervise.carry_out([action])
+        if leave:
+            return True
+    return False
 
 
-def _cleanup_scratch(launch, background=False):
-    """Keep the overlay record where --keep-changes asks, else remove scratch
-    (in the background when ``background``: removing a few dozen overlay
-    directories costs 10-20 ms that the caller need not wait for — a detached
-    grandchild when this process may fork, else a detached fresh interpreter)."""
-    scratch = launch.scratch
-    if launch.keep is not None:
+def _wait_stage1(pid, block=True):
+    """Stage-1's wait status.  Without ``block``, when it has not exited yet, 0: the
+    command's exit was reported and nothing more is read from inside, so its exit
+    (pid 1's and its own: the end of every process inside, a few ms) is not waited
+    for; it is reaped later (:func:`_reap_helpers`), or by init once this process
+    exits, which kills it if it still runs (PR_SET_PDEATHSIG)."""
+    done, wait_status = os.waitpid(pid, 0 if block else os.WNOHANG)
+    if not done:
+        _UNREAPED.append(pid)
+    return wait_status
+
+
+def _cleanup_scratch(launch):
+    """Keep the overlay record where --keep-changes asks, else remove scratch, now."""
+    scratch = _scratch_left(launch)
+    if scratch is not None:
+        remove_tree(scratch)
+
+
+def _scratch_left(launch):
+    """--keep-changes: move the scratch tree where it asks, and return None (also when it
+    cannot: the changes then stay in scratch, and a warning says where); else the scratch
+    tree, to remove."""
+    if launch.keep is None:
+        return launch.scratch
+    try:
+        why = launch.keep.keep(launch.scratch)
+    finally:
+        launch.keep.close()
+    if why is not None:
+        log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
+                    launch.scratch)
+    return None
+
+
+class Sweeper:
+    """A helper forked at the start, while this process may fork (no threads, no
+    Go), that removes what the sandbox leaves once this process is done with it:
+    the scratch tree (10-20 ms for a few dozen overlay directories), the state
+    entry, and the last close of fds given to it (a TAP device's: unregistering it
+    waits for RCU grace periods, ~40 ms).  At the end, :meth:`finish` is one
+    message on a socket: nothing to start then (a vfork and exec waits for the
+    exec, which on a busy host waits for a CPU: 3-20 ms).  It holds nothing of
+    ours but that socket (/dev/null as stdio: a pipe reading our output ends with
+    us), is in a session of its own (Ctrl-C is not for it) and ends on the
+    socket's end: removing nothing when it ends without a message (this process
+    was killed: nothing it did not finish is removed, a --keep-changes record
+    included)."""
+
+    def __init__(self, sock, pid):
+        self._sock = sock
+        self.pid = pid
+
+    def __repr__(self):
+        return "<Sweeper pid=%d%s>" % (self.pid, "" if self._sock else " done")
+
+    @classmethod
+    def fork(cls):
+        """The helper, or None when this process may not fork (or the fork fails:
+        :func:`cleanup_later` then does the work at the end)."""
+        _reap_helpers()
+        if not can_fork():
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            why = launch.keep.keep(scratch)
-        finally:
-            launch.keep.close()
-        if why is not None:
-            log.warning("cannot keep changes in %s (%s); they are in %s", launch.keep.path, why,
-                        scratch)
-        return
-    if background and AFTER_EXIT is not None:
-        AFTER_EXIT.append(lambda: remove_tree(scratch))
-        return
-    if background and not can_fork():  # threads or Go here: spawn (vfork + exec), never fork
-        import subprocess
-
-        try:
-            subprocess.Popen([sys.executable, "-I", "-c", _REMOVE, scratch], stdin=subprocess.DEVNULL,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True, close_fds=True)
-            return
+            pid = os.fork()
         except OSError as exc:
-            log.debug("removing %s in the background failed (%s): removing it now", scratch, exc)
-    elif background:
-        pid = os.fork()
+            log.debug("no sweeper (%s): cleaning up at the end", exc)
+            ours.close()
+            theirs.close()
+            return None
         if pid == 0:
             try:
-                if os.fork() == 0:
-                    remove_tree(scratch)
+                _sweep(theirs)
             finally:
                 os._exit(0)
-        os.waitpid(pid, 0)
-        return
-    remove_tree(scratch)
+        theirs.close()
+        return cls(ours, pid)
 
-
-_REMOVE = "import sys; from corral.launch import remove_tree; remove_tree(sys.argv[1])"
-
-
-def close_later(fd):
-    """Leave the last close of ``fd`` to a detached process that outlives this one,
-    which is about to exit: for a descriptor whose last close is slow (a TAP
-    device's: unregistering it waits for RCU grace periods, ~40 ms).  The helper
-    is `cat` reading a pipe whose only writer is this process: it ends when this
-    process does, and its exit closes the fd.  Falls back to closing it here."""
-    if AFTER_EXIT is not None:
-        AFTER_EXIT.append(lambda: os.close(fd))
-        return
-    import shutil
-    import subprocess
-
-    cat = shutil.which("cat", path=os.defpath) or "/bin/cat"
-    try:
-        r, w = os.pipe()  # w: close-on-exec, so no other child holds it
+    def finish(self, paths, fds=()):
+        """Have ``paths`` (None ones skipped) removed and ``fds`` closed last, by
+        the helper, once this process has closed them (here: ours are closed)."""
+        paths = [os.fsencode(path) for path in paths if path is not None]
+        message = b"".join(path + b"\0" for path in paths) or b"\0"
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))]
         try:
-            subprocess.Popen([cat], stdin=r, pass_fds=(fd,), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL, start_new_session=True)
+            if self._sock is None:
+                raise BrokenPipeError(errno.EPIPE, "already ended")
+            self._sock.sendmsg([message], rights if fds else [])
+            paths = []
+        except OSError as exc:  # the helper is gone: do it here
+            log.debug("the sweeper is gone (%s): cleaning up here", exc)
         finally:
-            os.close(r)
-        _EXIT_PIPES.append(w)  # closed by this process's exit
+            for fd in fds:
+                os.close(fd)
+            self.abandon()
+        for path in paths:
+            remove_tree(os.fsdecode(path))
+
+    def abandon(self):
+        """End the helper without a word: it removes nothing."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+            _UNREAPED.append(self.pid)
+
+
+def _sweep(sock):
+    """The Sweeper's body, in the forked helper."""
+    os.setsid()
+    signal.set_wakeup_fd(-1)  # an event loop's, closed below
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    keep = sock.fileno()
+    os.closerange(3, keep)
+    os.closerange(keep + 1, stage1.FD_CEILING)
+    message, _, _, _ = sock.recvmsg(1 << 20, socket.CMSG_SPACE(64 * 4))
+    for path in message.split(b"\0")[:-1]:  # the fds passed stay open until we exit
+        if path:
+            remove_tree(os.fsdecode(path))
+
+
+def cleanup_later(paths, fds=()):
+    """Leave to a detached helper what this process need not wait for: removing
+    ``paths`` (None ones skipped: a scratch tree, 10-20 ms for a few dozen overlay
+    directories; a state entry) and the last close of ``fds`` (a TAP device's:
+    unregistering it waits for RCU grace periods, ~40 ms), which happens when the
+    helper exits.  The helper is a fresh interpreter without site-packages running
+    :mod:`corral._remove` (stdlib only: a few ms of CPU, in the background), started
+    by vfork and exec: safe from a process that runs threads or Go, and well under a
+    millisecond of this one's time.  Call it last: the helper's start then competes
+    with nothing this process still does.  Nobody waits for it: it outlives a
+    process that exits, and one that goes on reaps it later (:func:`_reap_helpers`).
+    ``fds`` are closed here either way; if the helper cannot start, the paths are
+    removed here."""
+    paths = [os.fspath(path) for path in paths if path is not None]
+    if AFTER_EXIT is not None:  # a warm worker: after it has reported the exit status
+        AFTER_EXIT.append(lambda: _cleanup_now(paths, fds))
+        return
+    _reap_helpers()
+    try:
+        if paths or fds:
+            import subprocess
+
+            from . import _remove
+
+            _HELPERS.append(subprocess.Popen(
+                [sys.executable, "-I", "-S", _remove.__file__, *paths], stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=tuple(fds),
+                start_new_session=True))
+            paths = []
     except OSError as exc:
-        log.debug("closing fd %d in a helper failed (%s): closing it here", fd, exc)
-    os.close(fd)
+        log.debug("the clean-up helper did not start (%s): cleaning up here", exc)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    for path in paths:
+        remove_tree(path)
 
 
-_EXIT_PIPES = []
+def _cleanup_now(paths, fds):
+    for path in paths:
+        remove_tree(path)
+    for fd in fds:
+        os.close(fd)
+
+
 # A list in a warm server's worker (corral.warm.server), which reports the exit
 # status first and then runs these itself: no helper process needed.
 AFTER_EXIT = None
 
 
-def remove_tree(path):
-    """Remove a scratch tree whatever the sandbox left in it: any depth (iterative, one
-    name per system call, a few descriptors), overlayfs work dirs with mode 000 and
-    directories the command made read-only (made 0700 first), never following a symlink.
-    What cannot be removed is logged, never raised."""
-    parent, name = os.path.split(os.path.abspath(path))
-    try:
-        parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror)
-        return
-    try:
-        left = _remove_at(parent_fd, name)
-    except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror)
-    else:
-        if left:
-            log.warning("cannot remove %s: %d entries could not be removed", path, left)
-    finally:
-        os.close(parent_fd)
+def _reap_helpers():
+    """Reap the clean-up helpers, sweepers and stage-1 processes that have exited
+    since (a process that runs many sandboxes keeps no zombie but the last ones)."""
+    _HELPERS[:] = [helper for helper in _HELPERS if helper.poll() is None]
+    for pid in list(_UNREAPED):
+        try:
+            done, _ = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            done = pid
+        if done:
+            _UNREAPED.remove(pid)
 
 
-def _open_emptiable_dir(name, dir_fd):
-    os.chmod(name, 0o700, dir_fd=dir_fd)  # a directory (unlink said EISDIR): no link to follow
-    return os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+_HELPERS = []  # cleanup_later's helpers: reaped when done, as the next one starts
+_UNREAPED = []  # pids of sweepers and of stage-1s not waited for (_wait_stage1): likewise
 
 
-def _remove_at(top_fd, top):
-    """Remove ``top`` (in directory ``top_fd``) and everything below; return how many
-    entries could not be removed.  Depth first, holding one directory fd and coming
-    back up through ``..``; the path is kept as names, so any depth fits."""
-    try:
-        os.unlink(top, dir_fd=top_fd)
-        return 0
-    except FileNotFoundError:
-        return 0
-    except IsADirectoryError:
-        pass
-    fd = _open_emptiable_dir(top, top_fd)
-    levels = [(top, os.listdir(fd))]  # from top_fd down to fd: (name, entries still to remove)
-    left = 0
-    try:
-        while True:
-            entries = levels[-1][1]
-            child = None
-            while entries and child is None:
-                entry = entries.pop()
-                try:
-                    os.unlink(entry, dir_fd=fd)
-                except IsADirectoryError:
-                    try:
-                        child = _open_emptiable_dir(entry, fd)
-                    except OSError:
-                        left += 1
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    left += 1
-            if child is not None:
-                os.close(fd)
-                fd = child
-                levels.append((entry, os.listdir(fd)))
-                continue
-            done, _ = levels.pop()
-            if not levels:
-                break
-            parent = os.open("..", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = parent
-            try:
-                os.rmdir(done, dir_fd=fd)
-            except OSError:
-                left += 1
-    finally:
-        os.close(fd)
-    try:
-        os.rmdir(top, dir_fd=top_fd)
-    except OSError:
-        left += 1
-    return left
-
-
-def _register(launch, d_pid, child):
-    """Register the running sandbox for `corral ps/logs/stop/exec` (no
-    events stream here: the start and exit records are written directly)."""
+def _reserve(launch, d_pid):
+    """The `corral ps` entry, made while pid 1 builds the sandbox: [it], or []
+    when the state directory is unusable (a warning says so)."""
     from . import state
 
-    entry = state.register_quietly(spec=launch.spec, supervisor_pid=os.getpid(), d_pid=d_pid,
-                                   command_pid=child)
-    if entry is None:
-        return []
-    entry.write_event(start_record(launch.spec["argv"], child, entry.id,
-                                   env_dropped=launch.env_dropped))
-    return [entry]
+    entry = state.reserve_quietly(spec=launch.spec, supervisor_pid=os.getpid(), d_pid=d_pid)
+    return [] if entry is None else [entry]
+
+
+def _register(launch, registration, child):
+    """The command runs: list the reserved entry for `corral ps/logs/stop/exec` (no
+    events stream here: the start and exit records are written directly)."""
+    for entry in list(registration):
+        try:
+            entry.publish(child)
+        except OSError as exc:
+            log.warning("this sandbox will not appear in `corral ps`: %s", exc)
+            registration.remove(entry)
+            entry.close()
+            continue
+        entry.write_event(start_record(launch.spec["argv"], child, entry.id,
+                                       env_dropped=launch.env_dropped))
 
 
 # The blocking path cannot import corral.events (trio, the policy package: tens of

@@ -263,18 +263,33 @@ class Running:
 
 
 class Registration:
-    """A sandbox's entry while it runs: write events with :meth:`write_event`,
-    end it with :meth:`close` (idempotent; removes the directory and the
-    sealed record)."""
+    """A sandbox's entry while it runs: listed once :meth:`publish` put its sealed
+    record in place, write events with :meth:`write_event`, end it with
+    :meth:`close` (idempotent; removes the directory and the sealed record)."""
 
-    def __init__(self, id, path, root_fd, entry_fd, record_fd):
+    def __init__(self, id, path, root_fd, entry_fd, record_fd, info=None):
         self.id = id
         self.path = path
         self.events_path = os.path.join(path, EVENTS)
         self._root_fd = root_fd
         self._entry_fd = entry_fd
         self._record_fd = record_fd
+        self._info = info
         self._events = None
+        self.published = False
+
+    def publish(self, command_pid=None):
+        """List the entry (made ahead by :func:`reserve`): its sealed record, with the
+        command's pid, takes the place of the fd the pointer names, in one dup2 (until
+        then that is /dev/null, which no reader takes for a record).  OSError if it
+        cannot."""
+        info = dict(self._info, command_pid=command_pid, started=time.time())
+        fd = _sealed(info)
+        try:
+            os.dup2(fd, self._record_fd, inheritable=False)
+        finally:
+            os.close(fd)
+        self.published = True
 
     def __repr__(self):
         return "<Registration id=%s %s>" % (self.id, "closed" if self.path is None else self.path)
@@ -294,17 +309,22 @@ class Registration:
         self._events.write(json.dumps(record, separators=(",", ":"), ensure_ascii=False) + "\n")
         self._events.flush()
 
-    def close(self):
+    def close(self, remove=True):
+        """End the entry: its files and its sealed record are closed (`corral ps` no longer
+        lists it) and its directory removed; or, without ``remove``, left for the caller to
+        remove, whose path this returns (None once closed)."""
         if self.path is None:
-            return
+            return None
         if self._events is not None:
             self._events.close()
             self._events = None
         os.close(self._entry_fd)
-        shutil.rmtree(self.id, dir_fd=self._root_fd, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.id, dir_fd=self._root_fd, ignore_errors=True)
         os.close(self._root_fd)
         os.close(self._record_fd)
-        self.path = None
+        path, self.path = self.path, None
+        return None if remove else path
 
     def __enter__(self):
         return self
@@ -317,6 +337,21 @@ def register(*, spec, supervisor_pid, d_pid, command_pid=None, place=None):
     """Record a sandbox whose command just started; return its
     :class:`Registration`.  Raises SandboxError when the state directory is
     unusable (see :func:`register_quietly`)."""
+    registration = reserve(spec=spec, supervisor_pid=supervisor_pid, d_pid=d_pid, place=place)
+    try:
+        registration.publish(command_pid)
+    except OSError as exc:
+        registration.close()
+        raise SandboxError("state directory", exc.errno, detail=registration.path) from None
+    return registration
+
+
+def reserve(*, spec, supervisor_pid, d_pid, place=None):
+    """The entry of a sandbox whose command is about to start, made ahead: its
+    directory, events file and pointer, the slow part (a few ms, spent while pid 1
+    starts the command rather than once it runs: issue 11); `corral ps` lists it once
+    :meth:`Registration.publish` says which command runs.  Raises SandboxError
+    when the state directory is unusable."""
     place = place or state_place()
     root = place.open()
     try:
@@ -346,11 +381,15 @@ def register(*, spec, supervisor_pid, d_pid, command_pid=None, place=None):
         "supervisor_start": proc_start_time(supervisor_pid),
         "d_pid": d_pid,
         "d_start": proc_start_time(d_pid) if d_pid else None,
-        "command_pid": command_pid,
-        "started": time.time(),
         "spec": {k: v for k, v in spec.items() if k not in _SPEC_SKIP},
     }
-    registration = Registration(sandbox_id, path, root, entry, _sealed(info))
+    try:
+        placeholder = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)  # publish's dup2 target
+    except OSError as exc:
+        os.close(entry)
+        os.close(root)
+        raise SandboxError("state directory", exc.errno, detail=path) from None
+    registration = Registration(sandbox_id, path, root, entry, placeholder, info)
     try:
         _write_json(entry, INFO, {"id": sandbox_id, "supervisor_pid": supervisor_pid,
                                   "supervisor_start": info["supervisor_start"],
@@ -367,8 +406,17 @@ def register(*, spec, supervisor_pid, d_pid, command_pid=None, place=None):
 def register_quietly(**kw):
     """:func:`register`, but a state directory problem is a warning, not a
     failure: the sandbox runs either way, it just cannot be listed."""
+    return _quietly(register, kw)
+
+
+def reserve_quietly(**kw):
+    """:func:`reserve`, quietly (see :func:`register_quietly`)."""
+    return _quietly(reserve, kw)
+
+
+def _quietly(make, kw):
     try:
-        return register(**kw)
+        return make(**kw)
     except SandboxError as exc:
         log.warning("this sandbox will not appear in `corral ps`: %s", exc)
         return None

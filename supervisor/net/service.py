@@ -344,7 +344,7 @@ class NetworkService:
         ``free``: the process is about to exit, which frees the stack faster
         (waiting for gVisor's goroutines to end costs ~15 ms), and ``tap_fd`` is
         left open for the caller to hand to a process that outlives this one
-        (:func:`corral.launch.close_later`): the last close of a TAP fd
+        (:func:`corral.launch.cleanup_later`): the last close of a TAP fd
         unregisters the device, ~40 ms of RCU grace periods."""
         self._cancel.cancel()
         if self._running:

@@ -428,12 +428,17 @@ class Worker:
             for fd in fds:
                 os.close(fd)
             raise
-        keep = (self.server.templates_w,) + ((started.ctl,) if started is not None else ())
+        keep = [self.server.templates_w]
+        sweeper = started.sweeper if started is not None else None
+        if started is not None:  # the spare's own: its ctl and its sweeper's socket
+            keep += [started.ctl] + ([sweeper._sock] if sweeper is not None and sweeper._sock else [])
         pinned = self.spare.pinned if self.spare is not None else ()
         self.conn, self.server.templates_w, *kept = _install_fds(req["fds"], fds, self.conn, keep,
                                                                  pinned)
         if started is not None:
-            started.ctl, = kept
+            started.ctl = kept[0]
+            if len(kept) > 1:
+                sweeper._sock = kept[1]
         self.conn.settimeout(REQUEST_TIMEOUT)
         sys.argv = [os.fsdecode(a) for a in req["argv"]]
         _reopen_stdio(set(req["fds"]))
