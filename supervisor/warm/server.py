@@ -187,7 +187,10 @@ class Server:
                     continue
                 last = time.monotonic()
                 if code_fingerprint() != self.fingerprint:
-                    _say_cold(conn, "corral changed on disk; the warm server restarts")
+                    try:  # no waiting here for the client to hang up: it may reset
+                        conn.send(b"corral changed on disk; the warm server restarts")
+                    except OSError:
+                        pass
                     conn.close()
                     return True
                 self.served += 1
@@ -306,9 +309,20 @@ class Retry(wire.Refused):
 
 
 def _say_cold(conn, why):
+    """Tell the client why its run starts cold; then read (and drop) whatever it
+    still sends until it hangs up: closing with its request unread would reset
+    the connection, and the client would lose the answer."""
     try:
         conn.send(why.encode())
-    except OSError:
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(REQUEST_TIMEOUT)
+        while True:
+            data, fds = wire.receive(conn, wire.MESSAGE_MAX, wire.MAX_FDS)
+            for fd in fds:
+                os.close(fd)
+            if not data:
+                break
+    except (OSError, wire.Refused):
         pass
 
 
