@@ -23,7 +23,9 @@ a run like the previous one, and one server's runs alternating between two rows 
 take it.  Ratios: corral
 default vs mini-tapbox, corral ``--net none`` vs mini-sandbox (issue 11's goals).  Wall time
 from spawning the command to reaping it; stdin is /dev/null for every path (a terminal on
-stdin makes corral start cold).
+stdin makes corral start cold); after every run of every path the harness waits 0.3 s, so
+that what a run leaves to do in the background (corral's sweeper removing its scratch, a warm
+server building its next spare) is not charged to the next path's run.
 Prints markdown tables; writes ``benchmarks/results/startup-*.json`` and ``startup.png``.
 """
 
@@ -70,10 +72,15 @@ PAIRS = (("corral run (default)", "mini-tapbox"), ("corral --net none", "mini-sa
          ("corral --net none, warm, no spare", "mini-sandbox"))
 
 
+SETTLE = 0.3  # seconds after every run: what it leaves to do in the background (corral's
+# sweeper, a warm server's next spare, mini-sandbox's leftovers) is not charged to the next
+
+
 def timed(argv: list[str], env: dict | None = None) -> float:
     t0 = time.perf_counter()
     rc = subprocess.call(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
     dt = (time.perf_counter() - t0) * 1000
+    time.sleep(SETTLE)
     if rc != 0:
         raise Unavailable(f"`{' '.join(argv[:6])}` exited {rc}")
     return dt

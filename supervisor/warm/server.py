@@ -68,7 +68,7 @@ def preload():
     default and ``--net none`` paths), but nothing that starts a thread or loads
     the Go runtime."""
     from .. import api, cli, launch, state  # noqa: F401
-    from ..events import monitor, report  # noqa: F401
+    from ..events import hints, monitor, report  # noqa: F401
     from ..net import dns, service  # noqa: F401
 
     warm_up()
@@ -518,6 +518,8 @@ class Spare:
             from ..net import service
 
             service.preload()
+            from ..net import owner  # noqa: F401 (needs the Go library: not in the server)
+
             self.pinned = frozenset(int(n) for n in set(os.listdir("/proc/self/fd")) - before)
         try:
             ready, _, _ = select.select([self.handoff], [], [], SPARE_TTL)
