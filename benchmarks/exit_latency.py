@@ -15,7 +15,7 @@ from one run.  Run it as the unprivileged user corral is for.
 start``), whose command runs under the server, out of the caller's strace's sight: there
 the command prints the time as its last act (``exec date +%s%N``) and the figure is from
 that timestamp to ``corral`` having exited and been reaped, as its caller sees it — an
-upper bound that also counts the command's own exit and the reading of its output.
+upper bound that also counts the command's own exit.
 """
 
 import argparse
@@ -61,10 +61,14 @@ def one(case, pythonpath=None):
 def as_caller_sees(case, env):
     """Milliseconds from the command's last timestamp to corral's reaped exit."""
     corral = [sys.executable, "-c", LAUNCH.replace("corral.cli", "corral.warm.client")]
-    done = subprocess.run([*corral, "run", *CASES[case], "--", "sh", "-c", "exec date +%s%N"],
-                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    proc = subprocess.Popen([*corral, "run", *CASES[case], "--", "sh", "-c", "exec date +%s%N"],
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    proc.wait()  # corral's exit: not the end of its stdout, which pid 1's own exit holds open
     end = time.time_ns()
-    return (end - int(done.stdout)) / 1e6
+    stamp = int(proc.stdout.read())
+    proc.stdout.close()
+    return (end - stamp) / 1e6
 
 
 def warm_vs_cold(runs):
