@@ -177,6 +177,10 @@ def test_a_dead_server_means_a_cold_start(warm, tmp_path):
     proc = corral(warm, "run", "--net", "none", "--", "sh", "-c", "echo fine")
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "fine\n", "")
     assert corral(warm, "warm", "status").returncode == 1
+    # the crashed server's socket is still there: a new server replaces it
+    again = corral(warm, "warm", "start", "--idle", "300")
+    assert again.returncode == 0, again.stderr
+    assert server_pid(warm) != pid
 
 
 RAW_CLIENT = textwrap.dedent("""
