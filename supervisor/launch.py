@@ -842,13 +842,16 @@ def _reap_helpers():
     """Reap the clean-up helpers, sweepers and stage-1 processes that have exited
     since (a process that runs many sandboxes keeps no zombie but the last ones)."""
     _HELPERS[:] = [helper for helper in _HELPERS if helper.poll() is None]
-    for pid in list(_UNREAPED):
-        try:
-            done, _ = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            done = pid
-        if done:
-            _UNREAPED.remove(pid)
+    _UNREAPED[:] = [pid for pid in _UNREAPED if not reaped(pid)]
+
+
+def reaped(pid):
+    """Whether our child ``pid`` has ended (and is reaped now), without waiting."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return bool(done)
 
 
 _HELPERS = []  # cleanup_later's helpers: reaped when done, as the next one starts

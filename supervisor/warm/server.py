@@ -261,12 +261,10 @@ class Server:
             sock.close()
 
     def _reap(self, children):
+        from ..launch import reaped
+
         for pid in list(children):
-            try:
-                done, _ = os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                done = pid
-            if done:
+            if reaped(pid):
                 children.discard(pid)
                 if self.spare is not None and self.spare[0] == pid:
                     self.spare[1].close()
