@@ -349,3 +349,22 @@ def test_runs_that_alternate_their_options_all_go_warm(warm, tmp_path, stop_all)
         assert server in ancestors(sleeper) and proc.pid not in ancestors(sleeper)
         proc.kill()
         proc.wait()
+
+
+def test_a_socket_not_ours_or_not_a_socket_is_never_connected(tmp_path, monkeypatch):
+    state = tmp_path / "corral"
+    state.mkdir()
+    env = {"XDG_RUNTIME_DIR": str(tmp_path), "HOME": str(tmp_path)}
+    planted = state / wire.socket_name()
+    planted.write_text("")  # a plain file where the socket would be
+    assert wire.socket_path(env) is None
+    planted.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sock.bind(str(planted))
+    try:
+        assert wire.socket_path(env) == str(planted)
+        uid = os.getuid()
+        monkeypatch.setattr(os, "getuid", lambda: uid + 1)  # as if another user had bound it
+        assert wire.socket_path(env) is None
+    finally:
+        sock.close()

@@ -32,6 +32,7 @@ import array
 import os
 import resource
 import signal
+import stat
 import struct
 import sys
 import time
@@ -88,11 +89,19 @@ def socket_name(key=None):
 
 
 def socket_path(environ):
-    """The first server socket that exists for our namespaces, or None."""
+    """The first server socket for our namespaces that is ours, or None.  A socket
+    file belongs to whoever bound it: one another user planted (a /tmp/corral-UID
+    that is theirs) is passed over unconnected — it could only have stalled us, the
+    server's identity being checked on the connection anyway."""
     name = socket_name()
+    uid = os.getuid()
     for directory in state_dirs(environ):
         path = os.path.join(directory, name)
-        if os.path.exists(path):
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISSOCK(st.st_mode) and st.st_uid == uid:
             return path
     return None
 
