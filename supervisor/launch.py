@@ -132,7 +132,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
     if not argv:
         raise ConfigError("no command given. Fix: corral run [OPTIONS] -- CMD [ARGS...]")
     environ = os.environ if environ is None else environ
-    cwd = os.path.realpath(config.cwd or os.getcwd())
+    cwd = _sandbox_cwd(config)
     if not os.path.isdir(cwd):
         raise ConfigError("--cwd %s: no such directory" % cwd)
     _check_status_fd(config.json_status_fd)
@@ -155,7 +155,7 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
         finally:
             os.close(root_fd)
         notes = [p.note for p in (place,) if p.note]
-        protect = [place.path, default_scratch_root(), _state_root(notes)]
+        protect = _protected(place, notes)
     except BaseException:
         if keep is not None:
             keep.close()
@@ -187,6 +187,15 @@ def prepare(config, argv, *, environ=None, stdin_is_tty=None):
                   keep=keep, env_dropped=tuple(env_dropped))
 
 
+def _sandbox_cwd(config):
+    return os.path.realpath(config.cwd or os.getcwd())
+
+
+def _protected(place, notes):
+    """What every view masks: the scratch place, the default scratch root, the state dir."""
+    return [place.path, default_scratch_root(), _state_root(notes)]
+
+
 def _plan(config, environ, cwd, scratch, protect):
     from .fs import plan as fsplan
 
@@ -213,11 +222,8 @@ def replan(launch, config, environ=None):
     scratch), as JSON: a sandbox made ready earlier serves a command only while
     this still equals its own (corral warm)."""
     environ = os.environ if environ is None else environ
-    notes = []
-    place = _scratch_place(config.scratch)
-    protect = [place.path, default_scratch_root(), _state_root(notes)]
-    cwd = os.path.realpath(config.cwd or os.getcwd())
-    return _plan(config, environ, cwd, launch.scratch, protect).to_json()
+    protect = _protected(_scratch_place(config.scratch), [])
+    return _plan(config, environ, _sandbox_cwd(config), launch.scratch, protect).to_json()
 
 
 def planned_overlays(launch):

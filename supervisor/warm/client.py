@@ -61,18 +61,18 @@ class Refused(Exception):
 # ---------------------------------------------------------------- where
 
 
-def namespace_key(pid="self"):
+def namespace_key():
     """A short name for the namespaces a server serves: a server is per user,
     mount, network and pid namespace (a container and its host, or two
     `ip netns exec` shells, each get their own)."""
-    links = "".join(os.readlink("/proc/%s/ns/%s" % (pid, ns)) for ns in ("user", "mnt", "net", "pid"))
+    links = "".join(os.readlink("/proc/self/ns/" + ns) for ns in ("user", "mnt", "net", "pid"))
     return "%08x" % zlib.crc32(links.encode())  # a clash only means a cold start
 
 
 def state_dirs(environ):
     """Where corral's state directory may be, in :func:`corral.state.state_place`'s
-    order (the client does not check ownership: the server's identity is checked
-    on the socket instead)."""
+    order (the directories' ownership is not checked here: the socket's owner is,
+    and the server's identity on the connection)."""
     runtime = environ.get("XDG_RUNTIME_DIR")
     if runtime and os.path.isabs(runtime):
         yield os.path.join(runtime, "corral")
@@ -84,8 +84,8 @@ def state_dirs(environ):
     yield os.path.join(home, "corral", "run")
 
 
-def socket_name(key=None):
-    return "warm-%s.sock" % (key or namespace_key())
+def socket_name():
+    return "warm-%s.sock" % namespace_key()
 
 
 def socket_path(environ):
@@ -275,10 +275,7 @@ class Reader:
         return self.parts[self.at - 1]
 
     def number(self, low=None, high=None):
-        raw = self.field()
-        if not raw or len(raw) > 24 or not raw.lstrip(b"-").isdigit():
-            raise Refused("a number in the request is malformed")
-        value = int(raw)
+        value = _int(self.field())
         if (low is not None and value < low) or (high is not None and value > high):
             raise Refused("a number in the request is out of range")
         return value
@@ -363,15 +360,14 @@ def console():
     os._exit(code)
 
 
-def run(argv, environ=None):
+def run(argv):
     """``corral`` with ``argv`` (without the program name) through the warm
     server: its exit status, or None to start cold."""
-    environ = os.environ if environ is None else environ
-    if (not argv or argv[0] not in WARM_COMMANDS or environ.get("CORRAL_WARM") == "off"
+    if (not argv or argv[0] not in WARM_COMMANDS or os.environ.get("CORRAL_WARM") == "off"
             or _isatty(0)):
         return None
     try:
-        path = socket_path(environ)
+        path = socket_path(os.environ)
     except OSError:
         return None
     if path is None:

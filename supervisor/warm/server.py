@@ -36,7 +36,6 @@ itself with a fresh one; if it dies, its socket refuses connections and every
 run starts cold.
 """
 
-import errno
 import fcntl
 import gc
 import io
@@ -121,10 +120,10 @@ class Server:
         self.spares = spares
         self.sock = None
         self.spare = None  # (pid, handoff socket) of the sandbox kept ready
-        self.key = wire.namespace_key()
+        self.templates = self.templates_w = None  # workers -> server: what they ran
         self.place = state.state_place(environ)
         self.dir_fd = self.place.open()
-        self.name = wire.socket_name(self.key)
+        self.name = wire.socket_name()
         self.path = os.path.join(self.place.path, self.name)
         self.lock_fd = os.open(self.name[:-len(".sock")] + ".lock",
                                os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
@@ -285,7 +284,7 @@ class Server:
                 pass
             self.sock.close()
             self.sock = None
-        for sock in (getattr(self, "templates", None), getattr(self, "templates_w", None)):
+        for sock in (self.templates, self.templates_w):
             if sock is not None:
                 sock.close()
         for fd in (self.lock_fd, self.dir_fd):
@@ -325,7 +324,7 @@ def _say_cold(conn, why):
 
 
 def serve(environ, idle=IDLE_DEFAULT, ready=None, spares=True):
-    """Run a server in this process until it stops; ``ready(text)`` is called
+    """Run a server in this process until it stops; ``ready(server)`` is called
     once it listens.  A stale server replaces itself (exec) with a fresh one."""
     server = Server(environ, idle, spares)
     try:
@@ -398,9 +397,7 @@ class Worker:
             self.conn.send(b"exit\0%d" % code)
         except OSError:
             pass
-        null = os.open(os.devnull, os.O_RDWR)  # the client's stdio is the client's again
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
+        _null_stdio()  # the client's stdio is the client's again
         try:  # the next run like this one finds a sandbox ready (made now: not while this ran)
             self.server.templates_w.send(self.template)
         except OSError:
@@ -500,10 +497,7 @@ class Spare:
             return 0  # nothing to make ready for: runs go as they would
         if command not in cli.SANDBOX_COMMANDS or self.config.keep_changes:
             return 0  # --keep-changes claims its directory when planned: not ahead of a run
-        null = os.open(os.devnull, os.O_RDWR)  # its stdio comes with go: nothing to relay yet
-        for fd in (0, 1, 2):
-            os.dup2(null, fd)
-        os.close(null)
+        _null_stdio()  # its stdio comes with go: nothing to relay yet
         try:
             self.started = launch.start_early(self.config, argv, on_warning=self.warnings.append)
         except Exception:
@@ -534,23 +528,20 @@ class Spare:
         """This sandbox for ``req``, its environment taken; Retry when it is not
         the one ``req`` would make now (the client asks again, and a fresh worker
         serves it): nothing of this process was changed but the environment."""
-        if any(req[k] != self.req[k] for k in SAME) or set(req["fds"]) & self.pinned:
+        if (any(req[k] != self.req[k] for k in SAME) or set(req["fds"]) & self.pinned
+                or _options(req["argv"]) != _options(self.req["argv"]) or not self._alive()):
             raise Retry()
         os.environb.clear()
         os.environb.update(req["env"])
-        if not self.serves(req):
+        if not self._plans_alike(req):
             raise Retry()
         return self.started
 
-    def serves(self, req):
-        """Whether this sandbox is the one ``req`` would make now (its settings
-        already taken: the plan is made again with its environment)."""
+    def _plans_alike(self, req):
+        """Whether ``req``'s options, parsed, and its mount plan, made again now with
+        its environment, are this sandbox's."""
         from .. import cli, launch
 
-        if any(req[k] != self.req[k] for k in SAME) or not self._alive():
-            return False
-        if _options(req["argv"]) != _options(self.req["argv"]):
-            return False
         try:
             _, config, _ = cli.parse([os.fsdecode(a) for a in req["argv"][1:]])
             return (config == self.config
@@ -660,6 +651,13 @@ def _reopen_stdio(open_fds):
         stream = io.open(fd, mode, buffering=1 if lines else -1, closefd=False,
                          encoding=encoding, errors="strict" if fd == 0 else errors)
         setattr(sys, name, stream)
+
+
+def _null_stdio():
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
 
 
 def _die_with_client(conn):
@@ -784,10 +782,7 @@ def _start(idle, spares, say):
             if os.fork():
                 os._exit(0)
             os.chdir("/")
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            os.close(null)
+            _null_stdio()
             serve(os.environ, idle, lambda server: tell(b"ok\0" + server.status_text().encode()),
                   spares)
             code = 0
