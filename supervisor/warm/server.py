@@ -515,9 +515,9 @@ class Spare:
             self.pinned = frozenset(int(n) for n in set(os.listdir("/proc/self/fd")) - before)
         try:
             ready, _, _ = select.select([self.handoff], [], [], SPARE_TTL)
-            msg, fds = wire.receive(self.handoff, 16, 1) if ready else (b"", [])
+            fds = wire.receive(self.handoff, 16, 1)[1] if ready else []
         except (OSError, wire.Refused):
-            msg, fds = b"", []
+            fds = []
         self.handoff.close()
         if not fds:
             self.started.abandon()
